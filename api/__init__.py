@@ -1,0 +1,1 @@
+"""The operator API (FastAPI): device counts now; management, telemetry and metering to come."""

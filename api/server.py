@@ -1,0 +1,34 @@
+"""Runs the API under uvicorn as a start/stop service that its owner composes with others."""
+
+import contextlib
+from collections.abc import Generator
+
+import uvicorn
+from fastapi import FastAPI
+
+
+class _OwnedSignalsServer(uvicorn.Server):
+    # The process owner handles SIGINT/SIGTERM and calls stop(); uvicorn must not take them.
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+class ApiServer:
+    def __init__(self, app: FastAPI, *, host: str, port: int, access_log: bool = False) -> None:
+        config = uvicorn.Config(
+            app, host=host, port=port, lifespan="on", access_log=access_log, log_config=None
+        )
+        self._server = _OwnedSignalsServer(config)
+
+    @property
+    def started(self) -> bool:
+        return self._server.started
+
+    async def run(self) -> None:
+        await self._server.serve()
+        if not self._server.started:
+            raise RuntimeError("the API server did not start (see the log above)")
+
+    def stop(self) -> None:
+        self._server.should_exit = True

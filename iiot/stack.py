@@ -1,0 +1,101 @@
+"""`iiot run`: the whole stack in one process, with embedded services for what is not configured.
+
+Starts PostgreSQL and an MQTT broker when `IIOT_DATABASE_URL` / `IIOT_MQTT_URL` are unset,
+applies migrations, makes sure the demo platform exists, then runs MQTT ingest, the API and a
+small simulator until SIGINT/SIGTERM, and shuts all of it down in reverse order.
+"""
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from pydantic import Field
+
+from api.app import create_app
+from api.server import ApiServer
+from api.settings import ApiSettings
+from ingest.mqtt import MqttIngest
+from ingest.settings import IngestSettings
+from iiot.embedded import EmbeddedPostgres, embedded_broker
+from iiot.net import free_port, port_is_free
+from iiot.simulator import Simulator
+from registry.migrate import migrate
+from registry.platforms import upsert_platform
+from registry.store import connect, create_pool
+
+log = logging.getLogger(__name__)
+
+
+class RunSettings(IngestSettings, ApiSettings):
+    state_dir: Path = Field(default=Path(".iiot"), description="Embedded services keep data here.")
+    demo_platform: str = "demo"
+    simulate_devices: int = Field(default=50, ge=0)
+    simulate_interval_seconds: float = Field(default=2.0, gt=0)
+
+
+async def run_stack(settings: RunSettings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    async with contextlib.AsyncExitStack() as resources:
+        updates: dict[str, object] = {}
+        if settings.database_url is None:
+            postgres = EmbeddedPostgres(settings.state_dir / "postgres")
+            updates["database_url"] = await asyncio.to_thread(postgres.start)
+            resources.callback(postgres.stop)
+        if settings.mqtt_url is None:
+            broker = embedded_broker(settings.state_dir / "mosquitto")
+            updates["mqtt_url"] = await broker.start()
+            resources.push_async_callback(broker.stop)
+            updates["mqtt_protocol"] = broker.protocol
+        if not port_is_free(settings.api_port, settings.api_host):
+            updates["api_port"] = free_port(settings.api_host)
+            log.warning("port %d is taken; the API uses %d", settings.api_port, updates["api_port"])
+        settings = settings.model_copy(update=updates)
+
+        applied = await migrate(settings)
+        log.info("migrations applied: %s", [m.name for m in applied] or "none pending")
+        async with await connect(settings) as conn:
+            await upsert_platform(conn, settings.demo_platform, name="Demo platform")
+            await conn.commit()
+
+        pool = create_pool(settings, name="ingest")
+        await resources.enter_async_context(pool)
+        ingest = MqttIngest(settings, pool)
+        api = ApiServer(create_app(settings), host=settings.api_host, port=settings.api_port)
+        simulator = Simulator(
+            str(settings.mqtt_url), platform=settings.demo_platform,
+            devices=settings.simulate_devices, interval=settings.simulate_interval_seconds,
+            topic_root=settings.mqtt_topic_root,
+        )
+        base = f"http://{settings.api_host}:{settings.api_port}"
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(ingest.run())
+            tasks.create_task(api.run())
+            if settings.simulate_devices:
+                tasks.create_task(simulator.run())
+            _announce(settings, base)
+            await stop.wait()
+            log.info("stopping")
+            simulator.stop()
+            api.stop()
+            ingest.stop()
+
+
+def _announce(settings: RunSettings, base: str) -> None:
+    lines = [
+        "",
+        f"  iiot is running. API:   {base}  (OpenAPI docs: {base}/docs)",
+        f"  Device count:           curl {base}/platforms/{settings.demo_platform}/devices/count",
+        f"  Database:               {settings.database_url}",
+        f"  MQTT broker:            {settings.mqtt_url}  (topics {settings.mqtt_topic_root}/...)",
+        f"  Simulator:              {settings.simulate_devices} devices on '{settings.demo_platform}'",
+        "  Stop with Ctrl-C.",
+        "",
+    ]
+    print("\n".join(lines), file=sys.stderr, flush=True)  # noqa: T201

@@ -1,0 +1,68 @@
+"""Messages on their way from receive to acknowledge, and the collection of them into batches."""
+
+import asyncio
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Final, Generic, TypeVar
+
+from ingest.decoding import Telemetry
+from ingest.errors import Rejected
+
+AckT = TypeVar("AckT")
+
+
+@dataclass(slots=True)
+class Received(Generic[AckT]):
+    """One message after decoding: accepted telemetry or a rejection, plus what acknowledges it."""
+
+    source: str
+    topic: str
+    payload: bytes
+    received_at: datetime
+    outcome: Telemetry | Rejected
+    ack: AckT
+
+    @property
+    def weight(self) -> int:
+        """Rows this message costs the writer."""
+        return len(self.outcome.points) if isinstance(self.outcome, Telemetry) else 1
+
+
+class EndOfStream:
+    """Put on a queue after the last message: the collector flushes and stops."""
+
+
+END: Final = EndOfStream()
+
+
+async def collect(
+    queue: "asyncio.Queue[Received[AckT] | EndOfStream]", *, max_points: int, max_delay: float
+) -> tuple[list[Received[AckT]], bool]:
+    """Waits for a first message, then takes more until `max_points` rows or `max_delay` seconds.
+
+    Returns the batch (in arrival order) and whether the end of the stream was reached.
+    """
+    first = await queue.get()
+    if isinstance(first, EndOfStream):
+        return [], True
+    batch = [first]
+    points = first.weight
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + max_delay
+    while points < max_points:
+        try:
+            item = queue.get_nowait()
+        except asyncio.QueueEmpty:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            try:
+                async with asyncio.timeout(remaining):
+                    item = await queue.get()
+            except TimeoutError:
+                break
+        if isinstance(item, EndOfStream):
+            return batch, True
+        batch.append(item)
+        points += item.weight
+    return batch, False

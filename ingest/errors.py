@@ -1,0 +1,29 @@
+"""What can go wrong in ingest, and what to do about it.
+
+    IngestError
+    ├── Rejected      the input is bad: record it as a dead letter with its reason; retrying
+    │                 cannot help. Carries a stable `reason` code (docs/contract.md).
+    └── Retryable     the store or broker is unavailable: keep the unacknowledged messages and
+                      try the same batch again later; nothing is acknowledged meanwhile.
+
+Lower-layer exceptions (psycopg, aiomqtt) are translated into these at one place each:
+`ingest.writer` for the store, `ingest.mqtt` for the broker.
+"""
+
+
+class IngestError(Exception):
+    """Base class of ingest errors."""
+
+
+class Rejected(IngestError):
+    """Bad input. Dead-letter it with `reason` (a stable code) and `detail` (for humans)."""
+
+    def __init__(self, reason: str, detail: str, *, platform: str | None = None) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+        self.platform = platform
+
+
+class Retryable(IngestError):
+    """A transient failure of a dependency: retry the same work later; acknowledge nothing."""

@@ -1,0 +1,193 @@
+"""The MQTT consumer: receive, decode, batch, write, then acknowledge (docs/contract.md).
+
+Delivery: QoS 1 messages are acknowledged to the broker only after the batch holding them has
+committed, in arrival order. aiomqtt acknowledges on receipt and has no manual-ack API, so the
+paho client underneath is switched to manual acknowledgement before it connects (paho's own
+`manual_ack_set` and `ack`). The session is persistent (stable client id, no clean start,
+session expiry > 0): what arrives while ingest is down is delivered when it returns, and what
+was received but not acknowledged when a connection or the process died is delivered again.
+Redelivered points are stored once by the writer.
+
+Back-pressure: the broker sends at most Receive Maximum (MQTT 5) or its in-flight limit (3.1.1)
+unacknowledged messages, so a slow store slows the broker down instead of growing memory.
+"""
+
+import asyncio
+import contextlib
+import logging
+from datetime import UTC, datetime
+
+import aiomqtt
+from paho.mqtt.client import Client as PahoClient
+from paho.mqtt.enums import MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from psycopg_pool import AsyncConnectionPool
+
+from ingest.batching import END, EndOfStream, Received, collect
+from ingest.decoding import Telemetry, TelemetryDecoder
+from ingest.errors import Rejected, Retryable
+from ingest.settings import IngestSettings
+from ingest.stats import IngestStats
+from ingest.topics import TopicScheme
+from ingest.writer import TelemetryWriter
+
+log = logging.getLogger(__name__)
+
+MqttAck = tuple[int, int]
+"""(packet id, QoS) of a received message; QoS 0 needs no acknowledgement."""
+
+_RETRY_FIRST, _RETRY_MAX = 0.5, 10.0
+
+
+class MqttIngest:
+    """Consumes device telemetry from an MQTT broker until `stop()`; reconnects on its own."""
+
+    def __init__(
+        self,
+        settings: IngestSettings,
+        pool: AsyncConnectionPool,
+        *,
+        stats: IngestStats | None = None,
+    ) -> None:
+        self._settings = settings
+        self.stats = stats or IngestStats()
+        self._writer = TelemetryWriter(pool, stats=self.stats)
+        self._topics = TopicScheme(settings.mqtt_topic_root)
+        self._decoder = TelemetryDecoder(settings)
+        self._stopping = asyncio.Event()
+        self.subscribed = asyncio.Event()
+        """Set while a session is subscribed (tests and readiness wait on it)."""
+
+    def stop(self) -> None:
+        """Asks `run()` to stop receiving, write and acknowledge what it holds, and return."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        delay = _RETRY_FIRST
+        while not self._stopping.is_set():
+            try:
+                await self._session()
+                delay = _RETRY_FIRST
+            except* aiomqtt.MqttError as group:
+                log.warning("MQTT connection lost (%s); reconnecting in %.1fs", group.exceptions[0], delay)
+            self.subscribed.clear()
+            if self._stopping.is_set():
+                break
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._stopping.wait()
+            delay = min(delay * 2, _RETRY_MAX)
+
+    async def _session(self) -> None:
+        """One connection: receive and write concurrently until stopped or disconnected.
+
+        If the connection drops, whatever was received but not committed is abandoned: it was
+        not acknowledged, so the broker delivers it again in the next session.
+        """
+        client = self._client()
+        async with client:
+            queue: asyncio.Queue[Received[MqttAck] | EndOfStream] = asyncio.Queue(
+                self._settings.queue_max_messages
+            )
+            await client.subscribe(self._topics.telemetry_filter(self._settings.mqtt_shared_group), qos=1)
+            self.subscribed.set()
+            log.info("subscribed to %s as %s", self._settings.mqtt_topic_root, self._settings.mqtt_client_id)
+            async with asyncio.TaskGroup() as tasks:
+                receiving = tasks.create_task(self._receive(client, queue))
+                writing = tasks.create_task(self._write(client, queue))
+                stopping = tasks.create_task(self._stopping.wait())
+                await asyncio.wait((stopping, writing), return_when=asyncio.FIRST_COMPLETED)
+                receiving.cancel()
+                await queue.put(END)
+                try:
+                    async with asyncio.timeout(self._settings.shutdown_grace_seconds):
+                        await writing
+                except TimeoutError:
+                    log.error("drain did not finish within the grace period; the broker will redeliver")
+                    writing.cancel()
+
+    def _client(self) -> aiomqtt.Client:
+        s = self._settings
+        host, port, username, password = s.mqtt_endpoint()
+        if s.mqtt_protocol == "5":
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = s.mqtt_session_expiry_seconds
+            properties.ReceiveMaximum = s.mqtt_receive_maximum
+            client = aiomqtt.Client(
+                host, port, username=username, password=password, identifier=s.mqtt_client_id,
+                protocol=aiomqtt.ProtocolVersion.V5, clean_start=False, properties=properties,
+                keepalive=s.mqtt_keepalive_seconds,
+            )
+        else:
+            client = aiomqtt.Client(
+                host, port, username=username, password=password, identifier=s.mqtt_client_id,
+                protocol=aiomqtt.ProtocolVersion.V311, clean_session=False,
+                keepalive=s.mqtt_keepalive_seconds,
+            )
+        # Must happen before connecting: the backlog delivered at connect would otherwise be
+        # acknowledged automatically (docs/adr/0002).
+        _paho(client).manual_ack_set(True)
+        return client
+
+    async def _receive(
+        self, client: aiomqtt.Client, queue: "asyncio.Queue[Received[MqttAck] | EndOfStream]"
+    ) -> None:
+        decode, parse = self._decoder.decode, self._topics.parse
+        async for message in client.messages:
+            topic = message.topic.value
+            payload = message.payload if isinstance(message.payload, bytes) else _as_bytes(message.payload)
+            received_at = datetime.now(UTC)
+            outcome: Telemetry | Rejected
+            try:
+                address = parse(topic)
+                outcome = decode(address.platform, address.device, payload, received_at)
+            except Rejected as rejected:
+                outcome = rejected
+            ack = (message.mid, message.qos)
+            await queue.put(Received("mqtt", topic, payload, received_at, outcome, ack))
+            self.stats.messages += 1
+
+    async def _write(
+        self, client: aiomqtt.Client, queue: "asyncio.Queue[Received[MqttAck] | EndOfStream]"
+    ) -> None:
+        s = self._settings
+        paho = _paho(client)
+        ended = False
+        while not ended:
+            batch, ended = await collect(
+                queue, max_points=s.batch_max_points, max_delay=s.batch_max_delay_seconds
+            )
+            if not batch:
+                continue
+            await self._write_until_committed(batch)
+            for message in batch:
+                mid, qos = message.ack
+                if qos > 0 and paho.ack(mid, qos) != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    # Connection gone: the broker redelivers in the next session; the writer
+                    # stores the redelivered points once.
+                    raise aiomqtt.MqttError("acknowledgement failed: not connected")
+
+    async def _write_until_committed(self, batch: list[Received[MqttAck]]) -> None:
+        delay = _RETRY_FIRST
+        while True:
+            try:
+                await self._writer.write(batch)
+                return
+            except Retryable as exc:
+                log.warning("batch of %d messages not written (%s); retrying in %.1fs", len(batch), exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RETRY_MAX)
+
+
+def _paho(client: aiomqtt.Client) -> PahoClient:
+    # aiomqtt keeps its paho client private; manual acknowledgement needs it (docs/adr/0002).
+    return client._client  # noqa: SLF001
+
+
+def _as_bytes(payload: object) -> bytes:
+    if isinstance(payload, bytes | bytearray):
+        return bytes(payload)
+    if isinstance(payload, str):
+        return payload.encode()
+    return str(payload).encode() if payload is not None else b""

@@ -1,0 +1,67 @@
+"""Settings of the ingest process role (`iiot ingest mqtt`), from `IIOT_*` environment variables."""
+
+from datetime import timedelta
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, field_validator
+
+from registry.settings import StoreSettings
+
+
+class Limits(StoreSettings):
+    """What a message may contain; anything beyond is dead-lettered with a reason."""
+
+    max_payload_bytes: int = Field(default=256 * 1024, ge=64)
+    max_points_per_message: int = Field(default=10_000, ge=1)
+    # Device clocks: accept points this far back (gateway backlogs) and ahead (clock skew).
+    time_window_past_seconds: int = Field(default=7 * 86400, ge=60)
+    time_window_future_seconds: int = Field(default=600, ge=0)
+
+    @property
+    def window_past(self) -> timedelta:
+        return timedelta(seconds=self.time_window_past_seconds)
+
+    @property
+    def window_future(self) -> timedelta:
+        return timedelta(seconds=self.time_window_future_seconds)
+
+
+class IngestSettings(Limits):
+    mqtt_url: str | None = Field(
+        default=None, description="mqtt://[user:password@]host[:port]; unset in `iiot run` means embedded."
+    )
+    mqtt_protocol: Literal["5", "3.1.1"] = "5"
+    # A stable client id and a persistent session keep what arrives while ingest is down.
+    mqtt_client_id: str = "iiot-ingest-0"
+    mqtt_session_expiry_seconds: int = Field(default=7 * 86400, ge=1)
+    # How many unacknowledged QoS 1 messages the broker may send us (MQTT 5 Receive Maximum);
+    # it bounds a batch, since messages are acknowledged only after their batch commits.
+    mqtt_receive_maximum: int = Field(default=65535, ge=1, le=65535)
+    mqtt_keepalive_seconds: int = Field(default=30, ge=5)
+    mqtt_topic_root: str = Field(default="iiot/v1", pattern=r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+    mqtt_shared_group: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]+$")
+
+    batch_max_points: int = Field(default=50_000, ge=1)
+    batch_max_delay_seconds: float = Field(default=0.2, gt=0)
+    queue_max_messages: int = Field(default=20_000, ge=1)
+    shutdown_grace_seconds: float = Field(default=20.0, gt=0)
+    # Partitions are made this many days ahead of today (plain PostgreSQL only).
+    partitions_ahead_days: int = Field(default=2, ge=1, le=60)
+
+    @field_validator("mqtt_url")
+    @classmethod
+    def _mqtt_url_shape(cls, value: str | None) -> str | None:
+        if value is not None:
+            parts = urlsplit(value)
+            if parts.scheme not in ("mqtt", "tcp") or not parts.hostname:
+                raise ValueError("expected mqtt://[user:password@]host[:port]")
+        return value
+
+    def mqtt_endpoint(self) -> tuple[str, int, str | None, str | None]:
+        """(host, port, username, password) of the broker."""
+        if self.mqtt_url is None:
+            raise ValueError("IIOT_MQTT_URL is not set")
+        parts = urlsplit(self.mqtt_url)
+        assert parts.hostname is not None  # checked by the validator
+        return parts.hostname, parts.port or 1883, parts.username, parts.password
