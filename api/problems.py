@@ -28,8 +28,14 @@ def not_found(what: str) -> Problem:
 
 
 def _response(request: Request, status: int, title: str, detail: str, **extra: Any) -> JSONResponse:
-    body = {"type": "about:blank", "title": title, "status": status, "detail": detail,
-            "instance": request.url.path, **extra}
+    body = {
+        "type": "about:blank",
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "instance": request.url.path,
+        **extra,
+    }
     return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON)
 
 
@@ -40,7 +46,9 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
-        return _response(request, exc.status_code, HTTPStatus(exc.status_code).phrase, str(exc.detail))
+        return _response(
+            request, exc.status_code, HTTPStatus(exc.status_code).phrase, str(exc.detail)
+        )
 
     @app.exception_handler(psycopg.OperationalError)
     async def _store_down(request: Request, exc: psycopg.OperationalError) -> JSONResponse:
@@ -51,4 +59,6 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]
-        return _response(request, 422, "Unprocessable Content", "the request is not valid", errors=errors)
+        return _response(
+            request, 422, "Unprocessable Content", "the request is not valid", errors=errors
+        )

@@ -12,10 +12,10 @@ import typer
 from api.app import create_app
 from api.server import ApiServer
 from api.settings import ApiSettings
-from ingest.mqtt import MqttIngest
-from ingest.settings import IngestSettings
 from iiot.simulator import Simulator
 from iiot.stack import RunSettings, run_stack
+from ingest.mqtt import MqttIngest
+from ingest.settings import IngestSettings
 from registry.migrate import migrate
 from registry.platforms import PlatformType, Tier, upsert_platform
 from registry.settings import StoreSettings
@@ -35,7 +35,9 @@ def _logging(verbose: bool = False) -> None:
     )
 
 
-def _run_until_signal(start: Callable[[], Coroutine[Any, Any, None]], stop: Callable[[], None]) -> None:
+def _run_until_signal(
+    start: Callable[[], Coroutine[Any, Any, None]], stop: Callable[[], None]
+) -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -79,8 +81,9 @@ def api_command() -> None:
     _logging()
     settings = ApiSettings()
     settings.require_database_url()
-    server = ApiServer(create_app(settings), host=settings.api_host, port=settings.api_port,
-                       access_log=True)
+    server = ApiServer(
+        create_app(settings), host=settings.api_host, port=settings.api_port, access_log=True
+    )
     _run_until_signal(server.run, server.stop)
 
 
@@ -100,14 +103,19 @@ def simulate_command(
     """Publish simulated device telemetry to IIOT_MQTT_URL."""
     _logging()
     settings = IngestSettings()
-    host, port, _, _ = settings.mqtt_endpoint()
-    simulator = Simulator(str(settings.mqtt_url), platform=platform, devices=devices,
-                          interval=interval, topic_root=settings.mqtt_topic_root)
+    settings.mqtt_endpoint()  # fails early, with the reason, when IIOT_MQTT_URL is unset
+    simulator = Simulator(
+        str(settings.mqtt_url),
+        platform=platform,
+        devices=devices,
+        interval=interval,
+        topic_root=settings.mqtt_topic_root,
+    )
     _run_until_signal(simulator.run, simulator.stop)
 
 
 @platform_app.command("add")
-def platform_add(
+def platform_add(  # noqa: PLR0917 - typer maps parameters to options
     platform_id: Annotated[str, typer.Argument(help="Platform slug, e.g. 'acme-steel'.")],
     name: Annotated[str | None, typer.Option()] = None,
     tier: Annotated[Tier, typer.Option()] = Tier.BASIC,
@@ -123,8 +131,15 @@ def platform_add(
     async def main() -> None:
         async with await connect(settings) as conn:
             platform = await upsert_platform(
-                conn, platform_id, name=name, tier=tier, type=type_, region=region,
-                industry=industry, liveness_seconds=liveness_seconds, auto_provision=auto_provision,
+                conn,
+                platform_id,
+                name=name,
+                tier=tier,
+                type=type_,
+                region=region,
+                industry=industry,
+                liveness_seconds=liveness_seconds,
+                auto_provision=auto_provision,
             )
             await conn.commit()
         typer.echo(f"platform {platform.id}: {platform}")
@@ -134,3 +149,7 @@ def platform_add(
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

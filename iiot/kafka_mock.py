@@ -21,7 +21,9 @@ class MockKafkaCluster:
     def start(self, timeout: float = 30) -> str:
         self._process = subprocess.Popen(  # noqa: S603
             [sys.executable, "-m", "iiot.kafka_mock", str(self._brokers)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         assert self._process.stdout is not None
         deadline = time.monotonic() + timeout
@@ -41,6 +43,8 @@ class MockKafkaCluster:
             except subprocess.TimeoutExpired:
                 self._process.kill()
                 self._process.wait(10)
+            if self._process.stdout is not None:
+                self._process.stdout.close()
             self._process = None
 
     def __enter__(self) -> "MockKafkaCluster":
@@ -52,12 +56,12 @@ class MockKafkaCluster:
 
 
 def _serve(brokers: int) -> None:
-    from confluent_kafka import Producer  # optional dependency
+    from confluent_kafka import Producer  # noqa: PLC0415 - optional dependency
 
     producer = Producer({"test.mock.num.brokers": brokers, "bootstrap.servers": "unused"})
     metadata = producer.list_topics(timeout=10)
     addresses = ",".join(f"{b.host}:{b.port}" for b in metadata.brokers.values())
-    print(addresses, flush=True)  # noqa: T201 - the parent reads this line
+    print(addresses, flush=True)
     sys.stdin.read()  # until the parent closes our stdin
     producer.flush(1)
 

@@ -23,8 +23,14 @@ class Simulator:
     """Publishes one reading per device every `interval` seconds until `stop()`."""
 
     def __init__(
-        self, mqtt_url: str, *, platform: str, devices: int, interval: float = 1.0,
-        topic_root: str = "iiot/v1", client_id: str | None = None,
+        self,
+        mqtt_url: str,
+        *,
+        platform: str,
+        devices: int,
+        interval: float = 1.0,
+        topic_root: str = "iiot/v1",
+        client_id: str | None = None,
     ) -> None:
         self._url = urlsplit(mqtt_url)
         self._platform = platform
@@ -50,11 +56,14 @@ class Simulator:
 
     async def _publish_until_stopped(self) -> None:
         async with aiomqtt.Client(
-            self._url.hostname or "127.0.0.1", self._url.port or 1883,
-            username=self._url.username, password=self._url.password, identifier=self._client_id,
+            self._url.hostname or "127.0.0.1",
+            self._url.port or 1883,
+            username=self._url.username,
+            password=self._url.password,
+            identifier=self._client_id,
             protocol=aiomqtt.ProtocolVersion.V311,
         ) as client:
-            rng = random.Random(self._platform)
+            rng = random.Random(self._platform)  # noqa: S311 - simulated readings, not secrets
             while not self._stopping.is_set():
                 started = time.monotonic()
                 now_ms = int(time.time() * 1000)

@@ -17,11 +17,11 @@ from pydantic import Field
 from api.app import create_app
 from api.server import ApiServer
 from api.settings import ApiSettings
-from ingest.mqtt import MqttIngest
-from ingest.settings import IngestSettings
 from iiot.embedded import EmbeddedPostgres, embedded_broker
 from iiot.net import free_port, port_is_free
 from iiot.simulator import Simulator
+from ingest.mqtt import MqttIngest
+from ingest.settings import IngestSettings
 from registry.migrate import migrate
 from registry.platforms import upsert_platform
 from registry.store import connect, create_pool
@@ -69,8 +69,10 @@ async def run_stack(settings: RunSettings) -> None:
         ingest = MqttIngest(settings, pool)
         api = ApiServer(create_app(settings), host=settings.api_host, port=settings.api_port)
         simulator = Simulator(
-            str(settings.mqtt_url), platform=settings.demo_platform,
-            devices=settings.simulate_devices, interval=settings.simulate_interval_seconds,
+            str(settings.mqtt_url),
+            platform=settings.demo_platform,
+            devices=settings.simulate_devices,
+            interval=settings.simulate_interval_seconds,
             topic_root=settings.mqtt_topic_root,
         )
         base = f"http://{settings.api_host}:{settings.api_port}"
@@ -94,8 +96,9 @@ def _announce(settings: RunSettings, base: str) -> None:
         f"  Device count:           curl {base}/platforms/{settings.demo_platform}/devices/count",
         f"  Database:               {settings.database_url}",
         f"  MQTT broker:            {settings.mqtt_url}  (topics {settings.mqtt_topic_root}/...)",
-        f"  Simulator:              {settings.simulate_devices} devices on '{settings.demo_platform}'",
+        f"  Simulator:              {settings.simulate_devices} devices "
+        f"on '{settings.demo_platform}'",
         "  Stop with Ctrl-C.",
         "",
     ]
-    print("\n".join(lines), file=sys.stderr, flush=True)  # noqa: T201
+    print("\n".join(lines), file=sys.stderr, flush=True)

@@ -39,7 +39,9 @@ class TelemetryDecoder:
     def __init__(self, limits: Limits) -> None:
         self._limits = limits
 
-    def decode(self, platform: str, device: str, payload: bytes, received_at: datetime) -> Telemetry:
+    def decode(
+        self, platform: str, device: str, payload: bytes, received_at: datetime
+    ) -> Telemetry:
         """Decodes one message; raises Rejected with the reason when anything is wrong."""
         limits = self._limits
         if len(payload) > limits.max_payload_bytes:
@@ -80,7 +82,9 @@ class TelemetryDecoder:
                 first, last = min(first, ts), max(last, ts)
             if historical != flagged:
                 raise Rejected(
-                    "invalid_shape", "live and historical readings in one message", platform=platform
+                    "invalid_shape",
+                    "live and historical readings in one message",
+                    platform=platform,
                 )
             if len(points) + len(metrics) > limits.max_points_per_message:
                 raise Rejected(
@@ -96,7 +100,9 @@ class TelemetryDecoder:
 
 def _reading(reading: Any, received_at: datetime) -> tuple[datetime, list[tuple[str, float]], bool]:
     if not isinstance(reading, dict):
-        raise Rejected("invalid_shape", f"a reading must be an object, not {type(reading).__name__}")
+        raise Rejected(
+            "invalid_shape", f"a reading must be an object, not {type(reading).__name__}"
+        )
     unknown = reading.keys() - {"ts", "metrics", "historical"}
     if unknown:
         raise Rejected("invalid_shape", f"unknown fields {sorted(unknown)[:5]}")
@@ -110,7 +116,9 @@ def _reading(reading: Any, received_at: datetime) -> tuple[datetime, list[tuple[
     values = []
     for name, raw in metrics.items():
         if not is_metric_name(name):
-            raise Rejected("invalid_metric_name", f"metric name {name[:80]!r} breaks the name rules")
+            raise Rejected(
+                "invalid_metric_name", f"metric name {name[:80]!r} breaks the name rules"
+            )
         values.append((name, _value(name, raw)))
     return ts, values, historical
 
@@ -141,6 +149,8 @@ def _timestamp(raw: Any) -> datetime:
         except ValueError:
             raise Rejected("invalid_timestamp", f"{raw[:64]!r} is not RFC 3339") from None
         if ts.tzinfo is None:
-            raise Rejected("invalid_timestamp", f"{raw[:64]!r} has no UTC offset (RFC 3339 needs one)")
+            raise Rejected(
+                "invalid_timestamp", f"{raw[:64]!r} has no UTC offset (RFC 3339 needs one)"
+            )
         return ts.astimezone(UTC)
     raise Rejected("invalid_timestamp", "'ts' must be RFC 3339 text or epoch milliseconds")

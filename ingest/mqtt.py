@@ -70,7 +70,9 @@ class MqttIngest:
                 await self._session()
                 delay = _RETRY_FIRST
             except* aiomqtt.MqttError as group:
-                log.warning("MQTT connection lost (%s); reconnecting in %.1fs", group.exceptions[0], delay)
+                log.warning(
+                    "MQTT connection lost (%s); reconnecting in %.1fs", group.exceptions[0], delay
+                )
             self.subscribed.clear()
             if self._stopping.is_set():
                 break
@@ -90,9 +92,15 @@ class MqttIngest:
             queue: asyncio.Queue[Received[MqttAck] | EndOfStream] = asyncio.Queue(
                 self._settings.queue_max_messages
             )
-            await client.subscribe(self._topics.telemetry_filter(self._settings.mqtt_shared_group), qos=1)
+            await client.subscribe(
+                self._topics.telemetry_filter(self._settings.mqtt_shared_group), qos=1
+            )
             self.subscribed.set()
-            log.info("subscribed to %s as %s", self._settings.mqtt_topic_root, self._settings.mqtt_client_id)
+            log.info(
+                "subscribed to %s as %s",
+                self._settings.mqtt_topic_root,
+                self._settings.mqtt_client_id,
+            )
             async with asyncio.TaskGroup() as tasks:
                 receiving = tasks.create_task(self._receive(client, queue))
                 writing = tasks.create_task(self._write(client, queue))
@@ -104,25 +112,38 @@ class MqttIngest:
                     async with asyncio.timeout(self._settings.shutdown_grace_seconds):
                         await writing
                 except TimeoutError:
-                    log.error("drain did not finish within the grace period; the broker will redeliver")
+                    log.error(  # noqa: TRY400 - expected; a traceback would not help
+                        "drain did not finish within the grace period; the broker will redeliver"
+                    )
                     writing.cancel()
 
     def _client(self) -> aiomqtt.Client:
         s = self._settings
         host, port, username, password = s.mqtt_endpoint()
         if s.mqtt_protocol == "5":
-            properties = Properties(PacketTypes.CONNECT)
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             properties.SessionExpiryInterval = s.mqtt_session_expiry_seconds
             properties.ReceiveMaximum = s.mqtt_receive_maximum
             client = aiomqtt.Client(
-                host, port, username=username, password=password, identifier=s.mqtt_client_id,
-                protocol=aiomqtt.ProtocolVersion.V5, clean_start=False, properties=properties,
+                host,
+                port,
+                username=username,
+                password=password,
+                identifier=s.mqtt_client_id,
+                protocol=aiomqtt.ProtocolVersion.V5,
+                clean_start=False,
+                properties=properties,
                 keepalive=s.mqtt_keepalive_seconds,
             )
         else:
             client = aiomqtt.Client(
-                host, port, username=username, password=password, identifier=s.mqtt_client_id,
-                protocol=aiomqtt.ProtocolVersion.V311, clean_session=False,
+                host,
+                port,
+                username=username,
+                password=password,
+                identifier=s.mqtt_client_id,
+                protocol=aiomqtt.ProtocolVersion.V311,
+                clean_session=False,
                 keepalive=s.mqtt_keepalive_seconds,
             )
         # Must happen before connecting: the backlog delivered at connect would otherwise be
@@ -136,7 +157,11 @@ class MqttIngest:
         decode, parse = self._decoder.decode, self._topics.parse
         async for message in client.messages:
             topic = message.topic.value
-            payload = message.payload if isinstance(message.payload, bytes) else _as_bytes(message.payload)
+            payload = (
+                message.payload
+                if isinstance(message.payload, bytes)
+                else _as_bytes(message.payload)
+            )
             received_at = datetime.now(UTC)
             outcome: Telemetry | Rejected
             try:
@@ -173,16 +198,22 @@ class MqttIngest:
         while True:
             try:
                 await self._writer.write(batch)
-                return
             except Retryable as exc:
-                log.warning("batch of %d messages not written (%s); retrying in %.1fs", len(batch), exc, delay)
+                log.warning(
+                    "batch of %d messages not written (%s); retrying in %.1fs",
+                    len(batch),
+                    exc,
+                    delay,
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _RETRY_MAX)
+            else:
+                return
 
 
 def _paho(client: aiomqtt.Client) -> PahoClient:
     # aiomqtt keeps its paho client private; manual acknowledgement needs it (docs/adr/0002).
-    return client._client  # noqa: SLF001
+    return client._client
 
 
 def _as_bytes(payload: object) -> bytes:

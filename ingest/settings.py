@@ -29,7 +29,8 @@ class Limits(StoreSettings):
 
 class IngestSettings(Limits):
     mqtt_url: str | None = Field(
-        default=None, description="mqtt://[user:password@]host[:port]; unset in `iiot run` means embedded."
+        default=None,
+        description="mqtt://[user:password@]host[:port]; unset in `iiot run` means embedded.",
     )
     mqtt_protocol: Literal["5", "3.1.1"] = "5"
     # A stable client id and a persistent session keep what arrives while ingest is down.

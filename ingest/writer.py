@@ -35,7 +35,9 @@ CREATE_STAGING = """
 CREATE TEMP TABLE IF NOT EXISTS telemetry_staging
     (time timestamptz, device_id int8, metric_id int4, value float8) ON COMMIT DELETE ROWS
 """
-COPY_STAGING = "COPY telemetry_staging (time, device_id, metric_id, value) FROM STDIN (FORMAT BINARY)"
+COPY_STAGING = (
+    "COPY telemetry_staging (time, device_id, metric_id, value) FROM STDIN (FORMAT BINARY)"
+)
 MERGE_STAGING = """
 INSERT INTO telemetry (time, device_id, metric_id, value)
 SELECT DISTINCT ON (device_id, metric_id, time) time, device_id, metric_id, value
@@ -63,7 +65,11 @@ class WriteReport:
 
 class TelemetryWriter:
     def __init__(
-        self, pool: AsyncConnectionPool, *, stats: IngestStats, directory: DeviceDirectory | None = None
+        self,
+        pool: AsyncConnectionPool,
+        *,
+        stats: IngestStats,
+        directory: DeviceDirectory | None = None,
     ) -> None:
         self._pool = pool
         self._stats = stats
@@ -72,7 +78,7 @@ class TelemetryWriter:
         self._partition_days: set[date] = set()
 
     async def write(self, batch: Sequence[Received[Any]]) -> WriteReport:
-        """Commits the batch, or raises Retryable (nothing committed) when the store is unavailable."""
+        """Commits the batch; raises Retryable (nothing committed) if the store is unavailable."""
         try:
             async with self._pool.connection() as conn:
                 return await self._write(conn, batch)
@@ -83,7 +89,9 @@ class TelemetryWriter:
         async with self._pool.connection() as conn:
             await self._ensure_partitions(conn, first, last)
 
-    async def _write(self, conn: AsyncConnection[Any], batch: Sequence[Received[Any]]) -> WriteReport:
+    async def _write(
+        self, conn: AsyncConnection[Any], batch: Sequence[Received[Any]]
+    ) -> WriteReport:
         report = WriteReport()
         accepted, rejected, metric_ids = await self._resolve(conn, batch, report)
         rows: list[Row] = []
@@ -134,9 +142,16 @@ class TelemetryWriter:
             for message, t in telemetry:
                 platform = platforms.get(t.platform)
                 if platform is None:
-                    rejected.append((message, Rejected(
-                        "unknown_platform", f"no platform {t.platform!r} is registered", platform=t.platform
-                    )))
+                    rejected.append(
+                        (
+                            message,
+                            Rejected(
+                                "unknown_platform",
+                                f"no platform {t.platform!r} is registered",
+                                platform=t.platform,
+                            ),
+                        )
+                    )
                 elif platform.auto_provision:
                     provisioned.add((t.platform, t.device))
             keys = {(t.platform, t.device) for _, t in telemetry if t.platform in platforms}
@@ -151,12 +166,17 @@ class TelemetryWriter:
                 continue
             device_id = device_ids.get((t.platform, t.device))
             if device_id is None:
-                rejected.append((message, Rejected(
-                    "unknown_device",
-                    f"device {t.device!r} is not registered and platform {t.platform!r} "
-                    "does not provision devices automatically",
-                    platform=t.platform,
-                )))
+                rejected.append(
+                    (
+                        message,
+                        Rejected(
+                            "unknown_device",
+                            f"device {t.device!r} is not registered and platform {t.platform!r} "
+                            "does not provision devices automatically",
+                            platform=t.platform,
+                        ),
+                    )
+                )
             else:
                 accepted.append((device_id, t))
         return accepted, rejected, metric_ids
@@ -174,11 +194,10 @@ class TelemetryWriter:
     async def _copy_points(self, conn: AsyncConnection[Any], rows: list[Row]) -> int:
         """COPYs the rows; returns how many were new (the rest were already stored)."""
         try:
-            async with conn.transaction(), conn.cursor() as cur:
-                async with cur.copy(COPY_TELEMETRY) as copy:
-                    copy.set_types(TELEMETRY_TYPES)
-                    for row in rows:
-                        await copy.write_row(row)
+            async with conn.transaction(), conn.cursor() as cur, cur.copy(COPY_TELEMETRY) as copy:
+                copy.set_types(TELEMETRY_TYPES)
+                for row in rows:
+                    await copy.write_row(row)
             return len(rows)
         except UniqueViolation:
             log.info("batch of %d points holds duplicates: writing through staging", len(rows))
@@ -210,10 +229,17 @@ async def _copy_dead_letters(
     async with conn.cursor() as cur, cur.copy(COPY_DEAD_LETTERS) as copy:
         copy.set_types(DEAD_LETTER_TYPES)
         for message, reason in rejected:
-            await copy.write_row((
-                message.received_at, message.source, message.topic, reason.platform,
-                reason.reason, reason.detail, message.payload,
-            ))
+            await copy.write_row(
+                (
+                    message.received_at,
+                    message.source,
+                    message.topic,
+                    reason.platform,
+                    reason.reason,
+                    reason.detail,
+                    message.payload,
+                )
+            )
 
 
 def _utc_day(ts: datetime) -> date:

@@ -1,1 +1,1 @@
-"""The device registry: platforms, devices, connection state and counts, and the store they live in."""
+"""The device registry: platforms, devices, connection state and counts, and their store."""

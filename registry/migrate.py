@@ -59,7 +59,9 @@ async def migrate(settings: StoreSettings) -> list[Migration]:
     conn = await connect(settings, autocommit=True)
     async with conn:
         await conn.execute(
-            sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(settings.database_schema))
+            sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(
+                sql.Identifier(settings.database_schema)
+            )
         )
         await conn.execute(LOCK)
         try:

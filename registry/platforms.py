@@ -60,7 +60,7 @@ async def upsert_platform(
     *,
     name: str | None = None,
     tier: Tier = Tier.BASIC,
-    type: PlatformType = PlatformType.PROFESSIONAL,  # noqa: A002 - the domain's word
+    type: PlatformType = PlatformType.PROFESSIONAL,
     region: str = "000000",
     industry: str = "unspecified",
     liveness_seconds: int = 300,

@@ -14,7 +14,9 @@ def connection_kwargs(schema: str) -> dict[str, Any]:
     return {"options": f"-c search_path={schema},public", "autocommit": False}
 
 
-async def connect(settings: StoreSettings, *, autocommit: bool = False) -> AsyncConnection[TupleRow]:
+async def connect(
+    settings: StoreSettings, *, autocommit: bool = False
+) -> AsyncConnection[TupleRow]:
     kwargs = connection_kwargs(settings.database_schema)
     kwargs["autocommit"] = autocommit
     return await AsyncConnection.connect(settings.require_database_url(), **kwargs)

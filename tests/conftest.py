@@ -1,0 +1,141 @@
+"""Fixtures on real services: each test gets its own schema and its own MQTT topic root."""
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import orjson
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg_pool import AsyncConnectionPool
+
+from ingest.mqtt import MqttIngest
+from ingest.settings import IngestSettings
+from registry.migrate import migrate
+from registry.platforms import upsert_platform
+from registry.settings import StoreSettings
+from registry.store import connect, create_pool
+from tests import services
+
+
+@pytest.fixture(scope="session")
+def services_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("services")
+
+
+@pytest.fixture(scope="session")
+def database_url(services_dir: Path) -> Iterator[str]:
+    with services.postgres(services_dir) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def mqtt_url(services_dir: Path) -> Iterator[str]:
+    with services.mqtt_broker(services_dir) as url:
+        yield url
+
+
+@pytest.fixture
+def unique() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+@pytest.fixture
+async def store(database_url: str, unique: str) -> AsyncIterator[StoreSettings]:
+    """A freshly migrated schema of our own, dropped afterwards."""
+    settings = StoreSettings(database_url=database_url, database_schema=f"t_{unique}")
+    await migrate(settings)
+    yield settings
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        await conn.execute(
+            sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(settings.database_schema))
+        )
+
+
+@pytest.fixture
+async def db(store: StoreSettings) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    """An autocommit connection to the test's schema, for arranging and asserting."""
+    conn = await connect(store, autocommit=True)
+    async with conn:
+        yield conn
+
+
+@pytest.fixture
+async def pool(store: StoreSettings) -> AsyncIterator[AsyncConnectionPool]:
+    async with create_pool(store, name="test") as pool:
+        yield pool
+
+
+@pytest.fixture
+def ingest_settings(store: StoreSettings, mqtt_url: str, unique: str) -> IngestSettings:
+    return IngestSettings(
+        database_url=store.database_url,
+        database_schema=store.database_schema,
+        mqtt_url=mqtt_url,
+        mqtt_client_id=f"iiot-test-{unique}",
+        mqtt_topic_root=f"test/{unique}/iiot/v1",
+        batch_max_delay_seconds=0.05,
+        shutdown_grace_seconds=5,
+    )
+
+
+@pytest.fixture
+async def platform(db: psycopg.AsyncConnection[Any]) -> str:
+    await upsert_platform(db, "plant-1", name="Plant 1")
+    return "plant-1"
+
+
+@asynccontextmanager
+async def running(ingest: MqttIngest) -> AsyncIterator[MqttIngest]:
+    """Runs ingest until the block ends, then stops it gracefully (drain, ack, disconnect)."""
+    task = asyncio.create_task(ingest.run())
+    try:
+        async with asyncio.timeout(10):
+            await ingest.subscribed.wait()
+        yield ingest
+    finally:
+        ingest.stop()
+        async with asyncio.timeout(30):
+            await task
+
+
+@asynccontextmanager
+async def publisher(mqtt_url: str, protocol: str = "5") -> AsyncIterator[aiomqtt.Client]:
+    host, port = mqtt_url.removeprefix("mqtt://").split(":")
+    version = aiomqtt.ProtocolVersion.V5 if protocol == "5" else aiomqtt.ProtocolVersion.V311
+    async with aiomqtt.Client(host, int(port), protocol=version) as client:
+        yield client
+
+
+def payload(document: Any) -> bytes:
+    return orjson.dumps(document)
+
+
+async def eventually(
+    check: Callable[[], Awaitable[Any]],
+    *,
+    timeout: float = 10,  # noqa: ASYNC109 - a deadline for polling, not for one call
+    interval: float = 0.02,
+) -> Any:
+    """Polls `check` until it returns something truthy; fails loudly with the last value."""
+    last: Any = None
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                last = await check()
+                if last:
+                    return last
+                await asyncio.sleep(interval)
+    except TimeoutError:
+        pytest.fail(f"condition not met within {timeout}s; last value: {last!r}")
+
+
+async def scalar(conn: psycopg.AsyncConnection[Any], query: str, *params: Any) -> Any:
+    cur = await conn.execute(query, params or None)
+    row = await cur.fetchone()
+    return None if row is None else row[0]

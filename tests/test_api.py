@@ -1,0 +1,78 @@
+"""The count API on the real PostgreSQL."""
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+
+from api.app import create_app
+from api.settings import ApiSettings
+from registry.platforms import upsert_platform
+from registry.settings import StoreSettings
+
+
+@pytest.fixture
+async def api(store: StoreSettings) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(
+        ApiSettings(database_url=store.database_url, database_schema=store.database_schema)
+    )
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://iiot") as client,
+    ):
+        yield client
+
+
+async def test_counts_follow_each_platforms_liveness_window(
+    api: httpx.AsyncClient, db: psycopg.AsyncConnection[Any]
+) -> None:
+    await upsert_platform(db, "fast", liveness_seconds=60)
+    await upsert_platform(db, "slow", liveness_seconds=3600)
+    now = datetime.now(UTC)
+    devices = [
+        ("fast", "fresh", now - timedelta(seconds=10)),
+        ("fast", "stale", now - timedelta(seconds=120)),
+        ("fast", "silent", None),
+        ("slow", "stale-but-in-window", now - timedelta(seconds=120)),
+    ]
+    for platform, device, seen in devices:
+        await db.execute(
+            "INSERT INTO devices (platform_id, device_id, last_seen) VALUES (%s, %s, %s)",
+            (platform, device, seen),
+        )
+    fast = (await api.get("/platforms/fast/devices/count")).json()
+    slow = (await api.get("/platforms/slow/devices/count")).json()
+    assert (fast["registered"], fast["connected"], fast["liveness_seconds"]) == (3, 1, 60)
+    assert (slow["registered"], slow["connected"]) == (1, 1)
+    assert set(fast["definitions"]) == {"registered", "connected"}
+    assert fast["definitions_version"]
+
+
+async def test_a_platform_without_devices_counts_zero(
+    api: httpx.AsyncClient, db: psycopg.AsyncConnection[Any]
+) -> None:
+    await upsert_platform(db, "empty")
+    body = (await api.get("/platforms/empty/devices/count")).json()
+    assert (body["registered"], body["connected"]) == (0, 0)
+
+
+async def test_unknown_platform_is_a_problem_404(api: httpx.AsyncClient) -> None:
+    response = await api.get("/platforms/nowhere/devices/count")
+    assert response.status_code == 404
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["title"] == "Not Found"
+
+
+@pytest.mark.parametrize("bad", ["Upper", "a+b", "a%23b", "-x", "a'b"])
+async def test_invalid_platform_ids_are_refused(api: httpx.AsyncClient, bad: str) -> None:
+    response = await api.get(f"/platforms/{bad}/devices/count")
+    assert response.status_code == 422
+    assert response.headers["content-type"] == "application/problem+json"
+
+
+async def test_health_and_readiness(api: httpx.AsyncClient) -> None:
+    assert (await api.get("/healthz")).json() == {"status": "ok"}
+    assert (await api.get("/readyz")).json() == {"status": "ready"}

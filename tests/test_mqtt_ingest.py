@@ -1,0 +1,179 @@
+"""From a publisher through the real broker into the real PostgreSQL, and back out of the API."""
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from psycopg_pool import AsyncConnectionPool
+
+from api.app import create_app
+from api.settings import ApiSettings
+from ingest.mqtt import MqttIngest
+from ingest.settings import IngestSettings
+from ingest.topics import TopicScheme
+from tests.conftest import eventually, payload, publisher, running, scalar
+
+
+async def test_published_points_are_stored_registered_and_counted(
+    ingest_settings: IngestSettings,
+    pool: AsyncConnectionPool,
+    db: psycopg.AsyncConnection[Any],
+    platform: str,
+    mqtt_url: str,
+) -> None:
+    topics = TopicScheme(ingest_settings.mqtt_topic_root)
+    ts = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=5)
+    async with running(MqttIngest(ingest_settings, pool)), publisher(mqtt_url) as client:
+        await client.publish(
+            topics.telemetry(platform, "press-7"),
+            payload({"ts": ts.isoformat(), "metrics": {"temperature": 71.25, "running": True}}),
+            qos=1,
+        )
+        await client.publish(
+            topics.telemetry(platform, "press-8"),
+            payload(
+                [
+                    {"ts": int(ts.timestamp() * 1000), "metrics": {"temperature": -4.5}},
+                    {"ts": int(ts.timestamp() * 1000) + 1000, "metrics": {"temperature": -4.0}},
+                ]
+            ),
+            qos=1,
+        )
+        await eventually(lambda: scalar(db, "SELECT count(*) = 4 FROM telemetry"))
+
+    cur = await db.execute("""
+        SELECT d.device_id, m.name, t.time, t.value FROM telemetry t
+        JOIN devices d ON d.id = t.device_id JOIN metrics m ON m.id = t.metric_id
+        ORDER BY 1, 2, 3""")
+    assert await cur.fetchall() == [
+        ("press-7", "running", ts, 1.0),
+        ("press-7", "temperature", ts, 71.25),
+        ("press-8", "temperature", ts, -4.5),
+        ("press-8", "temperature", ts + timedelta(seconds=1), -4.0),
+    ]
+    app = create_app(
+        ApiSettings(
+            database_url=ingest_settings.database_url,
+            database_schema=ingest_settings.database_schema,
+        )
+    )
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://iiot") as api,
+    ):
+        response = await api.get(f"/platforms/{platform}/devices/count")
+    assert response.status_code == 200
+    body = response.json()
+    assert (body["registered"], body["connected"]) == (2, 2)
+
+
+async def test_bad_messages_are_dead_lettered_while_the_stream_goes_on(
+    ingest_settings: IngestSettings,
+    pool: AsyncConnectionPool,
+    db: psycopg.AsyncConnection[Any],
+    platform: str,
+    mqtt_url: str,
+) -> None:
+    topics = TopicScheme(ingest_settings.mqtt_topic_root)
+    root = ingest_settings.mqtt_topic_root
+    good = payload({"metrics": {"v": 1}})
+    stream = [
+        (topics.telemetry(platform, "d1"), good),
+        (topics.telemetry(platform, "d1"), b'{"metrics": {"v": '),  # truncated JSON
+        (topics.telemetry("no-such-platform", "d1"), good),
+        (f"{root}/{platform}/bad device/telemetry", good),
+        (topics.telemetry(platform, "d2"), payload({"metrics": {"v": "high"}})),
+        (topics.telemetry(platform, "d3"), good),
+    ]
+    ingest = MqttIngest(ingest_settings, pool)
+    async with running(ingest), publisher(mqtt_url) as client:
+        for topic, body in stream:
+            await client.publish(topic, body, qos=1)
+        await eventually(lambda: scalar(db, "SELECT count(*) = 4 FROM dead_letters"))
+        await eventually(lambda: scalar(db, "SELECT count(*) = 2 FROM telemetry"))
+
+    cur = await db.execute(
+        "SELECT platform_id, reason, topic, payload FROM dead_letters ORDER BY id"
+    )
+    assert await cur.fetchall() == [
+        (platform, "invalid_json", stream[1][0], stream[1][1]),
+        (platform, "bad_device_id", stream[3][0], good),
+        (platform, "invalid_value", stream[4][0], stream[4][1]),
+        ("no-such-platform", "unknown_platform", stream[2][0], good),
+    ]
+    cur = await db.execute("SELECT device_id FROM devices ORDER BY 1")
+    assert await cur.fetchall() == [("d1",), ("d3",)]
+    assert ingest.stats.rejected[("no-such-platform", "unknown_platform")] == 1
+
+
+async def test_messages_are_acknowledged_only_after_their_batch_commits(
+    ingest_settings: IngestSettings,
+    pool: AsyncConnectionPool,
+    database_url: str,
+    db: psycopg.AsyncConnection[Any],
+    platform: str,
+    mqtt_url: str,
+) -> None:
+    """With acknowledgement on receipt this loses the messages: the first consumer receives them
+    and cannot commit, so only a broker redelivery to the second consumer can store them."""
+    topics = TopicScheme(ingest_settings.mqtt_topic_root)
+    settings = ingest_settings.model_copy(update={"shutdown_grace_seconds": 0.5})
+    # Warm up: the session exists and the partition for today is there.
+    async with running(MqttIngest(settings, pool)), publisher(mqtt_url) as client:
+        await client.publish(
+            topics.telemetry(platform, "warm"), payload({"metrics": {"v": 0}}), qos=1
+        )
+        await eventually(lambda: scalar(db, "SELECT count(*) = 1 FROM telemetry"))
+
+    blocker = await psycopg.AsyncConnection.connect(database_url)
+    await blocker.execute(
+        f"LOCK TABLE {settings.database_schema}.telemetry IN ACCESS EXCLUSIVE MODE"
+    )
+    first = MqttIngest(settings, pool)
+    async with running(first), publisher(mqtt_url) as client:
+        for n in range(20):
+            await client.publish(
+                topics.telemetry(platform, f"d{n}"), payload({"metrics": {"v": n}}), qos=1
+            )
+        await eventually(lambda: asyncio.sleep(0, first.stats.messages == 20))
+    # `first` received all 20 but could not commit within its grace period, so it stopped without
+    # acknowledging them.
+    await blocker.rollback()
+    await blocker.close()
+    assert await scalar(db, "SELECT count(*) FROM telemetry") == 1
+
+    async with running(MqttIngest(settings, pool)):
+        await eventually(lambda: scalar(db, "SELECT count(*) = 21 FROM telemetry"))
+    assert await scalar(db, "SELECT sum(value) FROM telemetry") == sum(range(20))
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+async def test_points_published_while_ingest_is_down_arrive_when_it_returns(
+    ingest_settings: IngestSettings,
+    pool: AsyncConnectionPool,
+    db: psycopg.AsyncConnection[Any],
+    platform: str,
+    mqtt_url: str,
+    protocol: str,
+) -> None:
+    settings = ingest_settings.model_copy(update={"mqtt_protocol": protocol})
+    topics = TopicScheme(settings.mqtt_topic_root)
+    async with running(MqttIngest(settings, pool)):
+        pass  # creates the persistent session and its subscription
+    async with publisher(mqtt_url, protocol) as client:
+        for n in range(50):
+            await client.publish(
+                topics.telemetry(platform, "d"),
+                payload(
+                    {
+                        "ts": 1_000 * n + int(datetime.now(UTC).timestamp() * 1000) - 60_000,
+                        "metrics": {"v": n},
+                    }
+                ),
+                qos=1,
+            )
+    async with running(MqttIngest(settings, pool)):
+        await eventually(lambda: scalar(db, "SELECT count(*) = 50 FROM telemetry"))

@@ -1,0 +1,59 @@
+"""Topic parsing: identifiers cannot smuggle wildcards, separators, path tricks or SQL."""
+
+import pytest
+
+from ingest.errors import Rejected
+from ingest.topics import TelemetryTopic, TopicScheme
+
+SCHEME = TopicScheme("iiot/v1")
+
+
+@pytest.mark.parametrize(
+    ("topic", "expected"),
+    [
+        ("iiot/v1/demo/press-01/telemetry", TelemetryTopic("demo", "press-01")),
+        (
+            "iiot/v1/acme-steel/Line1.PLC:7_a/telemetry",
+            TelemetryTopic("acme-steel", "Line1.PLC:7_a"),
+        ),
+        ("iiot/v1/0/0/telemetry", TelemetryTopic("0", "0")),
+    ],
+)
+def test_valid_topics(topic: str, expected: TelemetryTopic) -> None:
+    assert SCHEME.parse(topic) == expected
+    assert SCHEME.telemetry(expected.platform, expected.device) == topic
+
+
+@pytest.mark.parametrize(
+    ("topic", "reason"),
+    [
+        ("other/v1/demo/d/telemetry", "bad_topic"),
+        ("iiot/v2/demo/d/telemetry", "bad_topic"),
+        ("iiot/v1/demo/d/status", "bad_topic"),
+        ("iiot/v1/demo/d/telemetry/extra", "bad_topic"),
+        ("iiot/v1/demo/telemetry", "bad_topic"),
+        ("iiot/v1/Demo/d/telemetry", "bad_platform_id"),
+        ("iiot/v1/-demo/d/telemetry", "bad_platform_id"),
+        ("iiot/v1//d/telemetry", "bad_platform_id"),
+        ("iiot/v1/de'mo/d/telemetry", "bad_platform_id"),
+        ("iiot/v1/" + "p" * 64 + "/d/telemetry", "bad_platform_id"),
+        ("iiot/v1/demo/+/telemetry", "bad_device_id"),
+        ("iiot/v1/demo/#/telemetry", "bad_device_id"),
+        ("iiot/v1/demo/../telemetry", "bad_device_id"),
+        ("iiot/v1/demo/.hidden/telemetry", "bad_device_id"),
+        ("iiot/v1/demo/d';DROP TABLE devices;--/telemetry", "bad_device_id"),
+        ("iiot/v1/demo/d d/telemetry", "bad_device_id"),
+        ("iiot/v1/demo/d\x00/telemetry", "bad_device_id"),
+        ("iiot/v1/demo/" + "d" * 129 + "/telemetry", "bad_device_id"),
+        ("iiot/v1/demo//telemetry", "bad_device_id"),
+    ],
+)
+def test_invalid_topics_are_rejected(topic: str, reason: str) -> None:
+    with pytest.raises(Rejected) as caught:
+        SCHEME.parse(topic)
+    assert caught.value.reason == reason
+
+
+def test_shared_subscription_filter() -> None:
+    assert SCHEME.telemetry_filter() == "iiot/v1/+/+/telemetry"
+    assert SCHEME.telemetry_filter("ingest") == "$share/ingest/iiot/v1/+/+/telemetry"
