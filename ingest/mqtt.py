@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 from datetime import UTC, datetime
+from typing import Any
 
 import aiomqtt
 from paho.mqtt.client import Client as PahoClient
@@ -120,32 +121,29 @@ class MqttIngest:
     def _client(self) -> aiomqtt.Client:
         s = self._settings
         host, port, username, password = s.mqtt_endpoint()
+        # Persistent session either way: MQTT 5 via clean start off and a session expiry,
+        # MQTT 3.1.1 via clean session off.
+        session: dict[str, Any]
         if s.mqtt_protocol == "5":
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             properties.SessionExpiryInterval = s.mqtt_session_expiry_seconds
             properties.ReceiveMaximum = s.mqtt_receive_maximum
-            client = aiomqtt.Client(
-                host,
-                port,
-                username=username,
-                password=password,
-                identifier=s.mqtt_client_id,
-                protocol=aiomqtt.ProtocolVersion.V5,
-                clean_start=False,
-                properties=properties,
-                keepalive=s.mqtt_keepalive_seconds,
-            )
+            session = {
+                "protocol": aiomqtt.ProtocolVersion.V5,
+                "clean_start": False,
+                "properties": properties,
+            }
         else:
-            client = aiomqtt.Client(
-                host,
-                port,
-                username=username,
-                password=password,
-                identifier=s.mqtt_client_id,
-                protocol=aiomqtt.ProtocolVersion.V311,
-                clean_session=False,
-                keepalive=s.mqtt_keepalive_seconds,
-            )
+            session = {"protocol": aiomqtt.ProtocolVersion.V311, "clean_session": False}
+        client = aiomqtt.Client(
+            host,
+            port,
+            username=username,
+            password=password,
+            identifier=s.mqtt_client_id,
+            keepalive=s.mqtt_keepalive_seconds,
+            **session,
+        )
         # Must happen before connecting: the backlog delivered at connect would otherwise be
         # acknowledged automatically (docs/adr/0002).
         _paho(client).manual_ack_set(True)

@@ -9,15 +9,17 @@ DECLARE
         OR (EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb')
             AND current_setting('shared_preload_libraries') ~ 'timescaledb');
 BEGIN
-    IF timescale THEN
-        CREATE EXTENSION IF NOT EXISTS timescaledb WITH SCHEMA public;
+    -- One column list for both layouts: only the partitioning clause differs.
+    EXECUTE format($$
         CREATE TABLE telemetry (
             time      timestamptz NOT NULL,
             device_id bigint      NOT NULL,
             metric_id integer     NOT NULL,
             value     double precision NOT NULL,
             PRIMARY KEY (device_id, metric_id, time)
-        );
+        ) %s$$, CASE WHEN timescale THEN '' ELSE 'PARTITION BY RANGE (time)' END);
+    IF timescale THEN
+        CREATE EXTENSION IF NOT EXISTS timescaledb WITH SCHEMA public;
         -- Called through EXECUTE so that plain PostgreSQL can still parse this block.
         EXECUTE $$SELECT create_hypertable('telemetry', 'time',
                     chunk_time_interval => interval '1 day', create_default_indexes => false)$$;
@@ -25,14 +27,6 @@ BEGIN
                     timescaledb.compress_segmentby = 'device_id',
                     timescaledb.compress_orderby = 'metric_id, time')$$;
         EXECUTE $$SELECT add_compression_policy('telemetry', interval '7 days')$$;
-    ELSE
-        CREATE TABLE telemetry (
-            time      timestamptz NOT NULL,
-            device_id bigint      NOT NULL,
-            metric_id integer     NOT NULL,
-            value     double precision NOT NULL,
-            PRIMARY KEY (device_id, metric_id, time)
-        ) PARTITION BY RANGE (time);
     END IF;
 END
 $migration$;
