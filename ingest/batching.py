@@ -13,19 +13,25 @@ AckT = TypeVar("AckT")
 
 @dataclass(slots=True)
 class Received(Generic[AckT]):
-    """One message after decoding: accepted telemetry or a rejection, plus what acknowledges it."""
+    """One message after decoding, plus what acknowledges it.
+
+    `outcome` is the message's telemetry (one entry per device; a gateway message has several)
+    or the reason it was rejected.
+    """
 
     source: str
     topic: str
     payload: bytes
     received_at: datetime
-    outcome: Telemetry | Rejected
+    outcome: list[Telemetry] | Rejected
     ack: AckT
 
     @property
     def weight(self) -> int:
         """Rows this message costs the writer."""
-        return len(self.outcome.points) if isinstance(self.outcome, Telemetry) else 1
+        if isinstance(self.outcome, Rejected):
+            return 1
+        return sum(len(t.points) for t in self.outcome)
 
 
 class EndOfStream:

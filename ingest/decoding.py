@@ -13,7 +13,8 @@ import orjson
 
 from ingest.errors import Rejected
 from ingest.settings import Limits
-from registry.ids import is_metric_name
+from ingest.topics import TopicScheme
+from registry.ids import is_device_id, is_metric_name
 
 Point = tuple[datetime, str, float]
 """(device time, metric name, value)."""
@@ -23,7 +24,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 @dataclass(slots=True)
 class Telemetry:
-    """A decoded, valid telemetry message."""
+    """The valid readings of one device from one message."""
 
     platform: str
     device: str
@@ -33,32 +34,78 @@ class Telemetry:
     # Earliest and latest device time among the points (the writer makes partitions for them).
     first: datetime
     last: datetime
+    # The gateway the readings came through, if any.
+    gateway: str | None = None
 
 
 class TelemetryDecoder:
+    """Decodes message payloads; a message is accepted or rejected whole."""
+
     def __init__(self, limits: Limits) -> None:
         self._limits = limits
 
     def decode(
         self, platform: str, device: str, payload: bytes, received_at: datetime
     ) -> Telemetry:
-        """Decodes one message; raises Rejected with the reason when anything is wrong."""
-        limits = self._limits
-        if len(payload) > limits.max_payload_bytes:
+        """Decodes a device's own message; raises Rejected with the reason."""
+        document = self._load(platform, payload)
+        budget = _Budget(self._limits.max_points_per_message, platform)
+        return self._device(platform, device, document, received_at, budget, gateway=None)
+
+    def decode_gateway(
+        self, platform: str, gateway: str, payload: bytes, received_at: datetime
+    ) -> list[Telemetry]:
+        """Decodes a gateway's message `{"devices": {device: readings, ...}}`."""
+        document = self._load(platform, payload)
+        if not isinstance(document, dict) or document.keys() != {"devices"}:
             raise Rejected(
-                "payload_too_large",
-                f"{len(payload)} bytes, limit {limits.max_payload_bytes}",
-                platform=platform,
+                "invalid_shape", 'a gateway message is {"devices": {...}}', platform=platform
+            )
+        devices = document["devices"]
+        if not isinstance(devices, dict) or not devices:
+            raise Rejected(
+                "invalid_shape", "'devices' must be a non-empty object", platform=platform
+            )
+        budget = _Budget(self._limits.max_points_per_message, platform)
+        decoded = []
+        for device, readings in devices.items():
+            if not is_device_id(device):
+                raise Rejected(
+                    "bad_device_id",
+                    f"device id {device[:80]!r} breaks the id rules",
+                    platform=platform,
+                )
+            decoded.append(
+                self._device(platform, device, readings, received_at, budget, gateway=gateway)
+            )
+        return decoded
+
+    def _load(self, platform: str, payload: bytes) -> Any:
+        limit = self._limits.max_payload_bytes
+        if len(payload) > limit:
+            raise Rejected(
+                "payload_too_large", f"{len(payload)} bytes, limit {limit}", platform=platform
             )
         try:
-            document = orjson.loads(payload)
+            return orjson.loads(payload)
         except orjson.JSONDecodeError as exc:
             raise Rejected("invalid_json", str(exc), platform=platform) from None
+
+    def _device(
+        self,
+        platform: str,
+        device: str,
+        document: Any,
+        received_at: datetime,
+        budget: "_Budget",
+        *,
+        gateway: str | None,
+    ) -> Telemetry:
         readings = document if isinstance(document, list) else [document]
         if not readings:
             raise Rejected("invalid_shape", "empty list of readings", platform=platform)
-        earliest = received_at - limits.window_past
-        latest = received_at + limits.window_future
+        earliest = received_at - self._limits.window_past
+        latest = received_at + self._limits.window_future
         points: list[Point] = []
         historical: bool | None = None
         first = last = received_at
@@ -67,12 +114,12 @@ class TelemetryDecoder:
                 ts, metrics, flagged = _reading(reading, received_at)
             except Rejected as exc:
                 exc.platform = platform
-                exc.detail = f"reading {index}: {exc.detail}"
+                exc.detail = f"{device}, reading {index}: {exc.detail}"
                 raise
             if not earliest <= ts <= latest:
                 raise Rejected(
                     "timestamp_out_of_window",
-                    f"reading {index}: {ts.isoformat()} is outside "
+                    f"{device}, reading {index}: {ts.isoformat()} is outside "
                     f"[{earliest.isoformat()}, {latest.isoformat()}]",
                     platform=platform,
                 )
@@ -83,19 +130,31 @@ class TelemetryDecoder:
             if historical != flagged:
                 raise Rejected(
                     "invalid_shape",
-                    "live and historical readings in one message",
+                    f"{device}: live and historical readings in one message",
                     platform=platform,
                 )
-            if len(points) + len(metrics) > limits.max_points_per_message:
-                raise Rejected(
-                    "too_many_points",
-                    f"more than {limits.max_points_per_message} points in one message",
-                    platform=platform,
-                )
+            budget.take(len(metrics))
             points.extend((ts, name, value) for name, value in metrics)
         if not points:
-            raise Rejected("invalid_shape", "no metrics in the message", platform=platform)
-        return Telemetry(platform, device, points, bool(historical), first, last)
+            raise Rejected("invalid_shape", f"{device}: no metrics", platform=platform)
+        return Telemetry(platform, device, points, bool(historical), first, last, gateway)
+
+
+class _Budget:
+    """Points left for one message."""
+
+    def __init__(self, limit: int, platform: str) -> None:
+        self._left = self._limit = limit
+        self._platform = platform
+
+    def take(self, points: int) -> None:
+        self._left -= points
+        if self._left < 0:
+            raise Rejected(
+                "too_many_points",
+                f"more than {self._limit} points in one message",
+                platform=self._platform,
+            )
 
 
 def _reading(reading: Any, received_at: datetime) -> tuple[datetime, list[tuple[str, float]], bool]:
@@ -154,3 +213,25 @@ def _timestamp(raw: Any) -> datetime:
             )
         return ts.astimezone(UTC)
     raise Rejected("invalid_timestamp", "'ts' must be RFC 3339 text or epoch milliseconds")
+
+
+class MessageDecoder:
+    """What one MQTT message (topic and payload) amounts to: telemetry, or the reason not."""
+
+    def __init__(self, topics: TopicScheme, limits: Limits) -> None:
+        self._topics = topics
+        self._payloads = TelemetryDecoder(limits)
+
+    def __call__(
+        self, topic: str, payload: bytes, received_at: datetime
+    ) -> list[Telemetry] | Rejected:
+        try:
+            address = self._topics.parse(topic)
+            if address.gateway is not None:
+                return self._payloads.decode_gateway(
+                    address.platform, address.gateway, payload, received_at
+                )
+            assert address.device is not None  # the parser sets exactly one
+            return [self._payloads.decode(address.platform, address.device, payload, received_at)]
+        except Rejected as rejected:
+            return rejected

@@ -26,8 +26,8 @@ from paho.mqtt.properties import Properties
 from psycopg_pool import AsyncConnectionPool
 
 from ingest.batching import END, EndOfStream, Received, collect
-from ingest.decoding import Telemetry, TelemetryDecoder
-from ingest.errors import Rejected, Retryable
+from ingest.decoding import MessageDecoder
+from ingest.errors import Retryable
 from ingest.settings import IngestSettings
 from ingest.stats import IngestStats
 from ingest.topics import TopicScheme
@@ -55,7 +55,7 @@ class MqttIngest:
         self.stats = stats or IngestStats()
         self._writer = TelemetryWriter(pool, stats=self.stats)
         self._topics = TopicScheme(settings.mqtt_topic_root)
-        self._decoder = TelemetryDecoder(settings)
+        self._decode = MessageDecoder(self._topics, settings)
         self._stopping = asyncio.Event()
         self.subscribed = asyncio.Event()
         """Set while a session is subscribed (tests and readiness wait on it)."""
@@ -93,9 +93,8 @@ class MqttIngest:
             queue: asyncio.Queue[Received[MqttAck] | EndOfStream] = asyncio.Queue(
                 self._settings.queue_max_messages
             )
-            await client.subscribe(
-                self._topics.telemetry_filter(self._settings.mqtt_shared_group), qos=1
-            )
+            for topic_filter in self._topics.telemetry_filters(self._settings.mqtt_shared_group):
+                await client.subscribe(topic_filter, qos=1)
             self.subscribed.set()
             log.info(
                 "subscribed to %s as %s",
@@ -152,7 +151,7 @@ class MqttIngest:
     async def _receive(
         self, client: aiomqtt.Client, queue: "asyncio.Queue[Received[MqttAck] | EndOfStream]"
     ) -> None:
-        decode, parse = self._decoder.decode, self._topics.parse
+        decode = self._decode
         async for message in client.messages:
             topic = message.topic.value
             payload = (
@@ -161,12 +160,7 @@ class MqttIngest:
                 else _as_bytes(message.payload)
             )
             received_at = datetime.now(UTC)
-            outcome: Telemetry | Rejected
-            try:
-                address = parse(topic)
-                outcome = decode(address.platform, address.device, payload, received_at)
-            except Rejected as rejected:
-                outcome = rejected
+            outcome = decode(topic, payload, received_at)
             ack = (message.mid, message.qos)
             await queue.put(Received("mqtt", topic, payload, received_at, outcome, ack))
             self.stats.messages += 1

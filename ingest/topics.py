@@ -1,43 +1,68 @@
-"""The MQTT topic contract (docs/contract.md, "Topics")."""
+"""The MQTT topic contract (docs/contract.md, "Topics").
+
+{root}/{platform}/{device}/telemetry              a device's own readings
+{root}/{platform}/gateways/{gateway}/telemetry    readings of many devices via one gateway
+"""
 
 from dataclasses import dataclass
 
 from ingest.errors import Rejected
 from registry.ids import is_device_id, is_platform_id
 
+GATEWAYS = "gateways"
+
 
 @dataclass(frozen=True, slots=True)
 class TelemetryTopic:
     platform: str
-    device: str
+    # Exactly one of the two is set.
+    device: str | None = None
+    gateway: str | None = None
 
 
 class TopicScheme:
-    """Builds and parses `{root}/{platform}/{device}/telemetry` topics."""
+    """Builds and parses topics under one root (`iiot/v1` unless configured)."""
 
     def __init__(self, root: str) -> None:
         self.root = root
         self._prefix = root + "/"
 
-    def telemetry_filter(self, shared_group: str | None = None) -> str:
-        """The subscription that receives every platform's device telemetry."""
-        topic = f"{self.root}/+/+/telemetry"
-        return f"$share/{shared_group}/{topic}" if shared_group else topic
+    def telemetry_filters(self, shared_group: str | None = None) -> list[str]:
+        """The subscriptions that receive every platform's telemetry."""
+        topics = [f"{self.root}/+/+/telemetry", f"{self.root}/+/{GATEWAYS}/+/telemetry"]
+        return [f"$share/{shared_group}/{t}" for t in topics] if shared_group else topics
 
     def telemetry(self, platform: str, device: str) -> str:
         return f"{self.root}/{platform}/{device}/telemetry"
+
+    def gateway_telemetry(self, platform: str, gateway: str) -> str:
+        return f"{self.root}/{platform}/{GATEWAYS}/{gateway}/telemetry"
 
     def parse(self, topic: str) -> TelemetryTopic:
         if not topic.startswith(self._prefix):
             raise Rejected("bad_topic", f"topic is not under {self.root}/")
         parts = topic[len(self._prefix) :].split("/")
-        if len(parts) != 3 or parts[2] != "telemetry":
-            raise Rejected("bad_topic", "expected {root}/{platform}/{device}/telemetry")
-        platform, device = parts[0], parts[1]
+        if parts[-1] != "telemetry" or len(parts) not in (3, 4):
+            raise Rejected(
+                "bad_topic",
+                "expected {root}/{platform}/{device}/telemetry "
+                "or {root}/{platform}/gateways/{gateway}/telemetry",
+            )
+        platform = parts[0]
         if not is_platform_id(platform):
             raise Rejected("bad_platform_id", f"platform id {platform[:80]!r} breaks the id rules")
-        if not is_device_id(device):
-            raise Rejected(
-                "bad_device_id", f"device id {device[:80]!r} breaks the id rules", platform=platform
-            )
-        return TelemetryTopic(platform, device)
+        if len(parts) == 4:
+            if parts[1] != GATEWAYS:
+                raise Rejected(
+                    "bad_topic", "a four-level topic must be a gateway's", platform=platform
+                )
+            return TelemetryTopic(platform, gateway=_checked(parts[2], "gateway", platform))
+        return TelemetryTopic(platform, device=_checked(parts[1], "device", platform))
+
+
+def _checked(value: str, what: str, platform: str) -> str:
+    if not is_device_id(value):
+        raise Rejected(
+            f"bad_{what}_id", f"{what} id {value[:80]!r} breaks the id rules", platform=platform
+        )
+    return value

@@ -1,16 +1,22 @@
-"""Writes a batch of received messages to the store in one transaction.
+"""Writes a batch of received messages to the store.
 
-Per batch: resolve platforms, devices (registering new ones) and metric names; make sure the
-telemetry partitions exist; then, in one transaction, COPY the points, mark live devices as seen
-and record the dead letters. Only after that commit may the consumer acknowledge the batch.
+Per batch: resolve platforms, gateways, devices (registering new ones) and metric names in a
+short transaction of their own; make sure the telemetry partitions exist; then, in one
+transaction, COPY the points, record gateways and liveness, store the dead letters, and run the
+caller's own statements (for example Kafka offsets). Only after that commit may the consumer
+acknowledge the batch.
 
 Duplicates (a redelivered message, or the same point twice in a batch) make the fast path's COPY
 fail on the primary key; the batch is then written again through a staging table with
 `ON CONFLICT DO NOTHING`, so a point (device, metric, time) is stored once (docs/adr/0002).
+
+A batch the store refuses for a reason other than its availability is split in halves until the
+message it refuses is alone; that message becomes a dead letter (`store_refused`), the rest is
+stored. Store unavailability raises Retryable with nothing committed.
 """
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -25,7 +31,7 @@ from ingest.decoding import Telemetry
 from ingest.errors import Rejected, Retryable
 from ingest.metric_names import MetricNames
 from ingest.stats import IngestStats
-from registry.devices import DeviceDirectory, DeviceKey
+from registry.devices import DeviceDirectory, Key
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +59,8 @@ FROM STDIN (FORMAT BINARY)
 DEAD_LETTER_TYPES = ("timestamptz", "text", "text", "text", "text", "text", "bytea")
 
 Row = tuple[datetime, int, int, float]
+InTransaction = Callable[[AsyncConnection[Any]], Awaitable[None]]
+"""Statements a caller runs in the batch's transaction (for example, storing Kafka offsets)."""
 
 
 @dataclass(slots=True)
@@ -61,6 +69,21 @@ class WriteReport:
     duplicates_skipped: int = 0
     dead_letters: int = 0
     devices_registered: int = 0
+
+    def add(self, other: "WriteReport") -> "WriteReport":
+        return WriteReport(
+            self.points_written + other.points_written,
+            self.duplicates_skipped + other.duplicates_skipped,
+            self.dead_letters + other.dead_letters,
+            self.devices_registered + other.devices_registered,
+        )
+
+
+@dataclass(slots=True)
+class _Accepted:
+    device: int
+    gateway: int | None
+    telemetry: Telemetry
 
 
 class TelemetryWriter:
@@ -77,108 +100,142 @@ class TelemetryWriter:
         self._metrics = MetricNames()
         self._partition_days: set[date] = set()
 
-    async def write(self, batch: Sequence[Received[Any]]) -> WriteReport:
+    async def write(
+        self, batch: Sequence[Received[Any]], *, in_transaction: InTransaction | None = None
+    ) -> WriteReport:
         """Commits the batch; raises Retryable (nothing committed) if the store is unavailable."""
         try:
             async with self._pool.connection() as conn:
-                return await self._write(conn, batch)
+                report = await self._write(conn, batch, in_transaction)
         except psycopg.OperationalError as exc:
             raise Retryable(f"store unavailable: {exc}") from exc
+        except psycopg.Error as exc:
+            return await self._isolate(batch, in_transaction, exc)
+        self._count(report)
+        return report
 
-    async def ensure_partitions(self, first: date, last: date) -> None:
-        async with self._pool.connection() as conn:
-            await self._ensure_partitions(conn, first, last)
+    async def _isolate(
+        self,
+        batch: Sequence[Received[Any]],
+        in_transaction: InTransaction | None,
+        error: psycopg.Error,
+    ) -> WriteReport:
+        """Finds what the store refuses by halving the batch; dead-letters it, stores the rest."""
+        if len(batch) == 1:
+            (message,) = batch
+            log.error("the store refused a message on %s: %s", message.topic, error)
+            platform = (
+                None if isinstance(message.outcome, Rejected) else message.outcome[0].platform
+            )
+            refused = Rejected(
+                "store_refused", f"{type(error).__name__}: {error}"[:2000], platform=platform
+            )
+            replacement = Received(
+                message.source,
+                message.topic,
+                message.payload,
+                message.received_at,
+                refused,
+                message.ack,
+            )
+            return await self.write([replacement], in_transaction=in_transaction)
+        middle = len(batch) // 2
+        # The caller's statements go with the second half: they must commit with the batch's end.
+        first = await self.write(batch[:middle])
+        return first.add(await self.write(batch[middle:], in_transaction=in_transaction))
 
     async def _write(
-        self, conn: AsyncConnection[Any], batch: Sequence[Received[Any]]
+        self,
+        conn: AsyncConnection[Any],
+        batch: Sequence[Received[Any]],
+        in_transaction: InTransaction | None,
     ) -> WriteReport:
         report = WriteReport()
         accepted, rejected, metric_ids = await self._resolve(conn, batch, report)
         rows: list[Row] = []
-        live: set[int] = set()
+        live_devices: set[int] = set()
+        gateways: set[int] = set()
+        via: dict[int, int] = {}
         if accepted:
-            first = min(t.first for _, t in accepted)
-            last = max(t.last for _, t in accepted)
+            first = min(a.telemetry.first for a in accepted)
+            last = max(a.telemetry.last for a in accepted)
             await self._ensure_partitions(conn, _utc_day(first), _utc_day(last))
-            for device_id, telemetry in accepted:
+            for a in accepted:
                 rows.extend(
-                    (ts, device_id, metric_ids[name], value) for ts, name, value in telemetry.points
+                    (ts, a.device, metric_ids[name], value)
+                    for ts, name, value in a.telemetry.points
                 )
-                if not telemetry.historical:
-                    live.add(device_id)
+                if a.gateway is not None:
+                    gateways.add(a.gateway)  # a gateway that sends anything is alive
+                    via[a.device] = a.gateway
+                if not a.telemetry.historical:
+                    live_devices.add(a.device)
         seen = max((m.received_at for m in batch), default=datetime.now(UTC))
         async with conn.transaction():
             if rows:
                 report.points_written = await self._copy_points(conn, rows)
                 report.duplicates_skipped = len(rows) - report.points_written
-            await DeviceDirectory.mark_seen(conn, sorted(live), seen)
+            assigned = await self._directory.assign_gateways(conn, via)
+            await DeviceDirectory.mark_seen(conn, sorted(live_devices), sorted(gateways), seen)
             if rejected:
                 await _copy_dead_letters(conn, rejected)
+            if in_transaction is not None:
+                await in_transaction(conn)
+        self._directory.remember_via(assigned)
         report.dead_letters = len(rejected)
-        self._count(report, rejected)
+        for message, reason in rejected:
+            self._stats.rejected[(reason.platform, reason.reason)] += 1
+            log.warning(
+                "rejected message on %s: %s (%s)", message.topic, reason.reason, reason.detail[:200]
+            )
         return report
 
     async def _resolve(
         self, conn: AsyncConnection[Any], batch: Sequence[Received[Any]], report: WriteReport
-    ) -> tuple[list[tuple[int, Telemetry]], list[tuple[Received[Any], Rejected]], dict[str, int]]:
-        """Splits the batch into writable telemetry and rejections.
+    ) -> tuple[list[_Accepted], list[tuple[Received[Any], Rejected]], dict[str, int]]:
+        """Splits the batch into writable telemetry and rejections, registering what is new.
 
         Runs in its own transaction: registrations commit even if the batch later fails, so the
         cached ids always name rows that exist.
         """
         rejected: list[tuple[Received[Any], Rejected]] = []
-        telemetry: list[tuple[Received[Any], Telemetry]] = []
+        decoded: list[tuple[Received[Any], list[Telemetry]]] = []
         for message in batch:
             if isinstance(message.outcome, Rejected):
                 rejected.append((message, message.outcome))
             else:
-                telemetry.append((message, message.outcome))
-        accepted: list[tuple[int, Telemetry]] = []
-        if not telemetry:
-            return accepted, rejected, {}
+                decoded.append((message, message.outcome))
+        if not decoded:
+            return [], rejected, {}
+        directory = self._directory
         async with conn.transaction():
-            platforms = await self._directory.platforms(conn, {t.platform for _, t in telemetry})
-            provisioned: set[DeviceKey] = set()
-            for message, t in telemetry:
-                platform = platforms.get(t.platform)
-                if platform is None:
-                    rejected.append(
-                        (
-                            message,
-                            Rejected(
-                                "unknown_platform",
-                                f"no platform {t.platform!r} is registered",
-                                platform=t.platform,
-                            ),
-                        )
-                    )
-                elif platform.auto_provision:
-                    provisioned.add((t.platform, t.device))
-            keys = {(t.platform, t.device) for _, t in telemetry if t.platform in platforms}
-            device_ids, registered = await self._directory.resolve(conn, keys, register=provisioned)
-            report.devices_registered = registered
-            names = {name for _, t in telemetry for _, name, _ in t.points}
+            platforms = await directory.platforms(conn, {ts[0].platform for _, ts in decoded})
+            known = [(m, ts) for m, ts in decoded if ts[0].platform in platforms]
+            open_platforms = {p for p, platform in platforms.items() if platform.auto_provision}
+            device_keys = {(t.platform, t.device) for _, ts in known for t in ts}
+            gateway_keys = {(t.platform, t.gateway) for _, ts in known for t in ts if t.gateway}
+            device_ids, registered = await directory.devices.resolve(
+                conn, device_keys, register={k for k in device_keys if k[0] in open_platforms}
+            )
+            gateway_ids, _ = await directory.gateways.resolve(
+                conn, gateway_keys, register={k for k in gateway_keys if k[0] in open_platforms}
+            )
+            names = {name for _, ts in known for t in ts for _, name, _ in t.points}
             metric_ids = await self._metrics.resolve(conn, names)
-        self._directory.remember(device_ids)
+        directory.devices.remember(device_ids)
+        directory.gateways.remember(gateway_ids)
         self._metrics.remember(metric_ids)
-        for message, t in telemetry:
-            if t.platform not in platforms:
+        report.devices_registered = registered
+
+        accepted: list[_Accepted] = []
+        for message, telemetry in decoded:
+            reason = _refusal(telemetry, platforms.keys(), device_ids, gateway_ids)
+            if reason is not None:
+                rejected.append((message, reason))
                 continue
-            device_id = device_ids.get((t.platform, t.device))
-            if device_id is None:
-                rejected.append(
-                    (
-                        message,
-                        Rejected(
-                            "unknown_device",
-                            f"device {t.device!r} is not registered and platform {t.platform!r} "
-                            "does not provision devices automatically",
-                            platform=t.platform,
-                        ),
-                    )
-                )
-            else:
-                accepted.append((device_id, t))
+            for t in telemetry:
+                gateway = gateway_ids[(t.platform, t.gateway)] if t.gateway else None
+                accepted.append(_Accepted(device_ids[(t.platform, t.device)], gateway, t))
         return accepted, rejected, metric_ids
 
     async def _ensure_partitions(self, conn: AsyncConnection[Any], first: date, last: date) -> None:
@@ -210,17 +267,42 @@ class TelemetryWriter:
             await cur.execute(MERGE_STAGING)
             return cur.rowcount
 
-    def _count(self, report: WriteReport, rejected: list[tuple[Received[Any], Rejected]]) -> None:
+    def _count(self, report: WriteReport) -> None:
         stats = self._stats
         stats.batches += 1
         stats.points_written += report.points_written
         stats.duplicates_skipped += report.duplicates_skipped
         stats.devices_registered += report.devices_registered
-        for message, reason in rejected:
-            stats.rejected[(reason.platform, reason.reason)] += 1
-            log.warning(
-                "rejected message on %s: %s (%s)", message.topic, reason.reason, reason.detail[:200]
+
+
+def _refusal(
+    telemetry: list[Telemetry],
+    platforms: Any,
+    devices: dict[Key, int],
+    gateways: dict[Key, int],
+) -> Rejected | None:
+    """Why a decoded message cannot be stored whole, if it cannot."""
+    platform = telemetry[0].platform
+    if platform not in platforms:
+        return Rejected(
+            "unknown_platform", f"no platform {platform!r} is registered", platform=platform
+        )
+    for t in telemetry:
+        if t.gateway is not None and (platform, t.gateway) not in gateways:
+            return Rejected(
+                "unknown_gateway",
+                f"gateway {t.gateway!r} is not registered and platform {platform!r} "
+                "does not provision automatically",
+                platform=platform,
             )
+        if (platform, t.device) not in devices:
+            return Rejected(
+                "unknown_device",
+                f"device {t.device!r} is not registered and platform {platform!r} "
+                "does not provision automatically",
+                platform=platform,
+            )
+    return None
 
 
 async def _copy_dead_letters(

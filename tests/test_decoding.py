@@ -129,3 +129,46 @@ def test_times_outside_the_window_are_rejected(decoder: TelemetryDecoder, ts: ob
 def test_window_edges_are_accepted(decoder: TelemetryDecoder) -> None:
     assert decode(decoder, {"ts": NOW_MS - 7 * 86_400_000, "metrics": {"a": 1}})
     assert decode(decoder, {"ts": NOW_MS + 600_000, "metrics": {"a": 1}})
+
+
+def test_a_gateway_message_carries_several_devices(decoder: TelemetryDecoder) -> None:
+    document = {
+        "devices": {
+            "plc-1": {"ts": NOW_MS, "metrics": {"a": 1}},
+            "plc-2": [{"ts": NOW_MS, "metrics": {"a": 2}}, {"ts": NOW_MS + 1, "metrics": {"a": 3}}],
+        }
+    }
+    decoded = decoder.decode_gateway("p", "edge", orjson.dumps(document), NOW)
+    assert [(t.device, t.gateway, [p[2] for p in t.points]) for t in decoded] == [
+        ("plc-1", "edge", [1.0]),
+        ("plc-2", "edge", [2.0, 3.0]),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("document", "reason"),
+    [
+        ({"plc-1": {"metrics": {"a": 1}}}, "invalid_shape"),
+        ({"devices": {}}, "invalid_shape"),
+        ({"devices": [1]}, "invalid_shape"),
+        ({"devices": {"a": {"metrics": {"a": 1}}}, "extra": 1}, "invalid_shape"),
+        ({"devices": {"bad id": {"metrics": {"a": 1}}}}, "bad_device_id"),
+        ({"devices": {"a": {"metrics": {"a": "x"}}}}, "invalid_value"),
+        # The point limit (5 here) is per message, across its devices.
+        (
+            {
+                "devices": {
+                    "a": {"metrics": {"a": 1, "b": 2, "c": 3}},
+                    "b": {"metrics": {"a": 1, "b": 2, "c": 3}},
+                }
+            },
+            "too_many_points",
+        ),
+    ],
+)
+def test_bad_gateway_messages_are_rejected_whole(
+    decoder: TelemetryDecoder, document: object, reason: str
+) -> None:
+    with pytest.raises(Rejected) as caught:
+        decoder.decode_gateway("p", "edge", orjson.dumps(document), NOW)
+    assert caught.value.reason == reason

@@ -177,3 +177,27 @@ async def test_points_published_while_ingest_is_down_arrive_when_it_returns(
             )
     async with running(MqttIngest(settings, pool)):
         await eventually(lambda: scalar(db, "SELECT count(*) = 50 FROM telemetry"))
+
+
+async def test_a_gateway_publishes_for_its_devices(
+    ingest_settings: IngestSettings,
+    pool: AsyncConnectionPool,
+    db: psycopg.AsyncConnection[Any],
+    platform: str,
+    mqtt_url: str,
+) -> None:
+    topics = TopicScheme(ingest_settings.mqtt_topic_root)
+    now_ms = int(datetime.now(UTC).timestamp() * 1000)
+    message = {
+        "devices": {
+            f"plc-{n}": [{"ts": now_ms - 1000 * k, "metrics": {"v": n, "w": k}} for k in range(3)]
+            for n in range(100)
+        }
+    }
+    async with running(MqttIngest(ingest_settings, pool)), publisher(mqtt_url) as client:
+        await client.publish(topics.gateway_telemetry(platform, "edge-1"), payload(message), qos=1)
+        await eventually(lambda: scalar(db, "SELECT count(*) = 600 FROM telemetry"))
+    cur = await db.execute("""
+        SELECT count(*), count(DISTINCT d.via_gateway), min(g.gateway_id)
+        FROM devices d JOIN gateways g ON g.id = d.via_gateway""")
+    assert await cur.fetchone() == (100, 1, "edge-1")

@@ -46,6 +46,10 @@ def test_valid_topics(topic: str, expected: TelemetryTopic) -> None:
         ("iiot/v1/demo/d\x00/telemetry", "bad_device_id"),
         ("iiot/v1/demo/" + "d" * 129 + "/telemetry", "bad_device_id"),
         ("iiot/v1/demo//telemetry", "bad_device_id"),
+        ("iiot/v1/demo/gateway/edge-1/telemetry", "bad_topic"),
+        ("iiot/v1/demo/gateways/+/telemetry", "bad_gateway_id"),
+        ("iiot/v1/demo/gateways/../telemetry", "bad_gateway_id"),
+        ("iiot/v1/demo/gateways/g/d/telemetry", "bad_topic"),
     ],
 )
 def test_invalid_topics_are_rejected(topic: str, reason: str) -> None:
@@ -54,6 +58,12 @@ def test_invalid_topics_are_rejected(topic: str, reason: str) -> None:
     assert caught.value.reason == reason
 
 
-def test_shared_subscription_filter() -> None:
-    assert SCHEME.telemetry_filter() == "iiot/v1/+/+/telemetry"
-    assert SCHEME.telemetry_filter("ingest") == "$share/ingest/iiot/v1/+/+/telemetry"
+def test_subscription_filters() -> None:
+    assert SCHEME.telemetry_filters() == [
+        "iiot/v1/+/+/telemetry",
+        "iiot/v1/+/gateways/+/telemetry",
+    ]
+    assert SCHEME.telemetry_filters("ingest") == [
+        "$share/ingest/iiot/v1/+/+/telemetry",
+        "$share/ingest/iiot/v1/+/gateways/+/telemetry",
+    ]

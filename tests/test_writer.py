@@ -22,7 +22,7 @@ def telemetry(
 ) -> Received[None]:
     times = [p[0] for p in points]
     outcome = Telemetry(platform, device, list(points), historical, min(times), max(times))
-    return Received("mqtt", f"iiot/v1/{platform}/{device}/telemetry", b"{}", NOW, outcome, None)
+    return Received("mqtt", f"iiot/v1/{platform}/{device}/telemetry", b"{}", NOW, [outcome], None)
 
 
 async def rows(db: psycopg.AsyncConnection[Any]) -> list[tuple[Any, ...]]:
@@ -122,3 +122,60 @@ async def test_a_platform_created_later_is_found(
     assert (await writer.write([telemetry("late", "a", (NOW, "t", 1.0))])).dead_letters == 1
     await upsert_platform(db, "late")
     assert (await writer.write([telemetry("late", "a", (NOW, "t", 1.0))])).points_written == 1
+
+
+def via_gateway(platform: str, gateway: str, *devices: tuple[str, float]) -> Received[None]:
+    outcome = [
+        Telemetry(platform, device, [(NOW, "v", value)], False, NOW, NOW, gateway)
+        for device, value in devices
+    ]
+    topic = f"iiot/v1/{platform}/gateways/{gateway}/telemetry"
+    return Received("mqtt", topic, b"{}", NOW, outcome, None)
+
+
+async def test_devices_seen_through_a_gateway_are_registered_with_it(
+    pool: AsyncConnectionPool, db: psycopg.AsyncConnection[Any], platform: str
+) -> None:
+    writer = TelemetryWriter(pool, stats=IngestStats())
+    report = await writer.write([via_gateway(platform, "edge-1", ("a", 1.0), ("b", 2.0))])
+    assert (report.points_written, report.devices_registered) == (2, 2)
+    # A device that moves to another gateway follows it.
+    await writer.write([via_gateway(platform, "edge-2", ("b", 3.0))])
+    cur = await db.execute("""
+        SELECT d.device_id, g.gateway_id, g.last_seen IS NOT NULL
+        FROM devices d JOIN gateways g ON g.id = d.via_gateway ORDER BY 1""")
+    assert await cur.fetchall() == [("a", "edge-1", True), ("b", "edge-2", True)]
+
+
+async def test_a_closed_platform_refuses_unknown_gateways(
+    pool: AsyncConnectionPool, db: psycopg.AsyncConnection[Any]
+) -> None:
+    await upsert_platform(db, "closed", auto_provision=False)
+    await db.execute("INSERT INTO devices (platform_id, device_id) VALUES ('closed', 'a')")
+    writer = TelemetryWriter(pool, stats=IngestStats())
+    report = await writer.write([via_gateway("closed", "edge-1", ("a", 1.0))])
+    assert (report.points_written, report.dead_letters) == (0, 1)
+    assert await scalar(db, "SELECT reason FROM dead_letters") == "unknown_gateway"
+
+
+async def test_a_message_the_store_refuses_is_dead_lettered_and_the_rest_stored(
+    pool: AsyncConnectionPool, db: psycopg.AsyncConnection[Any], platform: str
+) -> None:
+    # Any refusal that is not about availability will do; a check constraint is a real one.
+    await db.execute("ALTER TABLE telemetry ADD CONSTRAINT no_666 CHECK (value <> 666)")
+    writer = TelemetryWriter(pool, stats=IngestStats())
+    calls: list[int] = []
+
+    async def record_offsets(conn: psycopg.AsyncConnection[Any]) -> None:
+        calls.append(1)
+        await conn.execute("CREATE TABLE IF NOT EXISTS hook_ran (n int)")
+        await conn.execute("INSERT INTO hook_ran VALUES (1)")
+
+    batch = [telemetry(platform, f"d{n}", (NOW, "v", 666.0 if n == 5 else n)) for n in range(8)]
+    report = await writer.write(batch, in_transaction=record_offsets)
+    assert (report.points_written, report.dead_letters) == (7, 1)
+    assert await scalar(db, "SELECT reason FROM dead_letters") == "store_refused"
+    assert "no_666" in await scalar(db, "SELECT detail FROM dead_letters")
+    assert await scalar(db, "SELECT count(*) FROM telemetry") == 7
+    # The caller's statements committed exactly once, with the end of the batch.
+    assert await scalar(db, "SELECT count(*) FROM hook_ran") == 1
