@@ -15,6 +15,7 @@ from api.settings import ApiSettings
 from iiot.simulator import Simulator
 from iiot.stack import RunSettings, run_stack
 from ingest.mqtt import MqttIngest
+from ingest.replay import list_dead_letters, replay
 from ingest.settings import IngestSettings
 from registry.migrate import migrate
 from registry.platforms import PlatformType, Tier, upsert_platform
@@ -24,8 +25,10 @@ from registry.store import connect, create_pool
 app = typer.Typer(help="iiot: industrial device ingest, registry and counts.", no_args_is_help=True)
 ingest_app = typer.Typer(help="Run an ingest consumer.", no_args_is_help=True)
 platform_app = typer.Typer(help="Manage platforms.", no_args_is_help=True)
+dead_letters_app = typer.Typer(help="Inspect and replay refused messages.", no_args_is_help=True)
 app.add_typer(ingest_app, name="ingest")
 app.add_typer(platform_app, name="platform")
+app.add_typer(dead_letters_app, name="dead-letters")
 
 
 def _logging(verbose: bool = False) -> None:
@@ -143,6 +146,75 @@ def platform_add(  # noqa: PLR0917 - typer maps parameters to options
             )
             await conn.commit()
         typer.echo(f"platform {platform.id}: {platform}")
+
+    asyncio.run(main())
+
+
+@dead_letters_app.command("list")
+def dead_letters_list(
+    platform: Annotated[str | None, typer.Option()] = None,
+    reason: Annotated[str | None, typer.Option()] = None,
+    include_replayed: Annotated[bool, typer.Option(help="Also show replayed ones.")] = False,
+    limit: Annotated[int, typer.Option(min=1)] = 100,
+) -> None:
+    """List dead letters, oldest first."""
+    settings = StoreSettings()
+
+    async def main() -> None:
+        async with await connect(settings) as conn:
+            letters = await list_dead_letters(
+                conn,
+                platform=platform,
+                reason=reason,
+                include_replayed=include_replayed,
+                limit=limit,
+            )
+        for d in letters:
+            replayed = (
+                f"  (replayed {d.replayed_at:%Y-%m-%d %H:%M}: {d.replay_outcome})"
+                if d.replayed_at
+                else ""
+            )
+            typer.echo(
+                f"{d.id}\t{d.received_at:%Y-%m-%dT%H:%M:%S}\t{d.source}\t{d.platform_id or '-'}"
+                f"\t{d.reason}\t{d.topic}\t{d.detail[:120]}{replayed}"
+            )
+        typer.echo(f"{len(letters)} dead letter(s)", err=True)
+
+    asyncio.run(main())
+
+
+@dead_letters_app.command("replay")
+def dead_letters_replay(
+    ids: Annotated[
+        list[int] | None, typer.Argument(help="Dead letter ids (or use filters).")
+    ] = None,
+    platform: Annotated[str | None, typer.Option()] = None,
+    reason: Annotated[str | None, typer.Option()] = None,
+    ignore_time_window: Annotated[
+        bool, typer.Option(help="Accept readings of any age (back-fill of old data).")
+    ] = False,
+    limit: Annotated[int, typer.Option(min=1)] = 10_000,
+) -> None:
+    """Decode and write dead letters again; each records its outcome (stored or rejected)."""
+    _logging()
+    settings = IngestSettings()
+    if not ids and platform is None and reason is None:
+        raise typer.BadParameter("name dead letter ids, or filter with --platform / --reason")
+
+    async def main() -> None:
+        async with create_pool(settings, name="replay") as pool:
+            async with pool.connection() as conn:
+                letters = await list_dead_letters(
+                    conn, ids=ids, platform=platform, reason=reason, limit=limit
+                )
+            report = await replay(pool, settings, letters, ignore_time_window=ignore_time_window)
+        typer.echo(
+            f"replayed {len(letters)}: {len(report.stored)} stored "
+            f"({report.points_written} points), {len(report.rejected)} rejected again"
+        )
+        for id_, why in report.rejected.items():
+            typer.echo(f"  {id_}: {why}")
 
     asyncio.run(main())
 

@@ -59,8 +59,10 @@ FROM STDIN (FORMAT BINARY)
 DEAD_LETTER_TYPES = ("timestamptz", "text", "text", "text", "text", "text", "bytea")
 
 Row = tuple[datetime, int, int, float]
-InTransaction = Callable[[AsyncConnection[Any]], Awaitable[None]]
-"""Statements a caller runs in the batch's transaction (for example, storing Kafka offsets)."""
+Refusals = list[tuple[Received[Any], Rejected]]
+InTransaction = Callable[[AsyncConnection[Any], Refusals], Awaitable[None]]
+"""Statements a caller runs in the batch's transaction (for example, storing Kafka offsets),
+given the messages of the batch that were refused."""
 
 
 @dataclass(slots=True)
@@ -101,16 +103,24 @@ class TelemetryWriter:
         self._partition_days: set[date] = set()
 
     async def write(
-        self, batch: Sequence[Received[Any]], *, in_transaction: InTransaction | None = None
+        self,
+        batch: Sequence[Received[Any]],
+        *,
+        in_transaction: InTransaction | None = None,
+        dead_letter: bool = True,
     ) -> WriteReport:
-        """Commits the batch; raises Retryable (nothing committed) if the store is unavailable."""
+        """Commits the batch; raises Retryable (nothing committed) if the store is unavailable.
+
+        `dead_letter=False` leaves refused messages out of the dead-letter table (a replay of
+        dead letters records the outcome on the original rows instead).
+        """
         try:
             async with self._pool.connection() as conn:
-                report = await self._write(conn, batch, in_transaction)
+                report = await self._write(conn, batch, in_transaction, dead_letter)
         except psycopg.OperationalError as exc:
             raise Retryable(f"store unavailable: {exc}") from exc
         except psycopg.Error as exc:
-            return await self._isolate(batch, in_transaction, exc)
+            return await self._isolate(batch, in_transaction, dead_letter, exc)
         self._count(report)
         return report
 
@@ -118,6 +128,7 @@ class TelemetryWriter:
         self,
         batch: Sequence[Received[Any]],
         in_transaction: InTransaction | None,
+        dead_letter: bool,
         error: psycopg.Error,
     ) -> WriteReport:
         """Finds what the store refuses by halving the batch; dead-letters it, stores the rest."""
@@ -138,17 +149,24 @@ class TelemetryWriter:
                 refused,
                 message.ack,
             )
-            return await self.write([replacement], in_transaction=in_transaction)
+            return await self.write(
+                [replacement], in_transaction=in_transaction, dead_letter=dead_letter
+            )
         middle = len(batch) // 2
-        # The caller's statements go with the second half: they must commit with the batch's end.
-        first = await self.write(batch[:middle])
-        return first.add(await self.write(batch[middle:], in_transaction=in_transaction))
+        # The caller's statements run once, with the second half: they must commit with the
+        # batch's end (Kafka offsets), and see only that half's refusals.
+        first = await self.write(batch[:middle], dead_letter=dead_letter)
+        second = await self.write(
+            batch[middle:], in_transaction=in_transaction, dead_letter=dead_letter
+        )
+        return first.add(second)
 
     async def _write(
         self,
         conn: AsyncConnection[Any],
         batch: Sequence[Received[Any]],
         in_transaction: InTransaction | None,
+        dead_letter: bool,
     ) -> WriteReport:
         report = WriteReport()
         accepted, rejected, metric_ids = await self._resolve(conn, batch, report)
@@ -177,10 +195,10 @@ class TelemetryWriter:
                 report.duplicates_skipped = len(rows) - report.points_written
             assigned = await self._directory.assign_gateways(conn, via)
             await DeviceDirectory.mark_seen(conn, sorted(live_devices), sorted(gateways), seen)
-            if rejected:
+            if rejected and dead_letter:
                 await _copy_dead_letters(conn, rejected)
             if in_transaction is not None:
-                await in_transaction(conn)
+                await in_transaction(conn, rejected)
         self._directory.remember_via(assigned)
         report.dead_letters = len(rejected)
         for message, reason in rejected:

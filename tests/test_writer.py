@@ -166,7 +166,7 @@ async def test_a_message_the_store_refuses_is_dead_lettered_and_the_rest_stored(
     writer = TelemetryWriter(pool, stats=IngestStats())
     calls: list[int] = []
 
-    async def record_offsets(conn: psycopg.AsyncConnection[Any]) -> None:
+    async def record_offsets(conn: psycopg.AsyncConnection[Any], refused: object) -> None:
         calls.append(1)
         await conn.execute("CREATE TABLE IF NOT EXISTS hook_ran (n int)")
         await conn.execute("INSERT INTO hook_ran VALUES (1)")
