@@ -31,4 +31,6 @@ def create_pool(settings: StoreSettings, *, name: str, min_size: int = 1) -> Asy
         max_size=max(min_size, settings.database_pool_max),
         name=name,
         open=False,
+        # A connection broken by a database restart is replaced instead of failing a batch.
+        check=AsyncConnectionPool.check_connection,
     )
