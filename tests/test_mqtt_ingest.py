@@ -201,3 +201,30 @@ async def test_a_gateway_publishes_for_its_devices(
         SELECT count(*), count(DISTINCT d.via_gateway), min(g.gateway_id)
         FROM devices d JOIN gateways g ON g.id = d.via_gateway""")
     assert await cur.fetchone() == (100, 1, "edge-1")
+
+
+async def test_ingest_processes_share_the_load_through_a_shared_subscription(
+    ingest_settings: IngestSettings,
+    pool: AsyncConnectionPool,
+    db: psycopg.AsyncConnection[Any],
+    platform: str,
+    mqtt_url: str,
+    unique: str,
+) -> None:
+    topics = TopicScheme(ingest_settings.mqtt_topic_root)
+    shared = {"mqtt_shared_group": f"g{unique}"}
+    one = MqttIngest(
+        ingest_settings.model_copy(update={**shared, "mqtt_client_id": f"a-{unique}"}), pool
+    )
+    two = MqttIngest(
+        ingest_settings.model_copy(update={**shared, "mqtt_client_id": f"b-{unique}"}), pool
+    )
+    now_ms = int(datetime.now(UTC).timestamp() * 1000)
+    async with running(one), running(two), publisher(mqtt_url) as client:
+        for n in range(400):
+            body = payload({"ts": now_ms - n, "metrics": {"v": n}})
+            await client.publish(topics.telemetry(platform, f"d{n % 20}"), body, qos=1)
+        await eventually(lambda: scalar(db, "SELECT count(*) = 400 FROM telemetry"))
+    assert one.stats.messages + two.stats.messages == 400
+    assert one.stats.messages > 0
+    assert two.stats.messages > 0
