@@ -24,6 +24,7 @@ class DeviceCounts(BaseModel):
     platform: str
     registered: int
     connected: int
+    ever_connected: int
     liveness_seconds: int
     as_of: datetime
     definitions_version: str
@@ -81,6 +82,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
             platform=counts.platform,
             registered=counts.registered,
             connected=counts.connected,
+            ever_connected=counts.ever_connected,
             liveness_seconds=counts.liveness_seconds,
             as_of=counts.as_of,
             definitions_version=DEFINITIONS_VERSION,

@@ -31,6 +31,7 @@ from ingest.decoding import Telemetry
 from ingest.errors import Rejected, Retryable
 from ingest.metric_names import MetricNames
 from ingest.stats import IngestStats
+from registry.connection import Counters, lock_gateways, record_activity
 from registry.devices import DeviceDirectory, Key
 
 log = logging.getLogger(__name__)
@@ -94,10 +95,12 @@ class TelemetryWriter:
         pool: AsyncConnectionPool,
         *,
         stats: IngestStats,
+        counter_shard: int = 0,
         directory: DeviceDirectory | None = None,
     ) -> None:
         self._pool = pool
         self._stats = stats
+        self._shard = counter_shard
         self._directory = directory or DeviceDirectory()
         self._metrics = MetricNames()
         self._partition_days: set[date] = set()
@@ -184,22 +187,30 @@ class TelemetryWriter:
                     for ts, name, value in a.telemetry.points
                 )
                 if a.gateway is not None:
-                    gateways.add(a.gateway)  # a gateway that sends anything is alive
+                    # A gateway that sends anything, even back-filled data, is alive now.
+                    gateways.add(a.gateway)
                     via[a.device] = a.gateway
                 if not a.telemetry.historical:
                     live_devices.add(a.device)
         seen = max((m.received_at for m in batch), default=datetime.now(UTC))
+        moved = self._directory.moved(via)
+        counters = Counters(self._shard)
         async with conn.transaction():
             if rows:
                 report.points_written = await self._copy_points(conn, rows)
                 report.duplicates_skipped = len(rows) - report.points_written
-            assigned = await self._directory.assign_gateways(conn, via)
-            await DeviceDirectory.mark_seen(conn, sorted(live_devices), sorted(gateways), seen)
+            # State last: the gateway locks it takes are held only until the commit.
+            await lock_gateways(conn, sorted(gateways), sorted(live_devices | moved.keys()))
+            await DeviceDirectory.assign_gateways(conn, moved, counters)
+            await record_activity(
+                conn, counters, gateways=sorted(gateways), devices=sorted(live_devices), seen=seen
+            )
             if rejected and dead_letter:
                 await _copy_dead_letters(conn, rejected)
             if in_transaction is not None:
                 await in_transaction(conn, rejected)
-        self._directory.remember_via(assigned)
+            await counters.flush(conn)
+        self._directory.remember_via(moved)
         report.dead_letters = len(rejected)
         for message, reason in rejected:
             self._stats.rejected[(reason.platform, reason.reason)] += 1
@@ -240,10 +251,14 @@ class TelemetryWriter:
             )
             names = {name for _, ts in known for t in ts for _, name, _ in t.points}
             metric_ids = await self._metrics.resolve(conn, names)
+            counters = Counters(self._shard)
+            for platform, _ in registered:
+                counters.add(platform, registered=1)
+            await counters.flush(conn)
         directory.devices.remember(device_ids)
         directory.gateways.remember(gateway_ids)
         self._metrics.remember(metric_ids)
-        report.devices_registered = registered
+        report.devices_registered = len(registered)
 
         accepted: list[_Accepted] = []
         for message, telemetry in decoded:

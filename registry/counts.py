@@ -6,23 +6,30 @@ from typing import Any, Final
 
 from psycopg import AsyncConnection
 
-DEFINITIONS_VERSION: Final = "2026-11.1"
+DEFINITIONS_VERSION: Final = "2026-11.2"
 DEFINITIONS: Final = {
-    "registered": "Devices on the platform's registry, registered by an operator or on first data.",
-    "connected": (
-        "Registered devices whose newest live (not back-filled) data reached the backend within "
-        "the platform's liveness window, measured by the backend's clock at arrival."
+    "registered": (
+        "Devices in the platform's registry, registered by an operator or on their first "
+        "accepted message, and not decommissioned."
     ),
+    "connected": (
+        "Registered devices whose connection state is online and, for a device behind a "
+        "gateway, whose gateway is online. A device that never sent a status or birth message "
+        "is online while its newest live (not back-filled) data arrived within the platform's "
+        "liveness window, by the backend's clock; one that did follows those messages only."
+    ),
+    "ever_connected": "Registered devices that have been connected at least once.",
 }
 
-# Counting rows is fine at foundation scale; maintained counters replace it (issue: registry).
+# Maintained counters: the cost of a count does not grow with the number of devices.
 PLATFORM_COUNTS = """
 SELECT p.liveness_seconds,
-       count(d.id),
-       count(d.id) FILTER (WHERE d.last_seen > now() - p.liveness_seconds * interval '1 second'),
+       coalesce(sum(c.registered), 0)::bigint,
+       coalesce(sum(c.connected), 0)::bigint,
+       coalesce(sum(c.ever_connected), 0)::bigint,
        now()
 FROM platforms p
-LEFT JOIN devices d ON d.platform_id = p.id
+LEFT JOIN platform_counters c ON c.platform_id = p.id
 WHERE p.id = %s
 GROUP BY p.id
 """
@@ -33,6 +40,7 @@ class PlatformCounts:
     platform: str
     registered: int
     connected: int
+    ever_connected: int
     liveness_seconds: int
     as_of: datetime
 
@@ -43,5 +51,5 @@ async def platform_counts(conn: AsyncConnection[Any], platform_id: str) -> Platf
     row = await cur.fetchone()
     if row is None:
         return None
-    liveness, registered, connected, as_of = row
-    return PlatformCounts(platform_id, registered, connected, liveness, as_of)
+    liveness, registered, connected, ever, as_of = row
+    return PlatformCounts(platform_id, registered, connected, ever, liveness, as_of)

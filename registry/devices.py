@@ -1,11 +1,11 @@
 """Device and gateway registration and liveness bookkeeping, done per batch of messages."""
 
 from collections.abc import Collection, Iterable, Set
-from datetime import datetime
 from typing import Any
 
 from psycopg import AsyncConnection
 
+from registry.connection import Counters
 from registry.platforms import Platform, fetch_platforms
 
 Key = tuple[str, str]
@@ -36,18 +36,25 @@ SELECT * FROM unnest(%s::text[], %s::text[])
 ON CONFLICT (platform_id, gateway_id) DO NOTHING
 RETURNING id, platform_id, gateway_id
 """
+# Run with the old and new gateways locked (registry.connection.lock_gateways). Returns, per
+# platform, how the connected count changes: an online device that moves from an unreachable
+# gateway to a reachable one (or back) changes it.
 ASSIGN_GATEWAYS = """
-UPDATE devices d SET via_gateway = k.gateway
-FROM unnest(%s::bigint[], %s::bigint[]) AS k(id, gateway)
-WHERE d.id = k.id AND d.via_gateway IS DISTINCT FROM k.gateway
-"""
-MARK_DEVICES_SEEN = """
-UPDATE devices SET last_seen = %(seen)s, first_seen = coalesce(first_seen, %(seen)s)
-WHERE id = ANY(%(ids)s) AND (last_seen IS NULL OR last_seen < %(seen)s)
-"""
-MARK_GATEWAYS_SEEN = """
-UPDATE gateways SET last_seen = %(seen)s, first_seen = coalesce(first_seen, %(seen)s)
-WHERE id = ANY(%(ids)s) AND (last_seen IS NULL OR last_seen < %(seen)s)
+WITH old AS (
+    SELECT id, via_gateway FROM devices WHERE id = ANY(%(ids)s) ORDER BY id FOR UPDATE
+), moved AS (
+    UPDATE devices d SET via_gateway = k.gateway
+    FROM unnest(%(ids)s::bigint[], %(gateways)s::bigint[]) AS k(id, gateway), old
+    WHERE d.id = k.id AND old.id = k.id AND d.via_gateway IS DISTINCT FROM k.gateway
+    RETURNING d.platform_id, d.state, old.via_gateway AS before, d.via_gateway AS after
+)
+SELECT m.platform_id,
+       sum((gn.state = 'online')::int - (go.id IS NULL OR go.state = 'online')::int)
+FROM moved m
+JOIN gateways gn ON gn.id = m.after
+LEFT JOIN gateways go ON go.id = m.before
+WHERE m.state = 'online'
+GROUP BY m.platform_id
 """
 
 
@@ -66,19 +73,19 @@ class Identities:
 
     async def resolve(
         self, conn: AsyncConnection[Any], keys: Iterable[Key], *, register: Set[Key]
-    ) -> tuple[dict[Key, int], int]:
+    ) -> tuple[dict[Key, int], list[Key]]:
         """Ids of the existing rows among `keys`, registering those in `register` that do not
-        exist yet. Returns the ids and how many rows this call registered."""
+        exist yet. Returns the ids and the keys this call registered."""
         wanted = set(keys)
         found = {k: self._ids[k] for k in wanted if k in self._ids}
         missing = sorted(wanted - found.keys())
-        registered = 0
+        registered: list[Key] = []
         if missing:
             found.update(await self._run(conn, self._select_sql, missing))
             unregistered = [k for k in missing if k not in found and k in register]
             if unregistered:
                 new = await self._run(conn, self._register_sql, unregistered)
-                registered = len(new)
+                registered = sorted(new)
                 found.update(new)
                 # Another process may have registered some in between: read those back.
                 raced = [k for k in unregistered if k not in found]
@@ -124,24 +131,22 @@ class DeviceDirectory:
     def forget_platform(self, platform_id: str) -> None:
         self._platforms.pop(platform_id, None)
 
+    def moved(self, via: dict[int, int]) -> dict[int, int]:
+        """The devices of `via` whose gateway may differ from the one on record."""
+        return {d: g for d, g in via.items() if self._via.get(d) != g}
+
+    @staticmethod
     async def assign_gateways(
-        self, conn: AsyncConnection[Any], via: dict[int, int]
-    ) -> dict[int, int]:
-        """Records which gateway each device was seen through; returns what to `remember_via`."""
-        changed = {d: g for d, g in via.items() if self._via.get(d) != g}
-        if changed:
-            ids = sorted(changed)
-            await conn.execute(ASSIGN_GATEWAYS, (ids, [changed[d] for d in ids]))
-        return changed
+        conn: AsyncConnection[Any], moved: dict[int, int], counters: Counters
+    ) -> None:
+        """Records the gateway each device was seen through (with the gateways locked)."""
+        if moved:
+            ids = sorted(moved)
+            cur = await conn.execute(
+                ASSIGN_GATEWAYS, {"ids": ids, "gateways": [moved[d] for d in ids]}
+            )
+            for platform, connected in await cur.fetchall():
+                counters.add(platform, connected=connected)
 
     def remember_via(self, via: dict[int, int]) -> None:
         self._via.update(via)
-
-    @staticmethod
-    async def mark_seen(
-        conn: AsyncConnection[Any], devices: list[int], gateways: list[int], seen: datetime
-    ) -> None:
-        if devices:
-            await conn.execute(MARK_DEVICES_SEEN, {"ids": sorted(devices), "seen": seen})
-        if gateways:
-            await conn.execute(MARK_GATEWAYS_SEEN, {"ids": sorted(gateways), "seen": seen})

@@ -7,11 +7,16 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+from psycopg_pool import AsyncConnectionPool
 
 from api.app import create_app
 from api.settings import ApiSettings
+from ingest.stats import IngestStats
+from ingest.writer import TelemetryWriter
 from registry.platforms import upsert_platform
 from registry.settings import StoreSettings
+from registry.sweeper import Sweeper
+from tests.test_writer import telemetry
 
 
 @pytest.fixture
@@ -27,28 +32,27 @@ async def api(store: StoreSettings) -> AsyncIterator[httpx.AsyncClient]:
 
 
 async def test_counts_follow_each_platforms_liveness_window(
-    api: httpx.AsyncClient, db: psycopg.AsyncConnection[Any]
+    api: httpx.AsyncClient, db: psycopg.AsyncConnection[Any], pool: AsyncConnectionPool
 ) -> None:
     await upsert_platform(db, "fast", liveness_seconds=60)
     await upsert_platform(db, "slow", liveness_seconds=3600)
+    writer = TelemetryWriter(pool, stats=IngestStats())
     now = datetime.now(UTC)
-    devices = [
-        ("fast", "fresh", now - timedelta(seconds=10)),
-        ("fast", "stale", now - timedelta(seconds=120)),
-        ("fast", "silent", None),
-        ("slow", "stale-but-in-window", now - timedelta(seconds=120)),
-    ]
-    for platform, device, seen in devices:
-        await db.execute(
-            "INSERT INTO devices (platform_id, device_id, last_seen) VALUES (%s, %s, %s)",
-            (platform, device, seen),
-        )
+    for platform, device in [("fast", "a"), ("fast", "b"), ("slow", "c")]:
+        await writer.write([telemetry(platform, device, (now, "v", 1.0))])
+    await writer.write([telemetry("fast", "old", (now, "v", 1.0), historical=True)])
+    fast = (await api.get("/platforms/fast/devices/count")).json()
+    assert (fast["registered"], fast["connected"], fast["ever_connected"]) == (3, 2, 2)
+    assert fast["liveness_seconds"] == 60
+    assert set(fast["definitions"]) == {"registered", "connected", "ever_connected"}
+    assert fast["definitions_version"]
+
+    # Two minutes later: the fast platform's window has passed, the slow one's has not.
+    await Sweeper(pool, counter_shard=1).sweep_once(now + timedelta(seconds=120))
     fast = (await api.get("/platforms/fast/devices/count")).json()
     slow = (await api.get("/platforms/slow/devices/count")).json()
-    assert (fast["registered"], fast["connected"], fast["liveness_seconds"]) == (3, 1, 60)
+    assert (fast["registered"], fast["connected"], fast["ever_connected"]) == (3, 0, 2)
     assert (slow["registered"], slow["connected"]) == (1, 1)
-    assert set(fast["definitions"]) == {"registered", "connected"}
-    assert fast["definitions_version"]
 
 
 async def test_a_platform_without_devices_counts_zero(

@@ -1,0 +1,257 @@
+"""The connection state machine of devices and gateways, applied per batch in SQL.
+
+Rules (docs/counts.md):
+- A device or gateway is `online` or `offline`. It counts as connected when it is online and,
+  for a device behind a gateway, the gateway is online too: a gateway's death makes its devices
+  unreachable in one step, and its return restores them.
+- Live data renews an activity session: the row is online until `expires_at` (arrival + the
+  platform's liveness window); the sweeper turns it offline once that passes. Rows that ever
+  received a session event (status, birth, death) follow those events only: data no longer
+  makes them online, so a late message after a disconnect cannot revive them.
+- Every change of state adds a row to `connection_events` and its delta to `platform_counters`,
+  in the same transaction.
+
+Locking: gateways are always locked before devices, and each in id order. A gateway's change
+counts the devices behind it in a statement that starts after the gateway lock is held, and a
+device's change reads its gateway's state under that lock, so the counters cannot drift.
+"""
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final
+
+from psycopg import AsyncConnection
+
+LOCK_GATEWAYS = """
+SELECT id FROM gateways
+WHERE id = ANY(%(gateways)s)
+   OR id IN (SELECT via_gateway FROM devices WHERE id = ANY(%(devices)s))
+ORDER BY id
+FOR UPDATE
+"""
+
+# Gateways that sent anything are alive: renew their activity session.
+GATEWAY_ACTIVITY = """
+WITH changed AS (
+    UPDATE gateways g SET
+        last_seen = greatest(g.last_seen, %(seen)s),
+        first_seen = coalesce(g.first_seen, %(seen)s),
+        state = CASE WHEN g.session_managed THEN g.state ELSE 'online' END,
+        expires_at = CASE WHEN g.session_managed THEN g.expires_at
+            ELSE greatest(g.expires_at, %(seen)s + p.liveness_seconds * interval '1 second') END,
+        state_changed_at = CASE WHEN NOT g.session_managed AND g.state = 'offline'
+            THEN %(seen)s ELSE g.state_changed_at END
+    FROM platforms p, (SELECT id, state FROM gateways WHERE id = ANY(%(ids)s)) AS old
+    WHERE g.id = old.id AND p.id = g.platform_id
+    RETURNING g.id, g.platform_id, old.state AS before, g.state AS after
+)
+SELECT id, platform_id, after FROM changed WHERE before <> after
+"""
+
+# Devices whose data is live: renew activity sessions; note first connections.
+DEVICE_ACTIVITY = """
+WITH old AS (
+    SELECT id, state, first_seen IS NULL AS first_time FROM devices
+    WHERE id = ANY(%(ids)s) ORDER BY id FOR UPDATE
+), changed AS (
+    UPDATE devices d SET
+        last_seen = greatest(d.last_seen, %(seen)s),
+        first_seen = coalesce(d.first_seen, %(seen)s),
+        state = CASE WHEN d.session_managed THEN d.state ELSE 'online' END,
+        expires_at = CASE WHEN d.session_managed THEN d.expires_at
+            ELSE greatest(d.expires_at, %(seen)s + p.liveness_seconds * interval '1 second') END,
+        state_changed_at = CASE WHEN NOT d.session_managed AND d.state = 'offline'
+            THEN %(seen)s ELSE d.state_changed_at END
+    FROM old, platforms p
+    WHERE d.id = old.id AND p.id = d.platform_id
+    RETURNING d.id, d.platform_id, d.via_gateway, old.state AS before, d.state AS after,
+              old.first_time
+), flips AS (
+    INSERT INTO connection_events (time, platform_id, subject, subject_id, state, cause)
+    SELECT %(seen)s, platform_id, 'device', id, after, 'data' FROM changed WHERE before <> after
+)
+SELECT c.platform_id,
+       count(*) FILTER (WHERE c.before <> c.after AND (g.id IS NULL OR g.state = 'online')),
+       count(*) FILTER (WHERE c.first_time)
+FROM changed c LEFT JOIN gateways g ON g.id = c.via_gateway
+GROUP BY c.platform_id
+"""
+
+# Online devices behind the given gateways, per gateway (run after the gateways are locked).
+DEVICES_BEHIND = """
+SELECT via_gateway, count(*) FROM devices
+WHERE via_gateway = ANY(%s) AND state = 'online'
+GROUP BY via_gateway
+"""
+
+GATEWAY_EVENT = """
+INSERT INTO connection_events (time, platform_id, subject, subject_id, state, cause,
+                               devices_affected)
+VALUES (%s, %s, 'gateway', %s, %s, %s, %s)
+"""
+
+ADD_COUNTS = """
+INSERT INTO platform_counters (platform_id, shard, registered, connected, ever_connected)
+SELECT * FROM unnest(%(platforms)s::text[], %(shards)s::smallint[], %(registered)s::bigint[],
+                     %(connected)s::bigint[], %(ever)s::bigint[])
+ON CONFLICT (platform_id, shard) DO UPDATE SET
+    registered = platform_counters.registered + EXCLUDED.registered,
+    connected = platform_counters.connected + EXCLUDED.connected,
+    ever_connected = platform_counters.ever_connected + EXCLUDED.ever_connected
+"""
+
+# Expired activity sessions, oldest first; SKIP LOCKED lets several sweepers share the work.
+EXPIRED_GATEWAYS = """
+SELECT id FROM gateways
+WHERE state = 'online' AND expires_at <= %(now)s
+ORDER BY id LIMIT %(limit)s
+FOR UPDATE SKIP LOCKED
+"""
+EXPIRE_GATEWAYS = """
+UPDATE gateways SET state = 'offline', state_changed_at = expires_at
+WHERE id = ANY(%s) AND state = 'online'
+RETURNING id, platform_id, state_changed_at
+"""
+EXPIRED_DEVICES = """
+SELECT id, via_gateway FROM devices
+WHERE state = 'online' AND expires_at <= %(now)s
+ORDER BY id LIMIT %(limit)s
+"""
+LOCK_GATEWAYS_SHARED = "SELECT id FROM gateways WHERE id = ANY(%s) ORDER BY id FOR SHARE"
+EXPIRE_DEVICES = """
+WITH expired AS (
+    SELECT id FROM devices
+    WHERE id = ANY(%(ids)s) AND state = 'online' AND expires_at <= %(now)s
+    ORDER BY id
+    FOR UPDATE SKIP LOCKED
+), changed AS (
+    UPDATE devices d SET state = 'offline', state_changed_at = d.expires_at
+    FROM expired WHERE d.id = expired.id
+    RETURNING d.id, d.platform_id, d.via_gateway, d.state_changed_at
+), flips AS (
+    INSERT INTO connection_events (time, platform_id, subject, subject_id, state, cause)
+    SELECT state_changed_at, platform_id, 'device', id, 'offline', 'liveness expired'
+    FROM changed
+)
+SELECT c.platform_id, count(*) FILTER (WHERE g.id IS NULL OR g.state = 'online'), count(*)
+FROM changed c LEFT JOIN gateways g ON g.id = c.via_gateway
+GROUP BY c.platform_id
+"""
+
+SHARDS: Final = 64
+
+
+@dataclass
+class CountDeltas:
+    """Changes to a platform's counters, added up over a transaction."""
+
+    registered: int = 0
+    connected: int = 0
+    ever_connected: int = 0
+
+
+class Counters:
+    """Collects counter deltas per platform and writes them to one shard in one statement."""
+
+    def __init__(self, shard: int) -> None:
+        self.shard = shard % SHARDS
+        self.deltas: dict[str, CountDeltas] = {}
+
+    def add(self, platform: str, *, registered: int = 0, connected: int = 0, ever: int = 0) -> None:
+        d = self.deltas.setdefault(platform, CountDeltas())
+        d.registered += registered
+        d.connected += connected
+        d.ever_connected += ever
+
+    async def flush(self, conn: AsyncConnection[Any]) -> None:
+        changed = {
+            p: d
+            for p, d in sorted(self.deltas.items())
+            if d.registered or d.connected or d.ever_connected
+        }
+        if changed:
+            await conn.execute(
+                ADD_COUNTS,
+                {
+                    "platforms": list(changed),
+                    "shards": [self.shard] * len(changed),
+                    "registered": [d.registered for d in changed.values()],
+                    "connected": [d.connected for d in changed.values()],
+                    "ever": [d.ever_connected for d in changed.values()],
+                },
+            )
+        self.deltas.clear()
+
+
+async def lock_gateways(
+    conn: AsyncConnection[Any], gateways: list[int], devices: list[int]
+) -> None:
+    """Locks the gateways a batch touches, directly or behind its devices (always first)."""
+    if gateways or devices:
+        await conn.execute(LOCK_GATEWAYS, {"gateways": gateways, "devices": devices})
+
+
+async def record_activity(
+    conn: AsyncConnection[Any],
+    counters: Counters,
+    *,
+    gateways: list[int],
+    devices: list[int],
+    seen: datetime,
+) -> None:
+    """Live data arrived at `seen` from these gateways and devices (call `lock_gateways` first)."""
+    if gateways:
+        cur = await conn.execute(GATEWAY_ACTIVITY, {"ids": sorted(gateways), "seen": seen})
+        flipped = await cur.fetchall()
+        await _gateways_flipped(conn, counters, flipped, seen, cause="data")
+    if devices:
+        cur = await conn.execute(DEVICE_ACTIVITY, {"ids": sorted(devices), "seen": seen})
+        for platform, connected, ever in await cur.fetchall():
+            counters.add(platform, connected=connected, ever=ever)
+
+
+async def sweep(conn: AsyncConnection[Any], counters: Counters, now: datetime, limit: int) -> int:
+    """Turns expired activity sessions offline; returns how many rows changed."""
+    args = {"now": now, "limit": limit}
+    cur = await conn.execute(EXPIRED_GATEWAYS, args)
+    expired = [row[0] for row in await cur.fetchall()]
+    changed = 0
+    if expired:
+        cur = await conn.execute(EXPIRE_GATEWAYS, (expired,))
+        rows = await cur.fetchall()
+        changed += len(rows)
+        for gateway, platform, at in rows:
+            await _gateways_flipped(
+                conn, counters, [(gateway, platform, "offline")], at, cause="liveness expired"
+            )
+    cur = await conn.execute(EXPIRED_DEVICES, args)
+    candidates = await cur.fetchall()
+    if candidates:
+        # Their gateways first (the lock order), so no gateway changes under the count.
+        gateways = sorted({g for _, g in candidates if g is not None})
+        if gateways:
+            await conn.execute(LOCK_GATEWAYS_SHARED, (gateways,))
+        cur = await conn.execute(EXPIRE_DEVICES, {"ids": [d for d, _ in candidates], "now": now})
+        for platform, connected, total in await cur.fetchall():
+            counters.add(platform, connected=-connected)
+            changed += total
+    return changed
+
+
+async def _gateways_flipped(
+    conn: AsyncConnection[Any],
+    counters: Counters,
+    flipped: list[tuple[int, str, str]],
+    at: datetime,
+    *,
+    cause: str,
+) -> None:
+    """Gateways changed state: their online devices became reachable or unreachable with them."""
+    if not flipped:
+        return
+    cur = await conn.execute(DEVICES_BEHIND, ([g for g, _, _ in flipped],))
+    behind = dict(await cur.fetchall())
+    for gateway, platform, state in flipped:
+        affected = behind.get(gateway, 0)
+        counters.add(platform, connected=affected if state == "online" else -affected)
+        await conn.execute(GATEWAY_EVENT, (at, platform, gateway, state, cause, affected))
