@@ -21,6 +21,7 @@ from registry.migrate import migrate
 from registry.platforms import PlatformType, Tier, upsert_platform
 from registry.settings import StoreSettings
 from registry.store import connect, create_pool
+from registry.sweeper import Sweeper
 
 app = typer.Typer(help="iiot: industrial device ingest, registry and counts.", no_args_is_help=True)
 ingest_app = typer.Typer(help="Run an ingest consumer.", no_args_is_help=True)
@@ -70,10 +71,20 @@ def ingest_mqtt() -> None:
     async def main() -> None:
         async with create_pool(settings, name="ingest") as pool:
             ingest = MqttIngest(settings, pool)
+            sweeper = Sweeper(
+                pool, counter_shard=settings.shard, interval=settings.sweep_interval_seconds
+            )
+
+            def stop() -> None:
+                ingest.stop()
+                sweeper.stop()
+
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, ingest.stop)
-            await ingest.run()
+                loop.add_signal_handler(sig, stop)
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(ingest.run())
+                tasks.create_task(sweeper.run())
 
     asyncio.run(main())
 

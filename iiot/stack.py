@@ -25,6 +25,7 @@ from ingest.settings import IngestSettings
 from registry.migrate import migrate
 from registry.platforms import upsert_platform
 from registry.store import connect, create_pool
+from registry.sweeper import Sweeper
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,9 @@ async def run_stack(settings: RunSettings) -> None:
         pool = create_pool(settings, name="ingest")
         await resources.enter_async_context(pool)
         ingest = MqttIngest(settings, pool)
+        sweeper = Sweeper(
+            pool, counter_shard=settings.shard, interval=settings.sweep_interval_seconds
+        )
         api = ApiServer(create_app(settings), host=settings.api_host, port=settings.api_port)
         simulator = Simulator(
             str(settings.mqtt_url),
@@ -78,6 +82,7 @@ async def run_stack(settings: RunSettings) -> None:
         base = f"http://{settings.api_host}:{settings.api_port}"
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(ingest.run())
+            tasks.create_task(sweeper.run())
             tasks.create_task(api.run())
             if settings.simulate_devices:
                 tasks.create_task(simulator.run())
@@ -87,6 +92,7 @@ async def run_stack(settings: RunSettings) -> None:
             simulator.stop()
             api.stop()
             ingest.stop()
+            sweeper.stop()
 
 
 def _announce(settings: RunSettings, base: str) -> None:

@@ -53,7 +53,7 @@ class MqttIngest:
     ) -> None:
         self._settings = settings
         self.stats = stats or IngestStats()
-        self._writer = TelemetryWriter(pool, stats=self.stats)
+        self._writer = TelemetryWriter(pool, stats=self.stats, counter_shard=settings.shard)
         self._topics = TopicScheme(settings.mqtt_topic_root)
         self._decode = MessageDecoder(self._topics, settings)
         self._stopping = asyncio.Event()

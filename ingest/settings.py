@@ -1,5 +1,6 @@
 """Settings of the ingest process role (`iiot ingest mqtt`), from `IIOT_*` environment variables."""
 
+import zlib
 from datetime import timedelta
 from typing import Literal
 from urllib.parse import urlsplit
@@ -49,6 +50,16 @@ class IngestSettings(Limits):
     shutdown_grace_seconds: float = Field(default=20.0, gt=0)
     # Partitions are made this many days ahead of today (plain PostgreSQL only).
     partitions_ahead_days: int = Field(default=2, ge=1, le=60)
+    # Which row of each platform's counters this process adds to; distinct processes should
+    # use distinct shards. Unset: derived from the client id.
+    counter_shard: int | None = Field(default=None, ge=0, le=63)
+    sweep_interval_seconds: float = Field(default=1.0, gt=0)
+
+    @property
+    def shard(self) -> int:
+        if self.counter_shard is not None:
+            return self.counter_shard
+        return zlib.crc32(self.mqtt_client_id.encode()) % 64
 
     @field_validator("mqtt_url")
     @classmethod
