@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Final, Generic, TypeVar
 
-from ingest.decoding import Telemetry
+from ingest.decoding import Decoded, Telemetry
 from ingest.errors import Rejected
 
 AckT = TypeVar("AckT")
@@ -15,15 +15,15 @@ AckT = TypeVar("AckT")
 class Received(Generic[AckT]):
     """One message after decoding, plus what acknowledges it.
 
-    `outcome` is the message's telemetry (one entry per device; a gateway message has several)
-    or the reason it was rejected.
+    `outcome` is what the message says (readings per device, a gateway message has several;
+    or a status) or the reason it was rejected.
     """
 
     source: str
     topic: str
     payload: bytes
     received_at: datetime
-    outcome: list[Telemetry] | Rejected
+    outcome: Decoded | Rejected
     ack: AckT
 
     @property
@@ -31,7 +31,7 @@ class Received(Generic[AckT]):
         """Rows this message costs the writer."""
         if isinstance(self.outcome, Rejected):
             return 1
-        return sum(len(t.points) for t in self.outcome)
+        return sum(len(t.points) if isinstance(t, Telemetry) else 1 for t in self.outcome)
 
 
 class EndOfStream:

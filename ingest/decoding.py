@@ -38,6 +38,53 @@ class Telemetry:
     gateway: str | None = None
 
 
+@dataclass(slots=True)
+class Status:
+    """A session change a device or gateway announced (docs/contract.md, "Status")."""
+
+    platform: str
+    online: bool
+    # The sender's session number; None: apply in arrival order.
+    session: int | None
+    device: str | None = None
+    gateway: str | None = None
+
+
+_MAX_STATUS_BYTES = 1024
+
+Decoded = list[Telemetry | Status]
+"""What one message amounts to: readings of one or more devices, or a status."""
+
+
+def decode_status(platform: str, payload: bytes) -> tuple[bool, int | None]:
+    """`online` / `offline` as text, or `{"state": "online"|"offline", "session": n}`."""
+    if len(payload) > _MAX_STATUS_BYTES:
+        raise Rejected("payload_too_large", f"a status of {len(payload)} bytes", platform=platform)
+    text = payload.strip()
+    if text in (b"online", b"offline"):
+        return text == b"online", None
+    try:
+        document = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        raise Rejected(
+            "invalid_status", 'expected "online", "offline" or a JSON status', platform=platform
+        ) from None
+    if not isinstance(document, dict) or not {"state"} <= document.keys() <= {"state", "session"}:
+        raise Rejected(
+            "invalid_status", 'a JSON status is {"state": ..., "session": n}', platform=platform
+        )
+    state, session = document["state"], document.get("session")
+    if state not in ("online", "offline"):
+        raise Rejected(
+            "invalid_status", f"state {str(state)[:20]!r} is not online/offline", platform=platform
+        )
+    if session is not None and (
+        isinstance(session, bool) or not isinstance(session, int) or not 0 <= session < 2**63
+    ):
+        raise Rejected("invalid_status", "session must be a whole number from 0", platform=platform)
+    return state == "online", session
+
+
 class TelemetryDecoder:
     """Decodes message payloads; a message is accepted or rejected whole."""
 
@@ -216,22 +263,27 @@ def _timestamp(raw: Any) -> datetime:
 
 
 class MessageDecoder:
-    """What one MQTT message (topic and payload) amounts to: telemetry, or the reason not."""
+    """What one MQTT message (topic and payload) amounts to, or the reason it is refused."""
 
     def __init__(self, topics: TopicScheme, limits: Limits) -> None:
         self._topics = topics
+        self._limits = limits
         self._payloads = TelemetryDecoder(limits)
 
-    def __call__(
-        self, topic: str, payload: bytes, received_at: datetime
-    ) -> list[Telemetry] | Rejected:
+    def __call__(self, topic: str, payload: bytes, received_at: datetime) -> Decoded | Rejected:
         try:
             address = self._topics.parse(topic)
-            if address.gateway is not None:
-                return self._payloads.decode_gateway(
-                    address.platform, address.gateway, payload, received_at
+            platform, device, gateway = address.platform, address.device, address.gateway
+            if address.kind == "status":
+                online, session = decode_status(platform, payload)
+                return [Status(platform, online, session, device=device, gateway=gateway)]
+            if gateway is not None:
+                decoded: Decoded = []
+                decoded.extend(
+                    self._payloads.decode_gateway(platform, gateway, payload, received_at)
                 )
-            assert address.device is not None  # the parser sets exactly one
-            return [self._payloads.decode(address.platform, address.device, payload, received_at)]
+                return decoded
+            assert device is not None  # the parser sets exactly one
+            return [self._payloads.decode(platform, device, payload, received_at)]
         except Rejected as rejected:
             return rejected

@@ -93,7 +93,7 @@ class MqttIngest:
             queue: asyncio.Queue[Received[MqttAck] | EndOfStream] = asyncio.Queue(
                 self._settings.queue_max_messages
             )
-            for topic_filter in self._topics.telemetry_filters(self._settings.mqtt_shared_group):
+            for topic_filter in self._topics.filters(self._settings.mqtt_shared_group):
                 await client.subscribe(topic_filter, qos=1)
             self.subscribed.set()
             log.info(

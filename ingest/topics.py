@@ -5,6 +5,7 @@
 """
 
 from dataclasses import dataclass
+from typing import Literal
 
 from ingest.errors import Rejected
 from registry.ids import is_device_id, is_platform_id
@@ -12,12 +13,18 @@ from registry.ids import is_device_id, is_platform_id
 GATEWAYS = "gateways"
 
 
+KINDS = ("telemetry", "status")
+
+
 @dataclass(frozen=True, slots=True)
-class TelemetryTopic:
+class Address:
+    """What a topic names."""
+
     platform: str
     # Exactly one of the two is set.
     device: str | None = None
     gateway: str | None = None
+    kind: Literal["telemetry", "status"] = "telemetry"
 
 
 class TopicScheme:
@@ -27,9 +34,11 @@ class TopicScheme:
         self.root = root
         self._prefix = root + "/"
 
-    def telemetry_filters(self, shared_group: str | None = None) -> list[str]:
-        """The subscriptions that receive every platform's telemetry."""
-        topics = [f"{self.root}/+/+/telemetry", f"{self.root}/+/{GATEWAYS}/+/telemetry"]
+    def filters(self, shared_group: str | None = None) -> list[str]:
+        """The subscriptions that receive every platform's telemetry and status."""
+        topics = [f"{self.root}/+/+/{kind}" for kind in KINDS] + [
+            f"{self.root}/+/{GATEWAYS}/+/{kind}" for kind in KINDS
+        ]
         return [f"$share/{shared_group}/{t}" for t in topics] if shared_group else topics
 
     def telemetry(self, platform: str, device: str) -> str:
@@ -38,15 +47,22 @@ class TopicScheme:
     def gateway_telemetry(self, platform: str, gateway: str) -> str:
         return f"{self.root}/{platform}/{GATEWAYS}/{gateway}/telemetry"
 
-    def parse(self, topic: str) -> TelemetryTopic:
+    def status(self, platform: str, device: str) -> str:
+        return f"{self.root}/{platform}/{device}/status"
+
+    def gateway_status(self, platform: str, gateway: str) -> str:
+        return f"{self.root}/{platform}/{GATEWAYS}/{gateway}/status"
+
+    def parse(self, topic: str) -> Address:
         if not topic.startswith(self._prefix):
             raise Rejected("bad_topic", f"topic is not under {self.root}/")
         parts = topic[len(self._prefix) :].split("/")
-        if parts[-1] != "telemetry" or len(parts) not in (3, 4):
+        kind = parts[-1]
+        if kind not in KINDS or len(parts) not in (3, 4):
             raise Rejected(
                 "bad_topic",
-                "expected {root}/{platform}/{device}/telemetry "
-                "or {root}/{platform}/gateways/{gateway}/telemetry",
+                "expected {root}/{platform}/{device}/{telemetry|status} "
+                "or {root}/{platform}/gateways/{gateway}/{telemetry|status}",
             )
         platform = parts[0]
         if not is_platform_id(platform):
@@ -56,8 +72,14 @@ class TopicScheme:
                 raise Rejected(
                     "bad_topic", "a four-level topic must be a gateway's", platform=platform
                 )
-            return TelemetryTopic(platform, gateway=_checked(parts[2], "gateway", platform))
-        return TelemetryTopic(platform, device=_checked(parts[1], "device", platform))
+            gateway = _checked(parts[2], "gateway", platform)
+            return Address(
+                platform, gateway=gateway, kind="telemetry" if kind == "telemetry" else "status"
+            )
+        device = _checked(parts[1], "device", platform)
+        return Address(
+            platform, device=device, kind="telemetry" if kind == "telemetry" else "status"
+        )
 
 
 def _checked(value: str, what: str, platform: str) -> str:

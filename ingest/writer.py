@@ -27,11 +27,17 @@ from psycopg.errors import UniqueViolation
 from psycopg_pool import AsyncConnectionPool
 
 from ingest.batching import Received
-from ingest.decoding import Telemetry
+from ingest.decoding import Decoded, Telemetry
 from ingest.errors import Rejected, Retryable
 from ingest.metric_names import MetricNames
 from ingest.stats import IngestStats
-from registry.connection import Counters, lock_gateways, record_activity
+from registry.connection import (
+    Counters,
+    SessionEvent,
+    apply_sessions,
+    lock_gateways,
+    record_activity,
+)
 from registry.devices import DeviceDirectory, Key
 
 log = logging.getLogger(__name__)
@@ -87,6 +93,17 @@ class _Accepted:
     device: int
     gateway: int | None
     telemetry: Telemetry
+
+
+@dataclass(slots=True)
+class _Resolved:
+    """A batch split into what can be written and what is refused."""
+
+    telemetry: list[_Accepted]
+    gateway_sessions: list[SessionEvent]
+    device_sessions: list[SessionEvent]
+    rejected: list[tuple[Received[Any], Rejected]]
+    metric_ids: dict[str, int]
 
 
 class TelemetryWriter:
@@ -172,7 +189,8 @@ class TelemetryWriter:
         dead_letter: bool,
     ) -> WriteReport:
         report = WriteReport()
-        accepted, rejected, metric_ids = await self._resolve(conn, batch, report)
+        resolved = await self._resolve(conn, batch, report)
+        accepted, rejected, metric_ids = resolved.telemetry, resolved.rejected, resolved.metric_ids
         rows: list[Row] = []
         live_devices: set[int] = set()
         gateways: set[int] = set()
@@ -200,10 +218,20 @@ class TelemetryWriter:
                 report.points_written = await self._copy_points(conn, rows)
                 report.duplicates_skipped = len(rows) - report.points_written
             # State last: the gateway locks it takes are held only until the commit.
-            await lock_gateways(conn, sorted(gateways), sorted(live_devices | moved.keys()))
+            await lock_gateways(
+                conn,
+                sorted(gateways | {e.subject for e in resolved.gateway_sessions}),
+                sorted(live_devices | moved.keys() | {e.subject for e in resolved.device_sessions}),
+            )
             await DeviceDirectory.assign_gateways(conn, moved, counters)
             await record_activity(
                 conn, counters, gateways=sorted(gateways), devices=sorted(live_devices), seen=seen
+            )
+            await apply_sessions(
+                conn,
+                counters,
+                gateways=resolved.gateway_sessions,
+                devices=resolved.device_sessions,
             )
             if rejected and dead_letter:
                 await _copy_dead_letters(conn, rejected)
@@ -221,55 +249,68 @@ class TelemetryWriter:
 
     async def _resolve(
         self, conn: AsyncConnection[Any], batch: Sequence[Received[Any]], report: WriteReport
-    ) -> tuple[list[_Accepted], list[tuple[Received[Any], Rejected]], dict[str, int]]:
-        """Splits the batch into writable telemetry and rejections, registering what is new.
+    ) -> _Resolved:
+        """Splits the batch into what can be written and what is refused, registering what is
+        new on platforms that provision automatically.
 
         Runs in its own transaction: registrations commit even if the batch later fails, so the
         cached ids always name rows that exist.
         """
-        rejected: list[tuple[Received[Any], Rejected]] = []
-        decoded: list[tuple[Received[Any], list[Telemetry]]] = []
+        resolved = _Resolved([], [], [], [], {})
+        decoded: list[tuple[Received[Any], Decoded]] = []
         for message in batch:
             if isinstance(message.outcome, Rejected):
-                rejected.append((message, message.outcome))
+                resolved.rejected.append((message, message.outcome))
             else:
                 decoded.append((message, message.outcome))
         if not decoded:
-            return [], rejected, {}
+            return resolved
         directory = self._directory
         async with conn.transaction():
-            platforms = await directory.platforms(conn, {ts[0].platform for _, ts in decoded})
-            known = [(m, ts) for m, ts in decoded if ts[0].platform in platforms]
+            platforms = await directory.platforms(conn, {d[0].platform for _, d in decoded})
+            known = [item for _, items in decoded for item in items if item.platform in platforms]
             open_platforms = {p for p, platform in platforms.items() if platform.auto_provision}
-            device_keys = {(t.platform, t.device) for _, ts in known for t in ts}
-            gateway_keys = {(t.platform, t.gateway) for _, ts in known for t in ts if t.gateway}
+            device_keys = {(i.platform, i.device) for i in known if i.device is not None}
+            gateway_keys = {(i.platform, i.gateway) for i in known if i.gateway is not None}
             device_ids, registered = await directory.devices.resolve(
                 conn, device_keys, register={k for k in device_keys if k[0] in open_platforms}
             )
             gateway_ids, _ = await directory.gateways.resolve(
                 conn, gateway_keys, register={k for k in gateway_keys if k[0] in open_platforms}
             )
-            names = {name for _, ts in known for t in ts for _, name, _ in t.points}
-            metric_ids = await self._metrics.resolve(conn, names)
+            names = {n for i in known if isinstance(i, Telemetry) for _, n, _ in i.points}
+            resolved.metric_ids = await self._metrics.resolve(conn, names)
             counters = Counters(self._shard)
             for platform, _ in registered:
                 counters.add(platform, registered=1)
             await counters.flush(conn)
         directory.devices.remember(device_ids)
         directory.gateways.remember(gateway_ids)
-        self._metrics.remember(metric_ids)
+        self._metrics.remember(resolved.metric_ids)
         report.devices_registered = len(registered)
 
-        accepted: list[_Accepted] = []
-        for message, telemetry in decoded:
-            reason = _refusal(telemetry, platforms.keys(), device_ids, gateway_ids)
+        for message, items in decoded:
+            reason = _refusal(items, platforms.keys(), device_ids, gateway_ids)
             if reason is not None:
-                rejected.append((message, reason))
+                resolved.rejected.append((message, reason))
                 continue
-            for t in telemetry:
-                gateway = gateway_ids[(t.platform, t.gateway)] if t.gateway else None
-                accepted.append(_Accepted(device_ids[(t.platform, t.device)], gateway, t))
-        return accepted, rejected, metric_ids
+            for item in items:
+                device = device_ids[(item.platform, item.device)] if item.device else None
+                gateway = gateway_ids[(item.platform, item.gateway)] if item.gateway else None
+                if isinstance(item, Telemetry):
+                    assert device is not None  # readings always name their device
+                    resolved.telemetry.append(_Accepted(device, gateway, item))
+                    continue
+                subject, events = (
+                    (device, resolved.device_sessions)
+                    if device is not None
+                    else (gateway, resolved.gateway_sessions)
+                )
+                assert subject is not None  # a status names its device or gateway
+                events.append(
+                    SessionEvent(subject, item.online, item.session, message.received_at, "status")
+                )
+        return resolved
 
     async def _ensure_partitions(self, conn: AsyncConnection[Any], first: date, last: date) -> None:
         days = {first + timedelta(days=n) for n in range((last - first).days + 1)}
@@ -309,29 +350,29 @@ class TelemetryWriter:
 
 
 def _refusal(
-    telemetry: list[Telemetry],
+    items: Decoded,
     platforms: Any,
     devices: dict[Key, int],
     gateways: dict[Key, int],
 ) -> Rejected | None:
     """Why a decoded message cannot be stored whole, if it cannot."""
-    platform = telemetry[0].platform
+    platform = items[0].platform
     if platform not in platforms:
         return Rejected(
             "unknown_platform", f"no platform {platform!r} is registered", platform=platform
         )
-    for t in telemetry:
-        if t.gateway is not None and (platform, t.gateway) not in gateways:
+    for item in items:
+        if item.gateway is not None and (platform, item.gateway) not in gateways:
             return Rejected(
                 "unknown_gateway",
-                f"gateway {t.gateway!r} is not registered and platform {platform!r} "
+                f"gateway {item.gateway!r} is not registered and platform {platform!r} "
                 "does not provision automatically",
                 platform=platform,
             )
-        if (platform, t.device) not in devices:
+        if item.device is not None and (platform, item.device) not in devices:
             return Rejected(
                 "unknown_device",
-                f"device {t.device!r} is not registered and platform {platform!r} "
+                f"device {item.device!r} is not registered and platform {platform!r} "
                 "does not provision automatically",
                 platform=platform,
             )

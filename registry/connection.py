@@ -255,3 +255,110 @@ async def _gateways_flipped(
         affected = behind.get(gateway, 0)
         counters.add(platform, connected=affected if state == "online" else -affected)
         await conn.execute(GATEWAY_EVENT, (at, platform, gateway, state, cause, affected))
+
+
+@dataclass(frozen=True, slots=True)
+class SessionEvent:
+    """A session started or ended, for one device or gateway (already resolved to its row).
+
+    Events apply in order of (epoch, order): a session number given by the sender, and 1 for
+    its start, 2 for its end. An event without an epoch applies in arrival order.
+    """
+
+    subject: int
+    online: bool
+    epoch: int | None
+    at: datetime
+    cause: str
+
+    @property
+    def order(self) -> int:
+        return 1 if self.online else 2
+
+
+SESSION_EVENTS = """
+WITH ev AS (
+    SELECT * FROM unnest(%(ids)s::bigint[], %(online)s::bool[], %(epochs)s::bigint[],
+                         %(orders)s::bigint[], %(times)s::timestamptz[], %(causes)s::text[])
+        AS e(id, online, epoch, ord, at, cause)
+), old AS (
+    SELECT t.id, t.state, t.first_seen IS NULL AS first_time FROM {table} t
+    WHERE t.id = ANY(%(ids)s) ORDER BY t.id FOR UPDATE
+), changed AS (
+    UPDATE {table} t SET
+        session_managed = true,
+        session_epoch = coalesce(ev.epoch, t.session_epoch + 1),
+        session_order = ev.ord,
+        state = CASE WHEN ev.online THEN 'online' ELSE 'offline' END,
+        expires_at = NULL,
+        first_seen = CASE WHEN ev.online THEN coalesce(t.first_seen, ev.at) ELSE t.first_seen END,
+        state_changed_at = CASE WHEN t.state = CASE WHEN ev.online THEN 'online' ELSE 'offline' END
+            THEN t.state_changed_at ELSE ev.at END
+    FROM ev, old
+    WHERE t.id = ev.id AND old.id = ev.id
+      AND (coalesce(ev.epoch, t.session_epoch + 1), ev.ord) > (t.session_epoch, t.session_order)
+    RETURNING t.id, t.platform_id, {via} AS via, old.state AS before, t.state AS after,
+              old.first_time AND t.first_seen IS NOT NULL AS first, ev.at, ev.cause
+)
+"""
+DEVICE_SESSION_EVENTS = (
+    SESSION_EVENTS.replace("{table}", "devices").replace("{via}", "t.via_gateway")
+    + """, flips AS (
+    INSERT INTO connection_events (time, platform_id, subject, subject_id, state, cause)
+    SELECT at, platform_id, 'device', id, after, cause FROM changed WHERE before <> after
+)
+SELECT c.platform_id,
+       coalesce(sum(CASE WHEN c.before = c.after OR NOT (g.id IS NULL OR g.state = 'online')
+                    THEN 0 WHEN c.after = 'online' THEN 1 ELSE -1 END), 0)::bigint,
+       count(*) FILTER (WHERE c.first)
+FROM changed c LEFT JOIN gateways g ON g.id = c.via
+GROUP BY c.platform_id
+"""
+)
+GATEWAY_SESSION_EVENTS = (
+    SESSION_EVENTS.replace("{table}", "gateways").replace("{via}", "NULL::bigint")
+    + """
+SELECT id, platform_id, after, at, cause FROM changed WHERE before <> after
+"""
+)
+
+
+async def apply_sessions(
+    conn: AsyncConnection[Any],
+    counters: Counters,
+    *,
+    gateways: list[SessionEvent],
+    devices: list[SessionEvent],
+) -> None:
+    """Applies session events (call `lock_gateways` first). Of several events for one subject
+    in a batch, only the latest by order key matters, so only that one is applied."""
+    if gateways:
+        cur = await conn.execute(GATEWAY_SESSION_EVENTS, _session_args(gateways))
+        for gateway, platform, state, at, cause in await cur.fetchall():
+            await _gateways_flipped(conn, counters, [(gateway, platform, state)], at, cause=cause)
+    if devices:
+        cur = await conn.execute(DEVICE_SESSION_EVENTS, _session_args(devices))
+        for platform, connected, ever in await cur.fetchall():
+            counters.add(platform, connected=connected, ever=ever)
+
+
+def _session_args(events: list[SessionEvent]) -> dict[str, list[Any]]:
+    latest: dict[int, SessionEvent] = {}
+    for e in events:  # arrival order: a later event without an epoch wins over an earlier one
+        held = latest.get(e.subject)
+        if (
+            held is None
+            or e.epoch is None
+            or held.epoch is None
+            or (e.epoch, e.order) > (held.epoch, held.order)
+        ):
+            latest[e.subject] = e
+    chosen = [latest[s] for s in sorted(latest)]
+    return {
+        "ids": [e.subject for e in chosen],
+        "online": [e.online for e in chosen],
+        "epochs": [e.epoch for e in chosen],
+        "orders": [e.order for e in chosen],
+        "times": [e.at for e in chosen],
+        "causes": [e.cause for e in chosen],
+    }

@@ -3,7 +3,7 @@
 import pytest
 
 from ingest.errors import Rejected
-from ingest.topics import TelemetryTopic, TopicScheme
+from ingest.topics import Address, TopicScheme
 
 SCHEME = TopicScheme("iiot/v1")
 
@@ -11,15 +11,15 @@ SCHEME = TopicScheme("iiot/v1")
 @pytest.mark.parametrize(
     ("topic", "expected"),
     [
-        ("iiot/v1/demo/press-01/telemetry", TelemetryTopic("demo", "press-01")),
+        ("iiot/v1/demo/press-01/telemetry", Address("demo", "press-01")),
         (
             "iiot/v1/acme-steel/Line1.PLC:7_a/telemetry",
-            TelemetryTopic("acme-steel", "Line1.PLC:7_a"),
+            Address("acme-steel", "Line1.PLC:7_a"),
         ),
-        ("iiot/v1/0/0/telemetry", TelemetryTopic("0", "0")),
+        ("iiot/v1/0/0/telemetry", Address("0", "0")),
     ],
 )
-def test_valid_topics(topic: str, expected: TelemetryTopic) -> None:
+def test_valid_topics(topic: str, expected: Address) -> None:
     assert SCHEME.parse(topic) == expected
     assert SCHEME.telemetry(expected.platform, expected.device) == topic
 
@@ -29,7 +29,7 @@ def test_valid_topics(topic: str, expected: TelemetryTopic) -> None:
     [
         ("other/v1/demo/d/telemetry", "bad_topic"),
         ("iiot/v2/demo/d/telemetry", "bad_topic"),
-        ("iiot/v1/demo/d/status", "bad_topic"),
+        ("iiot/v1/demo/d/state", "bad_topic"),
         ("iiot/v1/demo/d/telemetry/extra", "bad_topic"),
         ("iiot/v1/demo/telemetry", "bad_topic"),
         ("iiot/v1/Demo/d/telemetry", "bad_platform_id"),
@@ -59,11 +59,11 @@ def test_invalid_topics_are_rejected(topic: str, reason: str) -> None:
 
 
 def test_subscription_filters() -> None:
-    assert SCHEME.telemetry_filters() == [
+    topics = [
         "iiot/v1/+/+/telemetry",
+        "iiot/v1/+/+/status",
         "iiot/v1/+/gateways/+/telemetry",
+        "iiot/v1/+/gateways/+/status",
     ]
-    assert SCHEME.telemetry_filters("ingest") == [
-        "$share/ingest/iiot/v1/+/+/telemetry",
-        "$share/ingest/iiot/v1/+/gateways/+/telemetry",
-    ]
+    assert SCHEME.filters() == topics
+    assert SCHEME.filters("ingest") == [f"$share/ingest/{t}" for t in topics]

@@ -1,0 +1,253 @@
+"""The connection state machine and its counters, on the real PostgreSQL (docs/counts.md)."""
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+import psycopg
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from psycopg_pool import AsyncConnectionPool
+
+from ingest.batching import Received
+from ingest.decoding import MessageDecoder
+from ingest.settings import Limits
+from ingest.stats import IngestStats
+from ingest.topics import TopicScheme
+from ingest.writer import TelemetryWriter
+from registry.counts import platform_counts
+from registry.reconcile import find_drift, reconcile
+from registry.sweeper import Sweeper
+from tests.conftest import scalar
+
+TOPICS = TopicScheme("iiot/v1")
+DECODE = MessageDecoder(TOPICS, Limits())
+
+
+class Feed:
+    """Sends messages through decoding and the writer, as ingest does, one batch per call."""
+
+    def __init__(self, pool: AsyncConnectionPool, platform: str) -> None:
+        self.writer = TelemetryWriter(pool, stats=IngestStats(), counter_shard=3)
+        self.platform = platform
+
+    async def send(self, *messages: tuple[str, Any], at: datetime | None = None) -> None:
+        now = at or datetime.now(UTC)
+        batch = []
+        for topic, body in messages:
+            raw = body if isinstance(body, bytes) else orjson.dumps(body)
+            batch.append(Received("mqtt", topic, raw, now, DECODE(topic, raw, now), None))
+        report = await self.writer.write(batch)
+        assert report.dead_letters == 0
+
+    def data(self, device: str, **extra: Any) -> tuple[str, Any]:
+        return TOPICS.telemetry(self.platform, device), {"metrics": {"v": 1}, **extra}
+
+    def status(self, device: str, state: str, session: int | None = None) -> tuple[str, Any]:
+        body: Any = state.encode() if session is None else {"state": state, "session": session}
+        return TOPICS.status(self.platform, device), body
+
+    def gateway_data(self, gateway: str, devices: list[str]) -> tuple[str, Any]:
+        body = {"devices": {d: {"metrics": {"v": 1}} for d in devices}}
+        return TOPICS.gateway_telemetry(self.platform, gateway), body
+
+    def gateway_status(self, gateway: str, state: str, session: int) -> tuple[str, Any]:
+        body = {"state": state, "session": session}
+        return TOPICS.gateway_status(self.platform, gateway), body
+
+
+@pytest.fixture
+def feed(pool: AsyncConnectionPool, platform: str) -> Feed:
+    return Feed(pool, platform)
+
+
+async def connected(db: psycopg.AsyncConnection[Any], platform: str) -> int:
+    counts = await platform_counts(db, platform)
+    assert counts is not None
+    assert await find_drift(db) == []  # the counters always equal a recount
+    return counts.connected
+
+
+async def state(db: psycopg.AsyncConnection[Any], device: str) -> str:
+    return await scalar(db, "SELECT state FROM devices WHERE device_id = %s", device)
+
+
+async def test_status_events_apply_by_session_not_by_arrival(
+    feed: Feed, db: psycopg.AsyncConnection[Any], platform: str
+) -> None:
+    await feed.send(feed.status("d", "online", 2))
+    assert (await state(db, "d"), await connected(db, platform)) == ("online", 1)
+    await feed.send(feed.status("d", "offline", 1))  # a stale Will from an older session
+    assert (await state(db, "d"), await connected(db, platform)) == ("online", 1)
+    await feed.send(feed.status("d", "online", 2))  # a duplicate (a retained redelivery)
+    await feed.send(feed.status("d", "offline", 2))
+    assert (await state(db, "d"), await connected(db, platform)) == ("offline", 0)
+    await feed.send(feed.status("d", "online", 2))  # late duplicate after the end: ignored
+    assert (await state(db, "d"), await connected(db, platform)) == ("offline", 0)
+    await feed.send(feed.status("d", "online", 3))
+    assert (await state(db, "d"), await connected(db, platform)) == ("online", 1)
+
+
+async def test_out_of_order_status_in_one_batch(
+    feed: Feed, db: psycopg.AsyncConnection[Any], platform: str
+) -> None:
+    await feed.send(
+        feed.status("d", "offline", 5), feed.status("d", "online", 5), feed.status("d", "online", 4)
+    )
+    assert (await state(db, "d"), await connected(db, platform)) == ("offline", 0)
+
+
+async def test_plain_text_status_applies_in_arrival_order(
+    feed: Feed, db: psycopg.AsyncConnection[Any], platform: str
+) -> None:
+    await feed.send(feed.status("d", "online"))
+    await feed.send(feed.status("d", "offline"))
+    assert (await state(db, "d"), await connected(db, platform)) == ("offline", 0)
+    await feed.send(feed.status("d", "online"))
+    assert (await state(db, "d"), await connected(db, platform)) == ("online", 1)
+
+
+async def test_data_after_a_disconnect_does_not_revive_a_session_device(
+    feed: Feed, db: psycopg.AsyncConnection[Any], platform: str
+) -> None:
+    await feed.send(feed.data("d"))  # data only: online by activity
+    assert (await state(db, "d"), await connected(db, platform)) == ("online", 1)
+    await feed.send(feed.status("d", "offline", 1))
+    await feed.send(feed.data("d"))  # late data after the disconnect
+    assert (await state(db, "d"), await connected(db, platform)) == ("offline", 0)
+    assert await scalar(db, "SELECT last_seen IS NOT NULL FROM devices") is True
+
+
+async def test_back_filled_data_never_connects(
+    feed: Feed, db: psycopg.AsyncConnection[Any], platform: str
+) -> None:
+    await feed.send(feed.data("d", historical=True))
+    assert (await state(db, "d"), await connected(db, platform)) == ("offline", 0)
+    counts = await platform_counts(db, platform)
+    assert counts is not None
+    assert (counts.registered, counts.ever_connected) == (1, 0)
+
+
+async def test_liveness_expiry_is_stamped_with_the_expiry_time(
+    feed: Feed, db: psycopg.AsyncConnection[Any], platform: str, pool: AsyncConnectionPool
+) -> None:
+    sent = datetime.now(UTC).replace(microsecond=0)
+    await feed.send(feed.data("d"), at=sent)
+    sweeper = Sweeper(pool, counter_shard=7)
+    assert await sweeper.sweep_once(sent + timedelta(seconds=299)) == 0
+    assert await sweeper.sweep_once(sent + timedelta(seconds=301)) == 1
+    assert await connected(db, platform) == 0
+    cur = await db.execute(
+        "SELECT state, cause, time FROM connection_events WHERE subject = 'device' ORDER BY id"
+    )
+    assert await cur.fetchall() == [
+        ("online", "data", sent),
+        ("offline", "liveness expired", sent + timedelta(seconds=300)),
+    ]
+
+
+async def test_a_gateway_death_makes_its_devices_unreachable_in_one_step(
+    feed: Feed, db: psycopg.AsyncConnection[Any], platform: str
+) -> None:
+    devices = [f"plc-{n}" for n in range(1000)]
+    await feed.send(feed.gateway_status("edge", "online", 1))
+    await feed.send(feed.gateway_data("edge", devices))
+    await feed.send(feed.data("solo"))
+    assert await connected(db, platform) == 1001
+
+    await feed.send(feed.gateway_status("edge", "offline", 1))  # its Will
+    assert await connected(db, platform) == 1
+    # One event for the gateway, none per device; the devices' own state is untouched.
+    cur = await db.execute(
+        "SELECT subject, state, devices_affected FROM connection_events "
+        "WHERE state = 'offline' ORDER BY id"
+    )
+    assert await cur.fetchall() == [("gateway", "offline", 1000)]
+    assert await scalar(db, "SELECT count(*) FROM devices WHERE state = 'online'") == 1001
+
+    await feed.send(feed.gateway_status("edge", "online", 2))  # rebirth
+    assert await connected(db, platform) == 1001
+
+
+async def test_a_mass_disconnect_of_10000_devices_counts_exactly(
+    feed: Feed, db: psycopg.AsyncConnection[Any], platform: str
+) -> None:
+    devices = [f"d{n}" for n in range(10_000)]
+    for start in range(0, 10_000, 2_500):
+        await feed.send(*(feed.status(d, "online", 1) for d in devices[start : start + 2_500]))
+    assert await connected(db, platform) == 10_000
+    # All Wills fire at once; duplicates and stale births are mixed in.
+    storm = [feed.status(d, "offline", 1) for d in devices[:7_000]]
+    storm += [feed.status(d, "online", 1) for d in devices[:500]]
+    await feed.send(*storm)
+    assert await connected(db, platform) == 3_000
+
+
+async def test_state_and_counts_survive_a_restart(
+    pool: AsyncConnectionPool, db: psycopg.AsyncConnection[Any], platform: str
+) -> None:
+    await Feed(pool, platform).send(Feed(pool, platform).status("d", "online", 1))
+    fresh = Feed(pool, platform)  # a new process: no caches
+    await fresh.send(fresh.status("d", "online", 1), fresh.data("e"))
+    assert await connected(db, platform) == 2
+
+
+async def test_reconciliation_finds_and_fixes_drift(
+    feed: Feed, db: psycopg.AsyncConnection[Any], platform: str
+) -> None:
+    await feed.send(feed.data("a"), feed.data("b"))
+    await db.execute(
+        "UPDATE platform_counters SET connected = connected + 5 "
+        "WHERE platform_id = %s AND shard = 3",
+        (platform,),
+    )
+    drift = await reconcile(db, shard=9)
+    assert [(d.platform, d.connected) for d in drift] == [(platform, 5)]
+    assert await connected(db, platform) == 2
+
+
+EVENTS = st.lists(
+    st.tuples(
+        st.sampled_from(["online", "offline", "data", "gw-data", "gw-online", "gw-offline"]),
+        st.integers(0, 5),  # device
+        st.integers(0, 3),  # session
+        st.integers(0, 1),  # gateway
+    ),
+    min_size=1,
+    max_size=40,
+)
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(batches=st.lists(EVENTS, min_size=1, max_size=4), expire=st.booleans())
+async def test_counters_equal_a_recount_after_any_event_storm(
+    pool: AsyncConnectionPool, db: psycopg.AsyncConnection[Any], batches: list[Any], expire: bool
+) -> None:
+    await db.execute("DELETE FROM connection_events")
+    await db.execute("UPDATE devices SET via_gateway = NULL")
+    await db.execute("DELETE FROM devices")
+    await db.execute("DELETE FROM gateways")
+    await db.execute("DELETE FROM platform_counters")
+    await db.execute(
+        "INSERT INTO platforms (id, name) VALUES ('storm', 'storm') ON CONFLICT DO NOTHING"
+    )
+    feed = Feed(pool, "storm")
+    for events in batches:
+        messages = []
+        for kind, device, session, gateway in events:
+            name, gw = f"d{device}", f"g{gateway}"
+            if kind in ("online", "offline"):
+                messages.append(feed.status(name, kind, session))
+            elif kind == "data":
+                messages.append(feed.data(name))
+            elif kind == "gw-data":
+                messages.append(feed.gateway_data(gw, [name]))
+            else:
+                messages.append(feed.gateway_status(gw, kind.removeprefix("gw-"), session))
+        await feed.send(*messages)
+    if expire:
+        await Sweeper(pool, counter_shard=5).sweep_once(datetime.now(UTC) + timedelta(hours=1))
+    assert await find_drift(db) == []
