@@ -18,6 +18,7 @@ from ingest.mqtt import MqttIngest
 from ingest.replay import list_dead_letters, replay
 from ingest.settings import IngestSettings
 from registry.migrate import migrate
+from registry.notifications import RegistryWatcher
 from registry.platforms import PlatformType, Tier, upsert_platform
 from registry.settings import StoreSettings
 from registry.store import connect, create_pool
@@ -74,10 +75,12 @@ def ingest_mqtt() -> None:
             sweeper = Sweeper(
                 pool, counter_shard=settings.shard, interval=settings.sweep_interval_seconds
             )
+            watcher = RegistryWatcher(settings, ingest.registry_changed)
 
             def stop() -> None:
                 ingest.stop()
                 sweeper.stop()
+                watcher.stop()
 
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -85,6 +88,7 @@ def ingest_mqtt() -> None:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(ingest.run())
                 tasks.create_task(sweeper.run())
+                tasks.create_task(watcher.run())
 
     asyncio.run(main())
 

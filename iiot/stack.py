@@ -23,6 +23,7 @@ from iiot.simulator import Simulator
 from ingest.mqtt import MqttIngest
 from ingest.settings import IngestSettings
 from registry.migrate import migrate
+from registry.notifications import RegistryWatcher
 from registry.platforms import upsert_platform
 from registry.store import connect, create_pool
 from registry.sweeper import Sweeper
@@ -71,6 +72,7 @@ async def run_stack(settings: RunSettings) -> None:
         sweeper = Sweeper(
             pool, counter_shard=settings.shard, interval=settings.sweep_interval_seconds
         )
+        watcher = RegistryWatcher(settings, ingest.registry_changed)
         api = ApiServer(create_app(settings), host=settings.api_host, port=settings.api_port)
         simulator = Simulator(
             str(settings.mqtt_url),
@@ -83,6 +85,7 @@ async def run_stack(settings: RunSettings) -> None:
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(ingest.run())
             tasks.create_task(sweeper.run())
+            tasks.create_task(watcher.run())
             tasks.create_task(api.run())
             if settings.simulate_devices:
                 tasks.create_task(simulator.run())
@@ -93,6 +96,7 @@ async def run_stack(settings: RunSettings) -> None:
             api.stop()
             ingest.stop()
             sweeper.stop()
+            watcher.stop()
 
 
 def _announce(settings: RunSettings, base: str) -> None:

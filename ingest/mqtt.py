@@ -60,6 +60,10 @@ class MqttIngest:
         self.subscribed = asyncio.Event()
         """Set while a session is subscribed (tests and readiness wait on it)."""
 
+    def registry_changed(self, platform: str) -> None:
+        """An operator changed the registry: forget what was cached about it."""
+        self._writer.directory.forget()
+
     def stop(self) -> None:
         """Asks `run()` to stop receiving, write and acknowledge what it holds, and return."""
         self._stopping.set()

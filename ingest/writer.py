@@ -118,7 +118,7 @@ class TelemetryWriter:
         self._pool = pool
         self._stats = stats
         self._shard = counter_shard
-        self._directory = directory or DeviceDirectory()
+        self.directory = directory or DeviceDirectory()
         self._metrics = MetricNames()
         self._partition_days: set[date] = set()
 
@@ -211,7 +211,7 @@ class TelemetryWriter:
                 if not a.telemetry.historical:
                     live_devices.add(a.device)
         seen = max((m.received_at for m in batch), default=datetime.now(UTC))
-        moved = self._directory.moved(via)
+        moved = self.directory.moved(via)
         counters = Counters(self._shard)
         async with conn.transaction():
             if rows:
@@ -238,7 +238,7 @@ class TelemetryWriter:
             if in_transaction is not None:
                 await in_transaction(conn, rejected)
             await counters.flush(conn)
-        self._directory.remember_via(moved)
+        self.directory.remember_via(moved)
         report.dead_letters = len(rejected)
         for message, reason in rejected:
             self._stats.rejected[(reason.platform, reason.reason)] += 1
@@ -265,7 +265,7 @@ class TelemetryWriter:
                 decoded.append((message, message.outcome))
         if not decoded:
             return resolved
-        directory = self._directory
+        directory = self.directory
         async with conn.transaction():
             platforms = await directory.platforms(conn, {d[0].platform for _, d in decoded})
             known = [item for _, items in decoded for item in items if item.platform in platforms]

@@ -52,7 +52,7 @@ SELECT id, platform_id, after FROM changed WHERE before <> after
 DEVICE_ACTIVITY = """
 WITH old AS (
     SELECT id, state, first_seen IS NULL AS first_time FROM devices
-    WHERE id = ANY(%(ids)s) ORDER BY id FOR UPDATE
+    WHERE id = ANY(%(ids)s) AND decommissioned_at IS NULL ORDER BY id FOR UPDATE
 ), changed AS (
     UPDATE devices d SET
         last_seen = greatest(d.last_seen, %(seen)s),
@@ -283,7 +283,7 @@ WITH ev AS (
         AS e(id, online, epoch, ord, at, cause)
 ), old AS (
     SELECT t.id, t.state, t.first_seen IS NULL AS first_time FROM {table} t
-    WHERE t.id = ANY(%(ids)s) ORDER BY t.id FOR UPDATE
+    WHERE t.id = ANY(%(ids)s) {in_service} ORDER BY t.id FOR UPDATE
 ), changed AS (
     UPDATE {table} t SET
         session_managed = true,
@@ -302,7 +302,9 @@ WITH ev AS (
 )
 """
 DEVICE_SESSION_EVENTS = (
-    SESSION_EVENTS.replace("{table}", "devices").replace("{via}", "t.via_gateway")
+    SESSION_EVENTS.replace("{table}", "devices")
+    .replace("{via}", "t.via_gateway")
+    .replace("{in_service}", "AND t.decommissioned_at IS NULL")
     + """, flips AS (
     INSERT INTO connection_events (time, platform_id, subject, subject_id, state, cause)
     SELECT at, platform_id, 'device', id, after, cause FROM changed WHERE before <> after
@@ -316,7 +318,9 @@ GROUP BY c.platform_id
 """
 )
 GATEWAY_SESSION_EVENTS = (
-    SESSION_EVENTS.replace("{table}", "gateways").replace("{via}", "NULL::bigint")
+    SESSION_EVENTS.replace("{table}", "gateways")
+    .replace("{via}", "NULL::bigint")
+    .replace("{in_service}", "")
     + """
 SELECT id, platform_id, after, at, cause FROM changed WHERE before <> after
 """

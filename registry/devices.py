@@ -16,6 +16,7 @@ SELECT d.id, d.platform_id, d.device_id
 FROM devices d
 JOIN unnest(%s::text[], %s::text[]) AS k(platform_id, device_id)
   ON d.platform_id = k.platform_id AND d.device_id = k.device_id
+WHERE d.decommissioned_at IS NULL
 """
 # Keys arrive sorted, so concurrent ingest processes take the unique-index locks in one order.
 REGISTER_DEVICES = """
@@ -93,6 +94,9 @@ class Identities:
                     found.update(await self._run(conn, self._select_sql, raced))
         return found, registered
 
+    def forget(self) -> None:
+        self._ids.clear()
+
     def remember(self, ids: dict[Key, int]) -> None:
         if len(self._ids) + len(ids) > self._max_cached:
             self._ids.clear()
@@ -128,8 +132,12 @@ class DeviceDirectory:
             self._platforms.update(await fetch_platforms(conn, sorted(missing)))
         return {p: self._platforms[p] for p in platform_ids if p in self._platforms}
 
-    def forget_platform(self, platform_id: str) -> None:
-        self._platforms.pop(platform_id, None)
+    def forget(self) -> None:
+        """Drops every cached platform and id (after an operator changed the registry)."""
+        self._platforms.clear()
+        self.devices.forget()
+        self.gateways.forget()
+        self._via.clear()
 
     def moved(self, via: dict[int, int]) -> dict[int, int]:
         """The devices of `via` whose gateway may differ from the one on record."""

@@ -1,12 +1,16 @@
 """Platforms: the tenants devices belong to."""
 
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
 from psycopg import AsyncConnection
 from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
+
+from registry.errors import Conflict, NotFound
+from registry.notifications import announce
 
 
 class Tier(StrEnum):
@@ -34,9 +38,27 @@ class Platform:
     industry: str
     liveness_seconds: int
     auto_provision: bool
+    metadata: dict[str, Any]
+    created_at: datetime
 
 
-UPSERT_PLATFORM = """
+COLUMNS = (
+    "id, name, tier, type, region, industry, liveness_seconds, auto_provision, metadata, created_at"
+)
+# Fields an operator may change; the id never changes.
+MUTABLE = (
+    "name",
+    "tier",
+    "type",
+    "region",
+    "industry",
+    "liveness_seconds",
+    "auto_provision",
+    "metadata",
+)
+
+
+UPSERT_PLATFORM = f"""
 INSERT INTO platforms (id, name, tier, type, region, industry, liveness_seconds, auto_provision,
                        metadata)
 VALUES (%(id)s, %(name)s, %(tier)s, %(type)s, %(region)s, %(industry)s, %(liveness_seconds)s,
@@ -45,13 +67,43 @@ ON CONFLICT (id) DO UPDATE SET
     name = EXCLUDED.name, tier = EXCLUDED.tier, type = EXCLUDED.type, region = EXCLUDED.region,
     industry = EXCLUDED.industry, liveness_seconds = EXCLUDED.liveness_seconds,
     auto_provision = EXCLUDED.auto_provision, metadata = EXCLUDED.metadata
-RETURNING id, name, tier, type, region, industry, liveness_seconds, auto_provision
+RETURNING {COLUMNS}
 """
 
-SELECT_PLATFORMS = """
-SELECT id, name, tier, type, region, industry, liveness_seconds, auto_provision
-FROM platforms WHERE id = ANY(%s)
+INSERT_PLATFORM = f"""
+INSERT INTO platforms (id, name, tier, type, region, industry, liveness_seconds, auto_provision,
+                       metadata)
+VALUES (%(id)s, %(name)s, %(tier)s, %(type)s, %(region)s, %(industry)s, %(liveness_seconds)s,
+        %(auto_provision)s, %(metadata)s)
+ON CONFLICT (id) DO NOTHING
+RETURNING {COLUMNS}
 """
+
+# Every mutable field is set from itself unless a new value is given (NULL means "keep").
+UPDATE_PLATFORM = f"""
+UPDATE platforms SET
+    name = coalesce(%(name)s, name), tier = coalesce(%(tier)s, tier),
+    type = coalesce(%(type)s, type), region = coalesce(%(region)s, region),
+    industry = coalesce(%(industry)s, industry),
+    liveness_seconds = coalesce(%(liveness_seconds)s, liveness_seconds),
+    auto_provision = coalesce(%(auto_provision)s, auto_provision),
+    metadata = coalesce(%(metadata)s, metadata)
+WHERE id = %(id)s
+RETURNING {COLUMNS}
+"""
+
+SELECT_PLATFORMS = f"SELECT {COLUMNS} FROM platforms WHERE id = ANY(%s)"
+LIST_PLATFORMS = f"""
+SELECT {COLUMNS} FROM platforms
+WHERE (%(after)s::text IS NULL OR id > %(after)s)
+  AND (%(tier)s::text IS NULL OR tier = %(tier)s)
+  AND (%(region)s::text IS NULL OR region = %(region)s)
+ORDER BY id LIMIT %(limit)s
+"""
+# Counters start with a row, so a new platform counts zero rather than missing.
+INIT_COUNTERS = (
+    "INSERT INTO platform_counters (platform_id, shard) VALUES (%s, 0) ON CONFLICT DO NOTHING"
+)
 
 
 async def upsert_platform(
@@ -84,7 +136,61 @@ async def upsert_platform(
         )
         row = await cur.fetchone()
     assert row is not None  # RETURNING always yields the row
+    await conn.execute(INIT_COUNTERS, (platform_id,))
     return row
+
+
+async def create_platform(conn: AsyncConnection[Any], fields: dict[str, Any]) -> Platform:
+    """Creates a platform from validated fields; Conflict if the id is taken."""
+    values = {"metadata": {}, **fields}
+    values["metadata"] = Jsonb(values["metadata"])
+    async with conn.cursor(row_factory=class_row(Platform)) as cur:
+        await cur.execute(INSERT_PLATFORM, values)
+        row = await cur.fetchone()
+    if row is None:
+        raise Conflict(f"platform {fields['id']!r} exists already")
+    await conn.execute(INIT_COUNTERS, (row.id,))
+    return row
+
+
+async def update_platform(
+    conn: AsyncConnection[Any], platform_id: str, changes: dict[str, Any]
+) -> Platform:
+    """Applies the given fields (others keep their value); NotFound if there is no such platform."""
+    values: dict[str, Any] = dict.fromkeys(MUTABLE)
+    values.update(changes)
+    if values["metadata"] is not None:
+        values["metadata"] = Jsonb(values["metadata"])
+    values["id"] = platform_id
+    async with conn.cursor(row_factory=class_row(Platform)) as cur:
+        await cur.execute(UPDATE_PLATFORM, values)
+        row = await cur.fetchone()
+    if row is None:
+        raise NotFound(f"platform {platform_id!r}")
+    await announce(conn, platform_id)
+    return row
+
+
+async def get_platform(conn: AsyncConnection[Any], platform_id: str) -> Platform:
+    found = await fetch_platforms(conn, [platform_id])
+    if platform_id not in found:
+        raise NotFound(f"platform {platform_id!r}")
+    return found[platform_id]
+
+
+async def list_platforms(
+    conn: AsyncConnection[Any],
+    *,
+    after: str | None = None,
+    limit: int = 100,
+    tier: str | None = None,
+    region: str | None = None,
+) -> list[Platform]:
+    async with conn.cursor(row_factory=class_row(Platform)) as cur:
+        await cur.execute(
+            LIST_PLATFORMS, {"after": after, "limit": limit, "tier": tier, "region": region}
+        )
+        return await cur.fetchall()
 
 
 async def fetch_platforms(conn: AsyncConnection[Any], ids: list[str]) -> dict[str, Platform]:

@@ -1,0 +1,162 @@
+"""Operators' management of devices: register (in bulk), update, decommission.
+
+Every change moves the platform's counters in the same transaction and tells running ingest
+processes (NOTIFY iiot_registry) to drop what they cached about the platform's devices.
+"""
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final
+
+from psycopg import AsyncConnection
+from psycopg.rows import class_row
+from psycopg.types.json import Jsonb
+
+from registry.connection import Counters, lock_gateways
+from registry.errors import NotFound
+from registry.notifications import announce
+
+MAX_BULK: Final = 10_000
+
+REGISTER_DEVICES = """
+WITH input AS (
+    SELECT * FROM unnest(%(devices)s::text[], %(metadata)s::jsonb[]) AS i(device_id, metadata)
+), old AS (
+    SELECT d.device_id, d.decommissioned_at IS NOT NULL AS retired,
+           d.first_seen IS NOT NULL AS seen
+    FROM devices d JOIN input USING (device_id)
+    WHERE d.platform_id = %(platform)s
+    ORDER BY d.id FOR UPDATE
+), upserted AS (
+    INSERT INTO devices (platform_id, device_id, metadata)
+    SELECT %(platform)s, device_id, metadata FROM input ORDER BY device_id
+    ON CONFLICT (platform_id, device_id) DO UPDATE
+        SET metadata = devices.metadata || EXCLUDED.metadata, decommissioned_at = NULL
+    RETURNING device_id
+)
+SELECT count(*) FILTER (WHERE old.device_id IS NULL OR old.retired),
+       count(*) FILTER (WHERE old.retired AND old.seen)
+FROM upserted LEFT JOIN old USING (device_id)
+"""
+
+SELECT_LIVE_IDS = """
+SELECT id FROM devices
+WHERE platform_id = %s AND device_id = ANY(%s) AND decommissioned_at IS NULL
+ORDER BY id
+"""
+
+# Run with the devices' gateways locked.
+DECOMMISSION = """
+WITH target AS (
+    SELECT id, state, first_seen IS NOT NULL AS seen, via_gateway FROM devices
+    WHERE id = ANY(%(ids)s) AND decommissioned_at IS NULL
+    ORDER BY id FOR UPDATE
+), changed AS (
+    UPDATE devices d SET decommissioned_at = now(), state = 'offline', expires_at = NULL,
+        state_changed_at = CASE WHEN t.state = 'online' THEN now() ELSE d.state_changed_at END
+    FROM target t WHERE d.id = t.id
+    RETURNING d.id, d.platform_id, t.state AS before, t.seen, t.via_gateway
+), flips AS (
+    INSERT INTO connection_events (time, platform_id, subject, subject_id, state, cause)
+    SELECT now(), platform_id, 'device', id, 'offline', 'decommissioned'
+    FROM changed WHERE before = 'online'
+)
+SELECT count(*),
+       count(*) FILTER (WHERE c.before = 'online' AND (g.id IS NULL OR g.state = 'online')),
+       count(*) FILTER (WHERE c.seen)
+FROM changed c LEFT JOIN gateways g ON g.id = c.via_gateway
+"""
+
+UPDATE_METADATA = """
+UPDATE devices SET metadata = metadata || %s
+WHERE platform_id = %s AND device_id = %s AND decommissioned_at IS NULL
+RETURNING id
+"""
+
+DEVICE_COLUMNS = """
+d.device_id, d.platform_id, g.gateway_id AS gateway, d.state,
+d.state = 'online' AND (g.id IS NULL OR g.state = 'online') AS connected,
+d.state_changed_at, d.first_seen, d.last_seen, d.metadata, d.created_at
+"""
+GET_DEVICE = f"""
+SELECT {DEVICE_COLUMNS}
+FROM devices d LEFT JOIN gateways g ON g.id = d.via_gateway
+WHERE d.platform_id = %s AND d.device_id = %s AND d.decommissioned_at IS NULL
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    device_id: str
+    platform_id: str
+    gateway: str | None
+    state: str
+    connected: bool
+    state_changed_at: datetime | None
+    first_seen: datetime | None
+    last_seen: datetime | None
+    metadata: dict[str, Any]
+    created_at: datetime
+
+
+async def register_devices(
+    conn: AsyncConnection[Any],
+    platform: str,
+    devices: list[tuple[str, dict[str, Any]]],
+    *,
+    shard: int,
+) -> int:
+    """Registers devices (or returns decommissioned ones to service, merging metadata);
+    returns how many are newly counted as registered. Call within a transaction."""
+    ids = [d for d, _ in devices]
+    cur = await conn.execute(
+        REGISTER_DEVICES,
+        {"platform": platform, "devices": ids, "metadata": [Jsonb(m) for _, m in devices]},
+    )
+    row = await cur.fetchone()
+    assert row is not None  # an aggregate always yields a row
+    added, seen_again = row
+    counters = Counters(shard)
+    counters.add(platform, registered=added, ever=seen_again)
+    await counters.flush(conn)
+    await announce(conn, platform)
+    return int(added)
+
+
+async def decommission_devices(
+    conn: AsyncConnection[Any], platform: str, device_ids: list[str], *, shard: int
+) -> int:
+    """Takes devices out of service: not registered, not connected, their data refused.
+    Returns how many were decommissioned. Call within a transaction."""
+    cur = await conn.execute(SELECT_LIVE_IDS, (platform, device_ids))
+    ids = [row[0] for row in await cur.fetchall()]
+    if not ids:
+        return 0
+    await lock_gateways(conn, [], ids)
+    cur = await conn.execute(DECOMMISSION, {"ids": ids})
+    row = await cur.fetchone()
+    assert row is not None
+    removed, connected, seen = row
+    counters = Counters(shard)
+    counters.add(platform, registered=-removed, connected=-connected, ever=-seen)
+    await counters.flush(conn)
+    await announce(conn, platform)
+    return int(removed)
+
+
+async def update_device_metadata(
+    conn: AsyncConnection[Any], platform: str, device_id: str, metadata: dict[str, Any]
+) -> Device:
+    cur = await conn.execute(UPDATE_METADATA, (Jsonb(metadata), platform, device_id))
+    if await cur.fetchone() is None:
+        raise NotFound(f"device {device_id!r} on platform {platform!r}")
+    return await get_device(conn, platform, device_id)
+
+
+async def get_device(conn: AsyncConnection[Any], platform: str, device_id: str) -> Device:
+    async with conn.cursor(row_factory=class_row(Device)) as cur:
+        await cur.execute(GET_DEVICE, (platform, device_id))
+        device = await cur.fetchone()
+    if device is None:
+        raise NotFound(f"device {device_id!r} on platform {platform!r}")
+    return device
