@@ -2,46 +2,13 @@
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import datetime
-from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Path, Request
-from psycopg import AsyncConnection
-from psycopg_pool import AsyncConnectionPool
-from pydantic import BaseModel
+from fastapi import FastAPI
 
 from api import problems
-from api.problems import not_found
+from api.routes import counts, devices, health, platforms
 from api.settings import ApiSettings
-from registry.counts import DEFINITIONS, DEFINITIONS_VERSION, platform_counts
-from registry.ids import PLATFORM_ID_PATTERN
 from registry.store import create_pool
-
-PlatformId = Annotated[str, Path(pattern=f"^{PLATFORM_ID_PATTERN}$", description="Platform slug")]
-
-
-class DeviceCounts(BaseModel):
-    platform: str
-    registered: int
-    connected: int
-    ever_connected: int
-    liveness_seconds: int
-    as_of: datetime
-    definitions_version: str
-    definitions: dict[str, str]
-
-
-class Health(BaseModel):
-    status: str
-
-
-async def _connection(request: Request) -> AsyncIterator[AsyncConnection[Any]]:
-    pool: AsyncConnectionPool = request.app.state.pool
-    async with pool.connection() as conn:
-        yield conn
-
-
-Connection = Annotated[AsyncConnection[Any], Depends(_connection)]
 
 
 def create_app(settings: ApiSettings) -> FastAPI:
@@ -51,42 +18,16 @@ def create_app(settings: ApiSettings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with pool:
             app.state.pool = pool
+            app.state.settings = settings
             yield
 
-    app = FastAPI(title="iiot", version="0.1.0", lifespan=lifespan)
-    problems.install(app)
-
-    @app.get("/healthz", operation_id="health", response_model=Health)
-    async def healthz() -> Health:
-        """The process is alive."""
-        return Health(status="ok")
-
-    @app.get("/readyz", operation_id="ready", response_model=Health)
-    async def readyz(conn: Connection) -> Health:
-        """The process can reach the store."""
-        await conn.execute("SELECT 1")
-        return Health(status="ready")
-
-    @app.get(
-        "/platforms/{platform}/devices/count",
-        operation_id="platform_device_counts",
-        response_model=DeviceCounts,
-        responses={404: {"description": "No such platform"}},
+    app = FastAPI(
+        title="iiot",
+        version="0.1.0",
+        summary="Industrial device registry, connection state and exact device counts.",
+        lifespan=lifespan,
     )
-    async def device_counts(platform: PlatformId, conn: Connection) -> DeviceCounts:
-        """How many of a platform's devices are registered and connected (docs/counts.md)."""
-        counts = await platform_counts(conn, platform)
-        if counts is None:
-            raise not_found(f"platform {platform!r}")
-        return DeviceCounts(
-            platform=counts.platform,
-            registered=counts.registered,
-            connected=counts.connected,
-            ever_connected=counts.ever_connected,
-            liveness_seconds=counts.liveness_seconds,
-            as_of=counts.as_of,
-            definitions_version=DEFINITIONS_VERSION,
-            definitions=DEFINITIONS,
-        )
-
+    problems.install(app)
+    for module in (health, platforms, devices, counts):
+        app.include_router(module.router)
     return app

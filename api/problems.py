@@ -9,7 +9,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from registry.errors import Conflict, Invalid, NotFound, RegistryError
+
 PROBLEM_JSON = "application/problem+json"
+_REGISTRY_STATUS = {NotFound: 404, Conflict: 409, Invalid: 422}
 
 
 class Problem(Exception):
@@ -21,10 +24,6 @@ class Problem(Exception):
         self.title = title
         self.detail = detail
         self.extra = extra
-
-
-def not_found(what: str) -> Problem:
-    return Problem(404, "Not Found", f"{what} does not exist")
 
 
 def _response(request: Request, status: int, title: str, detail: str, **extra: Any) -> JSONResponse:
@@ -49,6 +48,11 @@ def install(app: FastAPI) -> None:
         return _response(
             request, exc.status_code, HTTPStatus(exc.status_code).phrase, str(exc.detail)
         )
+
+    @app.exception_handler(RegistryError)
+    async def _refused(request: Request, exc: RegistryError) -> JSONResponse:
+        status = _REGISTRY_STATUS.get(type(exc), 400)
+        return _response(request, status, HTTPStatus(status).phrase, str(exc))
 
     @app.exception_handler(psycopg.OperationalError)
     async def _store_down(request: Request, exc: psycopg.OperationalError) -> JSONResponse:

@@ -12,7 +12,8 @@ class RegistryError(Exception):
 
 
 class NotFound(RegistryError):
-    pass
+    def __init__(self, what: str) -> None:
+        super().__init__(f"{what} does not exist")
 
 
 class Conflict(RegistryError):

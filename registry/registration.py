@@ -18,25 +18,23 @@ from registry.notifications import announce
 
 MAX_BULK: Final = 10_000
 
+# Two statements, each counting only what it changed under its row locks, so that concurrent
+# registrations of the same device count it once: first return decommissioned devices to
+# service, then insert the new ones (xmax = 0 marks a row this statement inserted).
+REACTIVATE_DEVICES = """
+UPDATE devices d SET decommissioned_at = NULL, metadata = d.metadata || i.metadata
+FROM unnest(%(devices)s::text[], %(metadata)s::jsonb[]) AS i(device_id, metadata)
+WHERE d.platform_id = %(platform)s AND d.device_id = i.device_id
+  AND d.decommissioned_at IS NOT NULL
+RETURNING d.first_seen IS NOT NULL
+"""
 REGISTER_DEVICES = """
-WITH input AS (
-    SELECT * FROM unnest(%(devices)s::text[], %(metadata)s::jsonb[]) AS i(device_id, metadata)
-), old AS (
-    SELECT d.device_id, d.decommissioned_at IS NOT NULL AS retired,
-           d.first_seen IS NOT NULL AS seen
-    FROM devices d JOIN input USING (device_id)
-    WHERE d.platform_id = %(platform)s
-    ORDER BY d.id FOR UPDATE
-), upserted AS (
-    INSERT INTO devices (platform_id, device_id, metadata)
-    SELECT %(platform)s, device_id, metadata FROM input ORDER BY device_id
-    ON CONFLICT (platform_id, device_id) DO UPDATE
-        SET metadata = devices.metadata || EXCLUDED.metadata, decommissioned_at = NULL
-    RETURNING device_id
-)
-SELECT count(*) FILTER (WHERE old.device_id IS NULL OR old.retired),
-       count(*) FILTER (WHERE old.retired AND old.seen)
-FROM upserted LEFT JOIN old USING (device_id)
+INSERT INTO devices (platform_id, device_id, metadata)
+SELECT %(platform)s, device_id, metadata
+FROM unnest(%(devices)s::text[], %(metadata)s::jsonb[]) AS i(device_id, metadata)
+ORDER BY device_id
+ON CONFLICT (platform_id, device_id) DO UPDATE SET metadata = devices.metadata || EXCLUDED.metadata
+RETURNING xmax = 0
 """
 
 SELECT_LIVE_IDS = """
@@ -108,14 +106,17 @@ async def register_devices(
 ) -> int:
     """Registers devices (or returns decommissioned ones to service, merging metadata);
     returns how many are newly counted as registered. Call within a transaction."""
-    ids = [d for d, _ in devices]
-    cur = await conn.execute(
-        REGISTER_DEVICES,
-        {"platform": platform, "devices": ids, "metadata": [Jsonb(m) for _, m in devices]},
-    )
-    row = await cur.fetchone()
-    assert row is not None  # an aggregate always yields a row
-    added, seen_again = row
+    ordered = sorted(dict(devices).items())  # one entry per id, in lock order
+    args = {
+        "platform": platform,
+        "devices": [d for d, _ in ordered],
+        "metadata": [Jsonb(m) for _, m in ordered],
+    }
+    cur = await conn.execute(REACTIVATE_DEVICES, args)
+    returned = [row[0] for row in await cur.fetchall()]
+    cur = await conn.execute(REGISTER_DEVICES, args)
+    inserted = sum(1 for row in await cur.fetchall() if row[0])
+    added, seen_again = inserted + len(returned), sum(returned)
     counters = Counters(shard)
     counters.add(platform, registered=added, ever=seen_again)
     await counters.flush(conn)

@@ -1,0 +1,145 @@
+"""Request and response bodies (the API's contract, visible in its OpenAPI document)."""
+
+from datetime import datetime
+from typing import Annotated, Any, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from registry.counts import DEFINITIONS, DEFINITIONS_VERSION
+from registry.ids import DEVICE_ID_PATTERN, PLATFORM_ID_PATTERN
+from registry.platforms import PlatformType, Tier
+from registry.registration import MAX_BULK
+
+T = TypeVar("T")
+
+PlatformIdField = Annotated[str, StringConstraints(pattern=f"^{PLATFORM_ID_PATTERN}$")]
+DeviceIdField = Annotated[str, StringConstraints(pattern=f"^{DEVICE_ID_PATTERN}$")]
+Name = Annotated[str, StringConstraints(min_length=1, max_length=200, strip_whitespace=True)]
+Region = Annotated[str, StringConstraints(pattern=r"^[0-9]{6}$")]
+Industry = Annotated[str, StringConstraints(min_length=1, max_length=100)]
+Liveness = Annotated[int, Field(ge=1, le=86400)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Page(BaseModel, Generic[T]):
+    items: list[T]
+    next_after: str | None = Field(
+        description="Pass as `after` for the next page; null at the end."
+    )
+
+
+class PlatformCreate(Strict):
+    id: PlatformIdField
+    name: Name
+    tier: Tier = Tier.BASIC
+    type: PlatformType = PlatformType.PROFESSIONAL
+    region: Region = Field(default="000000", description="Province-level administrative code.")
+    industry: Industry = "unspecified"
+    liveness_seconds: Liveness = 300
+    auto_provision: bool = True
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class PlatformUpdate(Strict):
+    name: Name | None = None
+    tier: Tier | None = None
+    type: PlatformType | None = None
+    region: Region | None = None
+    industry: Industry | None = None
+    liveness_seconds: Liveness | None = None
+    auto_provision: bool | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class PlatformOut(BaseModel):
+    id: str
+    name: str
+    tier: Tier
+    type: PlatformType
+    region: str
+    industry: str
+    liveness_seconds: int
+    auto_provision: bool
+    metadata: dict[str, Any]
+    created_at: datetime
+
+
+class DeviceIn(Strict):
+    device_id: DeviceIdField
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class DeviceRegistration(Strict):
+    devices: list[DeviceIn] = Field(min_length=1, max_length=MAX_BULK)
+
+
+class DeviceIds(Strict):
+    device_ids: list[DeviceIdField] = Field(min_length=1, max_length=MAX_BULK)
+
+
+class DeviceUpdate(Strict):
+    metadata: dict[str, Any] = Field(description="Merged into the device's metadata.")
+
+
+class Affected(BaseModel):
+    count: int
+
+
+class DeviceOut(BaseModel):
+    device_id: str
+    platform_id: str
+    gateway: str | None
+    state: str
+    connected: bool
+    state_changed_at: datetime | None
+    first_seen: datetime | None
+    last_seen: datetime | None
+    metadata: dict[str, Any]
+    created_at: datetime
+
+
+class CountsOut(BaseModel):
+    registered: int
+    connected: int
+    ever_connected: int
+
+
+class DeviceCounts(CountsOut):
+    platform: str
+    liveness_seconds: int
+    as_of: datetime
+    definitions_version: str = DEFINITIONS_VERSION
+    definitions: dict[str, str] = Field(default_factory=lambda: dict(DEFINITIONS))
+
+
+class PlatformCountsRow(CountsOut):
+    platform: str
+
+
+class GroupCountsRow(CountsOut):
+    key: str
+    platforms: int
+
+
+class GroupedCounts(BaseModel):
+    dimension: str
+    groups: list[GroupCountsRow]
+    definitions_version: str = DEFINITIONS_VERSION
+
+
+class NationalCounts(CountsOut):
+    platforms: int
+    as_of: datetime
+    duplicates: str = Field(
+        default="counted per registration",
+        description="A device registered on two platforms counts on each.",
+    )
+    definitions_version: str = DEFINITIONS_VERSION
+    definitions: dict[str, str] = Field(default_factory=lambda: dict(DEFINITIONS))
+
+
+class Health(BaseModel):
+    status: str

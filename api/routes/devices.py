@@ -1,0 +1,93 @@
+from dataclasses import asdict
+
+from fastapi import APIRouter, status
+
+from api.deps import Connection, DeviceId, PlatformId, Settings
+from api.models import (
+    Affected,
+    DeviceCounts,
+    DeviceIds,
+    DeviceOut,
+    DeviceRegistration,
+    DeviceUpdate,
+)
+from registry import registration
+from registry.counts import platform_counts
+from registry.errors import NotFound
+from registry.platforms import get_platform
+
+router = APIRouter(prefix="/platforms/{platform}/devices", tags=["devices"])
+
+
+# Declared before /{device}: `count` is a reserved device id in URLs (docs/contract.md).
+@router.get("/count", operation_id="platform_device_counts", response_model=DeviceCounts)
+async def device_counts(platform: PlatformId, conn: Connection) -> DeviceCounts:
+    """How many of a platform's devices are registered and connected (docs/counts.md)."""
+    counts = await platform_counts(conn, platform)
+    if counts is None:
+        raise NotFound(f"platform {platform!r}")
+    return DeviceCounts(
+        platform=counts.platform,
+        registered=counts.registered,
+        connected=counts.connected,
+        ever_connected=counts.ever_connected,
+        liveness_seconds=counts.liveness_seconds,
+        as_of=counts.as_of,
+    )
+
+
+@router.post("", operation_id="register_devices", response_model=Affected)
+async def register_devices(
+    platform: PlatformId, body: DeviceRegistration, conn: Connection, settings: Settings
+) -> Affected:
+    """Register devices in bulk (up to 10,000); existing ones get their metadata merged, and
+    decommissioned ones return to service. Returns how many are newly registered."""
+    await get_platform(conn, platform)
+    devices = [(d.device_id, d.metadata) for d in body.devices]
+    async with conn.transaction():
+        added = await registration.register_devices(
+            conn, platform, devices, shard=settings.api_counter_shard
+        )
+    return Affected(count=added)
+
+
+@router.post("/decommission", operation_id="decommission_devices", response_model=Affected)
+async def decommission_devices(
+    platform: PlatformId, body: DeviceIds, conn: Connection, settings: Settings
+) -> Affected:
+    """Take devices out of service in bulk: no longer registered or connected, their data
+    refused. Returns how many were in service."""
+    await get_platform(conn, platform)
+    async with conn.transaction():
+        removed = await registration.decommission_devices(
+            conn, platform, body.device_ids, shard=settings.api_counter_shard
+        )
+    return Affected(count=removed)
+
+
+@router.get("/{device}", operation_id="get_device", response_model=DeviceOut)
+async def get_device(platform: PlatformId, device: DeviceId, conn: Connection) -> DeviceOut:
+    """A device with its connection state."""
+    return DeviceOut(**asdict(await registration.get_device(conn, platform, device)))
+
+
+@router.patch("/{device}", operation_id="update_device", response_model=DeviceOut)
+async def update_device(
+    platform: PlatformId, device: DeviceId, body: DeviceUpdate, conn: Connection
+) -> DeviceOut:
+    updated = await registration.update_device_metadata(conn, platform, device, body.metadata)
+    return DeviceOut(**asdict(updated))
+
+
+@router.delete(
+    "/{device}", operation_id="decommission_device", status_code=status.HTTP_204_NO_CONTENT
+)
+async def decommission_device(
+    platform: PlatformId, device: DeviceId, conn: Connection, settings: Settings
+) -> None:
+    async with conn.transaction():
+        removed = await registration.decommission_devices(
+            conn, platform, [device], shard=settings.api_counter_shard
+        )
+    if not removed:
+        raise NotFound(f"device {device!r} on platform {platform!r}")
