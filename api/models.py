@@ -141,5 +141,20 @@ class NationalCounts(CountsOut):
     definitions: dict[str, str] = Field(default_factory=lambda: dict(DEFINITIONS))
 
 
+class HistoryPoint(BaseModel):
+    start: datetime
+    connected_min: int
+    connected_max: int
+    connected_last: int
+    registered_last: int
+    samples: int
+
+
+class CountHistory(BaseModel):
+    platform: str
+    bucket_seconds: int
+    buckets: list[HistoryPoint]
+
+
 class Health(BaseModel):
     status: str

@@ -12,17 +12,15 @@ import typer
 from api.app import create_app
 from api.server import ApiServer
 from api.settings import ApiSettings
+from iiot.services import ingest_services, run_until
 from iiot.simulator import Simulator
 from iiot.stack import RunSettings, run_stack
-from ingest.mqtt import MqttIngest
 from ingest.replay import list_dead_letters, replay
 from ingest.settings import IngestSettings
 from registry.migrate import migrate
-from registry.notifications import RegistryWatcher
 from registry.platforms import PlatformType, Tier, upsert_platform
 from registry.settings import StoreSettings
 from registry.store import connect, create_pool
-from registry.sweeper import Sweeper
 
 app = typer.Typer(help="iiot: industrial device ingest, registry and counts.", no_args_is_help=True)
 ingest_app = typer.Typer(help="Run an ingest consumer.", no_args_is_help=True)
@@ -70,25 +68,12 @@ def ingest_mqtt() -> None:
     settings.mqtt_endpoint()
 
     async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
         async with create_pool(settings, name="ingest") as pool:
-            ingest = MqttIngest(settings, pool)
-            sweeper = Sweeper(
-                pool, counter_shard=settings.shard, interval=settings.sweep_interval_seconds
-            )
-            watcher = RegistryWatcher(settings, ingest.registry_changed)
-
-            def stop() -> None:
-                ingest.stop()
-                sweeper.stop()
-                watcher.stop()
-
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop)
-            async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(ingest.run())
-                tasks.create_task(sweeper.run())
-                tasks.create_task(watcher.run())
+            await run_until(stop, ingest_services(settings, pool))
 
     asyncio.run(main())
 

@@ -19,14 +19,12 @@ from api.server import ApiServer
 from api.settings import ApiSettings
 from iiot.embedded import EmbeddedPostgres, embedded_broker
 from iiot.net import free_port, port_is_free
+from iiot.services import ingest_services, run_until
 from iiot.simulator import Simulator
-from ingest.mqtt import MqttIngest
 from ingest.settings import IngestSettings
 from registry.migrate import migrate
-from registry.notifications import RegistryWatcher
 from registry.platforms import upsert_platform
 from registry.store import connect, create_pool
-from registry.sweeper import Sweeper
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +66,6 @@ async def run_stack(settings: RunSettings) -> None:
 
         pool = create_pool(settings, name="ingest")
         await resources.enter_async_context(pool)
-        ingest = MqttIngest(settings, pool)
-        sweeper = Sweeper(
-            pool, counter_shard=settings.shard, interval=settings.sweep_interval_seconds
-        )
-        watcher = RegistryWatcher(settings, ingest.registry_changed)
-        api = ApiServer(create_app(settings), host=settings.api_host, port=settings.api_port)
         simulator = Simulator(
             str(settings.mqtt_url),
             platform=settings.demo_platform,
@@ -81,22 +73,13 @@ async def run_stack(settings: RunSettings) -> None:
             interval=settings.simulate_interval_seconds,
             topic_root=settings.mqtt_topic_root,
         )
-        base = f"http://{settings.api_host}:{settings.api_port}"
-        async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(ingest.run())
-            tasks.create_task(sweeper.run())
-            tasks.create_task(watcher.run())
-            tasks.create_task(api.run())
-            if settings.simulate_devices:
-                tasks.create_task(simulator.run())
-            _announce(settings, base)
-            await stop.wait()
-            log.info("stopping")
-            simulator.stop()
-            api.stop()
-            ingest.stop()
-            sweeper.stop()
-            watcher.stop()
+        api = ApiServer(create_app(settings), host=settings.api_host, port=settings.api_port)
+        services = [*ingest_services(settings, pool), api]
+        if settings.simulate_devices:
+            services.append(simulator)
+        _announce(settings, f"http://{settings.api_host}:{settings.api_port}")
+        await run_until(stop, services)
+        log.info("stopped")
 
 
 def _announce(settings: RunSettings, base: str) -> None:

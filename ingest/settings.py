@@ -54,6 +54,8 @@ class IngestSettings(Limits):
     # use distinct shards. Unset: derived from the client id.
     counter_shard: int | None = Field(default=None, ge=0, le=63)
     sweep_interval_seconds: float = Field(default=1.0, gt=0)
+    history_interval_seconds: int = Field(default=60, ge=1, le=3600)
+    reconcile_interval_seconds: float = Field(default=300.0, gt=0)
 
     @property
     def shard(self) -> int:

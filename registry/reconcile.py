@@ -5,12 +5,21 @@ exact while writers go on; the correction is added afterwards as a delta, which 
 whatever the writers committed in between.
 """
 
-from dataclasses import dataclass
+import asyncio
+import contextlib
+import logging
+from dataclasses import asdict, dataclass
 from typing import Any
 
+import psycopg
 from psycopg import AsyncConnection, IsolationLevel
+from psycopg.types.json import Jsonb
 
 from registry.connection import Counters
+from registry.settings import StoreSettings
+from registry.store import connect
+
+log = logging.getLogger(__name__)
 
 RECOUNT = """
 SELECT p.id,
@@ -71,3 +80,55 @@ async def reconcile(conn: AsyncConnection[Any], shard: int) -> list[Drift]:
         async with conn.transaction():
             await counters.flush(conn)
     return drift
+
+
+RECORD = "INSERT INTO reconciliations (platforms, drift) VALUES (%s, %s)"
+# One reconciler at a time across all processes; the others skip their turn.
+TRY_LOCK = "SELECT pg_try_advisory_lock(hashtext(current_schema() || '.iiot_reconcile'))"
+UNLOCK = "SELECT pg_advisory_unlock(hashtext(current_schema() || '.iiot_reconcile'))"
+PLATFORMS = "SELECT count(*) FROM platforms"
+
+
+class Reconciler:
+    """Reconciles the counters every `interval` seconds; `last_drift` feeds monitoring."""
+
+    def __init__(self, settings: StoreSettings, *, shard: int, interval: float = 300.0) -> None:
+        self._settings = settings
+        self._shard = shard
+        self._interval = interval
+        self._stopping = asyncio.Event()
+        self.last_drift: list[Drift] = []
+        self.runs = 0
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                await self.run_once()
+            except psycopg.OperationalError as exc:
+                log.warning("reconciliation failed (%s); next turn", exc)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._interval):
+                    await self._stopping.wait()
+
+    async def run_once(self) -> list[Drift] | None:
+        """Reconciles unless another process is doing it; returns the drift it corrected."""
+        async with await connect(self._settings, autocommit=True) as conn:
+            locked = await (await conn.execute(TRY_LOCK)).fetchone()
+            if not locked or not locked[0]:
+                return None
+            try:
+                drift = await reconcile(conn, self._shard)
+                platforms = await (await conn.execute(PLATFORMS)).fetchone()
+                await conn.execute(
+                    RECORD, (platforms[0] if platforms else 0, Jsonb([asdict(d) for d in drift]))
+                )
+            finally:
+                await conn.execute(UNLOCK)
+        if drift:
+            log.error("counter drift found and corrected: %s", drift)
+        self.last_drift = drift
+        self.runs += 1
+        return drift

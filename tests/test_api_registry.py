@@ -2,7 +2,7 @@
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -14,8 +14,9 @@ from api.app import create_app
 from api.settings import ApiSettings
 from ingest.stats import IngestStats
 from ingest.writer import TelemetryWriter
+from registry.history import sample
 from registry.notifications import RegistryWatcher
-from registry.reconcile import find_drift
+from registry.reconcile import TRY_LOCK, UNLOCK, Reconciler, find_drift
 from registry.settings import StoreSettings
 from tests.conftest import eventually
 from tests.test_writer import telemetry
@@ -184,3 +185,70 @@ async def test_counts_per_platform_grouped_and_national(
     assert (national["platforms"], national["registered"], national["connected"]) == (3, 7, 6)
     assert national["ever_connected"] == 6
     problem(await api.get("/counts/by/colour"), 422)
+
+
+async def test_count_history_is_sampled_and_bucketed(
+    api: httpx.AsyncClient, pool: AsyncConnectionPool, db: psycopg.AsyncConnection[Any]
+) -> None:
+    await api.post("/platforms", json={"id": "plant", "name": "Plant"})
+    writer = TelemetryWriter(pool, stats=IngestStats())
+    async with pool.connection() as conn:
+        assert await sample(conn, timedelta(minutes=1)) == 1
+        assert await sample(conn, timedelta(minutes=1)) == 0  # one sample per slot, whoever
+    await writer.write(
+        [telemetry("plant", f"d{n}", (datetime.now(UTC), "v", 1.0)) for n in range(3)]
+    )
+    # Samples as if taken over the past hours, to exercise bucketing.
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    for minute, connected in [(0, 1), (30, 5), (59, 2), (60, 7), (125, 3)]:
+        await db.execute(
+            "INSERT INTO count_history VALUES (%s, 'plant', 10, %s, 10)",
+            (start + timedelta(minutes=minute), connected),
+        )
+    body = (
+        await api.get(
+            "/platforms/plant/devices/count/history",
+            params={"start": start.isoformat(), "end": (start + timedelta(hours=3)).isoformat()},
+        )
+    ).json()
+    assert [
+        (b["connected_min"], b["connected_max"], b["connected_last"], b["samples"])
+        for b in body["buckets"]
+    ] == [(1, 5, 2, 3), (7, 7, 7, 1), (3, 3, 3, 1)]
+    problem(
+        await api.get(
+            "/platforms/plant/devices/count/history",
+            params={"start": start.isoformat(), "end": start.isoformat()},
+        ),
+        422,
+    )
+    problem(
+        await api.get(
+            "/platforms/plant/devices/count/history",
+            params={"start": start.isoformat(), "bucket_seconds": 60},
+        ),
+        422,
+    )
+
+
+async def test_the_reconciler_records_each_run_and_one_runs_at_a_time(
+    store: StoreSettings, api: httpx.AsyncClient, db: psycopg.AsyncConnection[Any]
+) -> None:
+    await api.post("/platforms", json={"id": "plant", "name": "Plant"})
+    await db.execute("UPDATE platform_counters SET registered = registered + 2")
+    first, second = Reconciler(store, shard=1), Reconciler(store, shard=2)
+    async with await psycopg.AsyncConnection.connect(
+        str(store.database_url), autocommit=True
+    ) as other:
+        await other.execute(f"SET search_path = {store.database_schema}")
+        await other.execute(TRY_LOCK)  # another process is reconciling
+        assert await first.run_once() is None
+        await other.execute(UNLOCK)
+    drift = await first.run_once()
+    assert drift is not None
+    assert [(d.platform, d.registered) for d in drift] == [("plant", 2)]
+    assert await second.run_once() == []
+    cur = await db.execute(
+        "SELECT platforms, jsonb_array_length(drift) FROM reconciliations ORDER BY id"
+    )
+    assert await cur.fetchall() == [(1, 1), (1, 0)]

@@ -1,22 +1,28 @@
 from dataclasses import asdict
+from datetime import UTC, datetime, timedelta
+from typing import Annotated
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Query, status
 
 from api.deps import Connection, DeviceId, PlatformId, Settings
 from api.models import (
     Affected,
+    CountHistory,
     DeviceCounts,
     DeviceIds,
     DeviceOut,
     DeviceRegistration,
     DeviceUpdate,
+    HistoryPoint,
 )
 from registry import registration
 from registry.counts import platform_counts
-from registry.errors import NotFound
+from registry.errors import Invalid, NotFound
+from registry.history import history
 from registry.platforms import get_platform
 
 router = APIRouter(prefix="/platforms/{platform}/devices", tags=["devices"])
+MAX_BUCKETS = 5000
 
 
 # Declared before /{device}: `count` is a reserved device id in URLs (docs/contract.md).
@@ -33,6 +39,30 @@ async def device_counts(platform: PlatformId, conn: Connection) -> DeviceCounts:
         ever_connected=counts.ever_connected,
         liveness_seconds=counts.liveness_seconds,
         as_of=counts.as_of,
+    )
+
+
+@router.get("/count/history", operation_id="platform_count_history", response_model=CountHistory)
+async def count_history(
+    platform: PlatformId,
+    conn: Connection,
+    start: Annotated[datetime, Query(description="Inclusive, RFC 3339.")],
+    end: Annotated[datetime | None, Query(description="Exclusive; default now.")] = None,
+    bucket_seconds: Annotated[int, Query(ge=60, le=86400 * 31)] = 3600,
+) -> CountHistory:
+    """Connected devices over time, from samples taken every minute: per bucket the lowest,
+    highest and last sampled count."""
+    await get_platform(conn, platform)
+    stop = end or datetime.now(UTC)
+    if stop <= start:
+        raise Invalid("end must be after start")
+    if (stop - start) / timedelta(seconds=bucket_seconds) > MAX_BUCKETS:
+        raise Invalid(f"more than {MAX_BUCKETS} buckets: widen bucket_seconds")
+    rows = await history(conn, platform, start, stop, timedelta(seconds=bucket_seconds))
+    return CountHistory(
+        platform=platform,
+        bucket_seconds=bucket_seconds,
+        buckets=[HistoryPoint(**asdict(r)) for r in rows],
     )
 
 

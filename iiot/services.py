@@ -1,0 +1,46 @@
+"""Composition of long-running services into processes.
+
+Every service has `run()` (until stopped) and `stop()` (ask it to finish what it holds and
+return). `run_until` runs a set of them in one TaskGroup, so none is left without an owner,
+and stops them all, in reverse order, when the stop event is set or one of them fails.
+"""
+
+import asyncio
+from datetime import timedelta
+from typing import Protocol
+
+from psycopg_pool import AsyncConnectionPool
+
+from ingest.mqtt import MqttIngest
+from ingest.settings import IngestSettings
+from registry.history import HistorySampler
+from registry.notifications import RegistryWatcher
+from registry.reconcile import Reconciler
+from registry.sweeper import Sweeper
+
+
+class Service(Protocol):
+    async def run(self) -> None: ...
+    def stop(self) -> None: ...
+
+
+def ingest_services(settings: IngestSettings, pool: AsyncConnectionPool) -> list[Service]:
+    """What an MQTT ingest process runs: the consumer and the registry's background work."""
+    ingest = MqttIngest(settings, pool)
+    return [
+        ingest,
+        RegistryWatcher(settings, ingest.registry_changed),
+        Sweeper(pool, counter_shard=settings.shard, interval=settings.sweep_interval_seconds),
+        HistorySampler(pool, interval=timedelta(seconds=settings.history_interval_seconds)),
+        Reconciler(settings, shard=settings.shard, interval=settings.reconcile_interval_seconds),
+    ]
+
+
+async def run_until(stop: asyncio.Event, services: list[Service]) -> None:
+    async with asyncio.TaskGroup() as tasks:
+        running = [tasks.create_task(s.run()) for s in services]
+        waiting = tasks.create_task(stop.wait())
+        await asyncio.wait([waiting, *running], return_when=asyncio.FIRST_COMPLETED)
+        for service in reversed(services):
+            service.stop()
+        waiting.cancel()

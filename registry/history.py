@@ -1,0 +1,88 @@
+"""Count history: every platform's counts sampled on the minute (or another interval).
+
+Any number of processes may run a sampler: a sample is keyed by (platform, time slot), and the
+first process to write a slot wins, so there is one row per platform per slot whoever wrote it.
+"""
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import psycopg
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
+
+log = logging.getLogger(__name__)
+
+SAMPLE = """
+INSERT INTO count_history (time, platform_id, registered, connected, ever_connected)
+SELECT date_bin(%(interval)s, now(), timestamptz '2000-01-01'), p.id,
+       coalesce(sum(c.registered), 0), coalesce(sum(c.connected), 0),
+       coalesce(sum(c.ever_connected), 0)
+FROM platforms p LEFT JOIN platform_counters c ON c.platform_id = p.id
+GROUP BY p.id
+ON CONFLICT (platform_id, time) DO NOTHING
+"""
+
+# date_bin is in PostgreSQL 14+ and works on TimescaleDB hypertables alike.
+HISTORY = """
+SELECT date_bin(%(bucket)s, time, timestamptz '2000-01-01') AS bucket,
+       min(connected), max(connected), (array_agg(connected ORDER BY time DESC))[1],
+       (array_agg(registered ORDER BY time DESC))[1], count(*)
+FROM count_history
+WHERE platform_id = %(platform)s AND time >= %(start)s AND time < %(end)s
+GROUP BY 1 ORDER BY 1
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryBucket:
+    start: datetime
+    connected_min: int
+    connected_max: int
+    connected_last: int
+    registered_last: int
+    samples: int
+
+
+async def sample(conn: AsyncConnection[Any], interval: timedelta) -> int:
+    """Writes the current slot's sample for every platform; returns the rows written."""
+    cur = await conn.execute(SAMPLE, {"interval": interval})
+    return cur.rowcount
+
+
+async def history(
+    conn: AsyncConnection[Any], platform: str, start: datetime, end: datetime, bucket: timedelta
+) -> list[HistoryBucket]:
+    cur = await conn.execute(
+        HISTORY, {"platform": platform, "start": start, "end": end, "bucket": bucket}
+    )
+    return [HistoryBucket(*row) for row in await cur.fetchall()]
+
+
+class HistorySampler:
+    def __init__(self, pool: AsyncConnectionPool, *, interval: timedelta) -> None:
+        self._pool = pool
+        self._interval = interval
+        self._stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        period = self._interval.total_seconds()
+        while not self._stopping.is_set():
+            try:
+                async with self._pool.connection() as conn:
+                    await sample(conn, self._interval)
+            except psycopg.OperationalError as exc:
+                log.warning("count sample failed (%s); next slot", exc)
+            # Wake just after the next slot starts, by the wall clock.
+            wait = period - (time.time() % period) + 0.05
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._stopping.wait()
