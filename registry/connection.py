@@ -24,8 +24,8 @@ from psycopg import AsyncConnection
 
 LOCK_GATEWAYS = """
 SELECT id FROM gateways
-WHERE id = ANY(%(gateways)s)
-   OR id IN (SELECT via_gateway FROM devices WHERE id = ANY(%(devices)s))
+WHERE id = ANY(%(gateways)b)
+   OR id IN (SELECT via_gateway FROM devices WHERE id = ANY(%(devices)b))
 ORDER BY id
 FOR UPDATE
 """
@@ -41,7 +41,7 @@ WITH changed AS (
             ELSE greatest(g.expires_at, %(seen)s + p.liveness_seconds * interval '1 second') END,
         state_changed_at = CASE WHEN NOT g.session_managed AND g.state = 'offline'
             THEN %(seen)s ELSE g.state_changed_at END
-    FROM platforms p, (SELECT id, state FROM gateways WHERE id = ANY(%(ids)s)) AS old
+    FROM platforms p, (SELECT id, state FROM gateways WHERE id = ANY(%(ids)b)) AS old
     WHERE g.id = old.id AND p.id = g.platform_id
     RETURNING g.id, g.platform_id, old.state AS before, g.state AS after
 )
@@ -52,7 +52,7 @@ SELECT id, platform_id, after FROM changed WHERE before <> after
 DEVICE_ACTIVITY = """
 WITH old AS (
     SELECT id, state, first_seen IS NULL AS first_time FROM devices
-    WHERE id = ANY(%(ids)s) AND decommissioned_at IS NULL ORDER BY id FOR UPDATE
+    WHERE id = ANY(%(ids)b) AND decommissioned_at IS NULL ORDER BY id FOR UPDATE
 ), changed AS (
     UPDATE devices d SET
         last_seen = greatest(d.last_seen, %(seen)s),
@@ -92,8 +92,8 @@ VALUES (%s, %s, 'gateway', %s, %s, %s, %s)
 
 ADD_COUNTS = """
 INSERT INTO platform_counters (platform_id, shard, registered, connected, ever_connected)
-SELECT * FROM unnest(%(platforms)s::text[], %(shards)s::smallint[], %(registered)s::bigint[],
-                     %(connected)s::bigint[], %(ever)s::bigint[])
+SELECT * FROM unnest(%(platforms)b::text[], %(shards)b::smallint[], %(registered)b::bigint[],
+                     %(connected)b::bigint[], %(ever)b::bigint[])
 ON CONFLICT (platform_id, shard) DO UPDATE SET
     registered = platform_counters.registered + EXCLUDED.registered,
     connected = platform_counters.connected + EXCLUDED.connected,
@@ -103,29 +103,29 @@ ON CONFLICT (platform_id, shard) DO UPDATE SET
 # Expired activity sessions, oldest first; SKIP LOCKED lets several sweepers share the work.
 EXPIRED_GATEWAYS = """
 SELECT id FROM gateways
-WHERE state = 'online' AND expires_at <= %(now)s
+WHERE expires_at <= %(now)s AND state = 'online'
 ORDER BY id LIMIT %(limit)s
 FOR UPDATE SKIP LOCKED
 """
 EXPIRE_GATEWAYS = """
-UPDATE gateways SET state = 'offline', state_changed_at = expires_at
+UPDATE gateways SET state = 'offline', state_changed_at = expires_at, expires_at = NULL
 WHERE id = ANY(%s) AND state = 'online'
 RETURNING id, platform_id, state_changed_at
 """
 EXPIRED_DEVICES = """
 SELECT id, via_gateway FROM devices
-WHERE state = 'online' AND expires_at <= %(now)s
-ORDER BY id LIMIT %(limit)s
+WHERE expires_at <= %(now)s AND state = 'online'
+ORDER BY expires_at LIMIT %(limit)s
 """
 LOCK_GATEWAYS_SHARED = "SELECT id FROM gateways WHERE id = ANY(%s) ORDER BY id FOR SHARE"
 EXPIRE_DEVICES = """
 WITH expired AS (
     SELECT id FROM devices
-    WHERE id = ANY(%(ids)s) AND state = 'online' AND expires_at <= %(now)s
+    WHERE id = ANY(%(ids)b) AND state = 'online' AND expires_at <= %(now)s
     ORDER BY id
     FOR UPDATE SKIP LOCKED
 ), changed AS (
-    UPDATE devices d SET state = 'offline', state_changed_at = d.expires_at
+    UPDATE devices d SET state = 'offline', state_changed_at = d.expires_at, expires_at = NULL
     FROM expired WHERE d.id = expired.id
     RETURNING d.id, d.platform_id, d.via_gateway, d.state_changed_at
 ), flips AS (
@@ -201,11 +201,15 @@ async def record_activity(
 ) -> None:
     """Live data arrived at `seen` from these gateways and devices (call `lock_gateways` first)."""
     if gateways:
-        cur = await conn.execute(GATEWAY_ACTIVITY, {"ids": sorted(gateways), "seen": seen})
+        cur = await conn.execute(
+            GATEWAY_ACTIVITY, {"ids": sorted(gateways), "seen": seen}, binary=True
+        )
         flipped = await cur.fetchall()
         await _gateways_flipped(conn, counters, flipped, seen, cause="data")
     if devices:
-        cur = await conn.execute(DEVICE_ACTIVITY, {"ids": sorted(devices), "seen": seen})
+        cur = await conn.execute(
+            DEVICE_ACTIVITY, {"ids": sorted(devices), "seen": seen}, binary=True
+        )
         for platform, connected, ever in await cur.fetchall():
             counters.add(platform, connected=connected, ever=ever)
 
@@ -278,12 +282,12 @@ class SessionEvent:
 
 SESSION_EVENTS = """
 WITH ev AS (
-    SELECT * FROM unnest(%(ids)s::bigint[], %(online)s::bool[], %(epochs)s::bigint[],
-                         %(orders)s::bigint[], %(times)s::timestamptz[], %(causes)s::text[])
+    SELECT * FROM unnest(%(ids)b::bigint[], %(online)b::bool[], %(epochs)b::bigint[],
+                         %(orders)b::bigint[], %(times)b::timestamptz[], %(causes)b::text[])
         AS e(id, online, epoch, ord, at, cause)
 ), old AS (
     SELECT t.id, t.state, t.first_seen IS NULL AS first_time FROM {table} t
-    WHERE t.id = ANY(%(ids)s) {in_service} ORDER BY t.id FOR UPDATE
+    WHERE t.id = ANY(%(ids)b) {in_service} ORDER BY t.id FOR UPDATE
 ), changed AS (
     UPDATE {table} t SET
         session_managed = true,

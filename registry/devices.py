@@ -14,26 +14,26 @@ Key = tuple[str, str]
 SELECT_DEVICE_IDS = """
 SELECT d.id, d.platform_id, d.device_id
 FROM devices d
-JOIN unnest(%s::text[], %s::text[]) AS k(platform_id, device_id)
+JOIN unnest(%b::text[], %b::text[]) AS k(platform_id, device_id)
   ON d.platform_id = k.platform_id AND d.device_id = k.device_id
 WHERE d.decommissioned_at IS NULL
 """
 # Keys arrive sorted, so concurrent ingest processes take the unique-index locks in one order.
 REGISTER_DEVICES = """
 INSERT INTO devices (platform_id, device_id)
-SELECT * FROM unnest(%s::text[], %s::text[])
+SELECT * FROM unnest(%b::text[], %b::text[])
 ON CONFLICT (platform_id, device_id) DO NOTHING
 RETURNING id, platform_id, device_id
 """
 SELECT_GATEWAY_IDS = """
 SELECT g.id, g.platform_id, g.gateway_id
 FROM gateways g
-JOIN unnest(%s::text[], %s::text[]) AS k(platform_id, gateway_id)
+JOIN unnest(%b::text[], %b::text[]) AS k(platform_id, gateway_id)
   ON g.platform_id = k.platform_id AND g.gateway_id = k.gateway_id
 """
 REGISTER_GATEWAYS = """
 INSERT INTO gateways (platform_id, gateway_id)
-SELECT * FROM unnest(%s::text[], %s::text[])
+SELECT * FROM unnest(%b::text[], %b::text[])
 ON CONFLICT (platform_id, gateway_id) DO NOTHING
 RETURNING id, platform_id, gateway_id
 """
@@ -42,10 +42,10 @@ RETURNING id, platform_id, gateway_id
 # gateway to a reachable one (or back) changes it.
 ASSIGN_GATEWAYS = """
 WITH old AS (
-    SELECT id, via_gateway FROM devices WHERE id = ANY(%(ids)s) ORDER BY id FOR UPDATE
+    SELECT id, via_gateway FROM devices WHERE id = ANY(%(ids)b) ORDER BY id FOR UPDATE
 ), moved AS (
     UPDATE devices d SET via_gateway = k.gateway
-    FROM unnest(%(ids)s::bigint[], %(gateways)s::bigint[]) AS k(id, gateway), old
+    FROM unnest(%(ids)b::bigint[], %(gateways)b::bigint[]) AS k(id, gateway), old
     WHERE d.id = k.id AND old.id = k.id AND d.via_gateway IS DISTINCT FROM k.gateway
     RETURNING d.platform_id, d.state, old.via_gateway AS before, d.via_gateway AS after
 )
