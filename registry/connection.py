@@ -42,7 +42,7 @@ WITH changed AS (
         state_changed_at = CASE WHEN NOT g.session_managed AND g.state = 'offline'
             THEN %(seen)s ELSE g.state_changed_at END
     FROM platforms p, (SELECT id, state FROM gateways WHERE id = ANY(%(ids)b)) AS old
-    WHERE g.id = old.id AND p.id = g.platform_id
+    WHERE g.id = ANY(%(ids)b) AND g.id = old.id AND p.id = g.platform_id
     RETURNING g.id, g.platform_id, old.state AS before, g.state AS after
 )
 SELECT id, platform_id, after FROM changed WHERE before <> after
@@ -63,7 +63,7 @@ WITH old AS (
         state_changed_at = CASE WHEN NOT d.session_managed AND d.state = 'offline'
             THEN %(seen)s ELSE d.state_changed_at END
     FROM old, platforms p
-    WHERE d.id = old.id AND p.id = d.platform_id
+    WHERE d.id = ANY(%(ids)b) AND d.id = old.id AND p.id = d.platform_id
     RETURNING d.id, d.platform_id, d.via_gateway, old.state AS before, d.state AS after,
               old.first_time
 ), flips AS (
@@ -126,7 +126,7 @@ WITH expired AS (
     FOR UPDATE SKIP LOCKED
 ), changed AS (
     UPDATE devices d SET state = 'offline', state_changed_at = d.expires_at, expires_at = NULL
-    FROM expired WHERE d.id = expired.id
+    FROM expired WHERE d.id = ANY(%(ids)b) AND d.id = expired.id
     RETURNING d.id, d.platform_id, d.via_gateway, d.state_changed_at
 ), flips AS (
     INSERT INTO connection_events (time, platform_id, subject, subject_id, state, cause)
@@ -299,7 +299,7 @@ WITH ev AS (
         state_changed_at = CASE WHEN t.state = CASE WHEN ev.online THEN 'online' ELSE 'offline' END
             THEN t.state_changed_at ELSE ev.at END
     FROM ev, old
-    WHERE t.id = ev.id AND old.id = ev.id
+    WHERE t.id = ANY(%(ids)b) AND t.id = ev.id AND old.id = ev.id
       AND (coalesce(ev.epoch, t.session_epoch + 1), ev.ord) > (t.session_epoch, t.session_order)
     RETURNING t.id, t.platform_id, {via} AS via, old.state AS before, t.state AS after,
               old.first_time AND t.first_seen IS NOT NULL AS first, ev.at, ev.cause

@@ -46,7 +46,8 @@ WITH old AS (
 ), moved AS (
     UPDATE devices d SET via_gateway = k.gateway
     FROM unnest(%(ids)b::bigint[], %(gateways)b::bigint[]) AS k(id, gateway), old
-    WHERE d.id = k.id AND old.id = k.id AND d.via_gateway IS DISTINCT FROM k.gateway
+    WHERE d.id = ANY(%(ids)b) AND d.id = k.id AND old.id = k.id
+      AND d.via_gateway IS DISTINCT FROM k.gateway
     RETURNING d.platform_id, d.state, old.via_gateway AS before, d.via_gateway AS after
 )
 SELECT m.platform_id,

@@ -52,7 +52,7 @@ WITH target AS (
 ), changed AS (
     UPDATE devices d SET decommissioned_at = now(), state = 'offline', expires_at = NULL,
         state_changed_at = CASE WHEN t.state = 'online' THEN now() ELSE d.state_changed_at END
-    FROM target t WHERE d.id = t.id
+    FROM target t WHERE d.id = ANY(%(ids)s) AND d.id = t.id
     RETURNING d.id, d.platform_id, t.state AS before, t.seen, t.via_gateway
 ), flips AS (
     INSERT INTO connection_events (time, platform_id, subject, subject_id, state, cause)
