@@ -11,7 +11,11 @@ from registry.settings import StoreSettings
 
 def connection_kwargs(schema: str) -> dict[str, Any]:
     # The schema is validated as a plain identifier by StoreSettings.
-    return {"options": f"-c search_path={schema},public", "autocommit": False}
+    # Custom plans always: psycopg prepares statements it runs often, and PostgreSQL's generic
+    # plan for `id = ANY($1)` over a batch of 10,000 ids scans the whole table (measured: 10 s
+    # instead of 0.14 s per batch at 300,000 devices). Planning each batch costs about 1 ms.
+    options = f"-c search_path={schema},public -c plan_cache_mode=force_custom_plan"
+    return {"options": options, "autocommit": False}
 
 
 async def connect(
