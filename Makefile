@@ -5,10 +5,10 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test lint format bench clean
+.PHONY: help install run test lint format bench bench-quick clean
 
 help: ## List the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -34,6 +34,12 @@ lint: $(STAMP) ## ruff and mypy (strict on the packages)
 format: $(STAMP) ## Apply ruff's formatting and safe fixes
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+bench: $(STAMP) ## Benchmarks beside their baselines (several minutes; see docs/benchmarks.md)
+	$(BIN)/python -m bench.registry_events
+
+bench-quick: $(STAMP) ## The benchmarks at a tenth of their size (a smoke run)
+	$(BIN)/python -m bench.registry_events --quick
 
 clean: ## Remove the virtualenv and the embedded services' data (.iiot)
 	rm -rf $(VENV) .iiot

@@ -1,0 +1,243 @@
+"""Registry benchmark: connection events per second, and the cost of a count, at 1 million devices.
+
+What it does, on the machine's PostgreSQL in a schema of its own (dropped at the end):
+1. 450 platforms; 1,000 devices registered; the count endpoint's latency (p50/p99) measured over
+   HTTP against `iiot api` running in a subprocess.
+2. Devices seeded up to 1,000,000 with COPY (counters set by the reconciler, which is how drift
+   is corrected), and the count endpoint measured again: a count reads maintained counters, so
+   the two figures should match.
+3. Connection events through ingest's own writer (decoded status messages, the path MQTT status
+   and Wills take): every device connects, then every device disconnects, in batches.
+   Events/s are reported, and the counters are checked against a full recount afterwards.
+4. The writer's process memory (it caches a million device ids).
+
+Baseline in the same run: the same COPY-seeded rows recounted with COUNT(*) (what a count would
+cost without maintained counters).
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+from psycopg import sql
+
+from iiot.net import free_port
+from ingest.batching import Received
+from ingest.decoding import Status
+from ingest.stats import IngestStats
+from ingest.writer import TelemetryWriter
+from registry.counts import platform_counts
+from registry.migrate import migrate
+from registry.reconcile import find_drift, reconcile
+from registry.settings import StoreSettings
+from registry.store import connect, create_pool
+
+RESULTS = Path(__file__).parent / "results"
+
+
+async def count_latency(base: str, platform: str, requests: int) -> dict[str, float]:
+    """p50/p99 in ms of GET /platforms/{platform}/devices/count, sequential, after a warm-up."""
+    async with httpx.AsyncClient(base_url=base) as http:
+        for _ in range(50):
+            (await http.get(f"/platforms/{platform}/devices/count")).raise_for_status()
+        samples = []
+        for _ in range(requests):
+            started = time.perf_counter()
+            response = await http.get(f"/platforms/{platform}/devices/count")
+            samples.append((time.perf_counter() - started) * 1000)
+            response.raise_for_status()
+    samples.sort()
+    return {
+        "p50_ms": round(statistics.median(samples), 3),
+        "p99_ms": round(samples[int(len(samples) * 0.99) - 1], 3),
+    }
+
+
+def start_api(settings: StoreSettings, port: int) -> subprocess.Popen[bytes]:
+    env = os.environ | {
+        "IIOT_DATABASE_URL": str(settings.database_url),
+        "IIOT_DATABASE_SCHEMA": settings.database_schema,
+        "IIOT_API_PORT": str(port),
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "iiot.cli", "api"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).raise_for_status()
+        except httpx.HTTPError:
+            time.sleep(0.2)
+        else:
+            return process
+    process.kill()
+    raise RuntimeError("the API did not start")
+
+
+async def seed(settings: StoreSettings, platforms: int, devices: int, start: int) -> None:
+    """Registers devices [start, devices) spread over the platforms, with COPY."""
+    async with await connect(settings) as conn:
+        async with (
+            conn.cursor() as cur,
+            cur.copy("COPY devices (platform_id, device_id) FROM STDIN") as copy,
+        ):
+            for n in range(start, devices):
+                await copy.write_row((f"p{n % platforms:03d}", f"d{n:07d}"))
+        await conn.commit()
+        await conn.execute("ANALYZE devices")
+        await conn.commit()
+
+
+async def drive_events(
+    settings: StoreSettings, platforms: int, devices: int, batch: int
+) -> dict[str, Any]:
+    """Every device connects, then disconnects; through the writer, in batches of `batch`."""
+    results: dict[str, Any] = {}
+    async with create_pool(settings, name="bench") as pool:
+        writer = TelemetryWriter(pool, stats=IngestStats(), counter_shard=1)
+        for online, label in ((True, "connect"), (False, "disconnect")):
+            now = datetime.now(UTC)
+            started, cpu = time.perf_counter(), time.process_time()
+            for first in range(0, devices, batch):
+                messages = [
+                    Received(
+                        "mqtt",
+                        "",
+                        b"",
+                        now,
+                        [Status(f"p{n % platforms:03d}", online, 1, device=f"d{n:07d}")],
+                        None,
+                    )
+                    for n in range(first, min(devices, first + batch))
+                ]
+                await writer.write(messages)
+            elapsed = time.perf_counter() - started
+            results[label] = {
+                "events": devices,
+                "seconds": round(elapsed, 2),
+                "events_per_s": round(devices / elapsed),
+                "writer_cpu_s": round(time.process_time() - cpu, 2),
+            }
+            async with await connect(settings) as conn:
+                counts = await platform_counts(conn, "p000")
+                assert counts is not None
+                results[label]["p000_connected"] = counts.connected
+    return results
+
+
+async def main(devices: int, batch: int) -> dict[str, Any]:
+    base_url = os.environ.get(
+        "IIOT_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"
+    )
+    schema = f"bench_{uuid.uuid4().hex[:8]}"
+    settings = StoreSettings(database_url=base_url, database_schema=schema)
+    platforms = 450
+    report: dict[str, Any] = {"devices": devices, "platforms": platforms, "batch": batch}
+    await migrate(settings)
+    port = free_port()
+    api = None
+    try:
+        async with await connect(settings) as conn:
+            async with (
+                conn.cursor() as cur,
+                cur.copy("COPY platforms (id, name) FROM STDIN") as copy,
+            ):
+                for p in range(platforms):
+                    await copy.write_row((f"p{p:03d}", f"Platform {p}"))
+            await conn.commit()
+        await seed(settings, platforms, 1000, 0)
+        async with await connect(settings, autocommit=True) as conn:
+            await reconcile(conn, shard=0)
+        api = start_api(settings, port)
+        base = f"http://127.0.0.1:{port}"
+        report["count_at_1k"] = await count_latency(base, "p000", 2000)
+
+        started = time.perf_counter()
+        await seed(settings, platforms, devices, 1000)
+        report["seed_seconds"] = round(time.perf_counter() - started, 1)
+        async with await connect(settings, autocommit=True) as conn:
+            await reconcile(conn, shard=0)
+            started = time.perf_counter()
+            await conn.execute("SELECT count(*) FROM devices WHERE platform_id = 'p000'")
+            per_platform = time.perf_counter() - started
+            started = time.perf_counter()
+            await conn.execute("SELECT count(*) FROM devices")
+            report["baseline_count_star_ms"] = {
+                "one_platform": round(per_platform * 1000, 2),
+                "all_devices": round((time.perf_counter() - started) * 1000, 2),
+            }
+        report[f"count_at_{devices // 1000}k"] = await count_latency(base, "p000", 2000)
+
+        report["events"] = await drive_events(settings, platforms, devices, batch)
+        async with await connect(settings, autocommit=True) as conn:
+            started = time.perf_counter()
+            drift = await find_drift(conn)
+            report["recount_seconds"] = round(time.perf_counter() - started, 2)
+        report["drift"] = [d.platform for d in drift]
+        report["bench_process_max_rss_mib"] = round(
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        )
+    finally:
+        if api is not None:
+            api.terminate()
+            api.wait(10)
+        async with await psycopg.AsyncConnection.connect(base_url, autocommit=True) as conn:
+            await conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+    return report
+
+
+def _print(report: dict[str, Any]) -> None:
+    big = next(k for k in report if k.startswith("count_at_") and k != "count_at_1k")
+    small, large = report["count_at_1k"], report[big]
+    rows = [
+        ("devices / platforms", f"{report['devices']:,} / {report['platforms']}", ""),
+        ("connect events/s", f"{report['events']['connect']['events_per_s']:,}", ">= 50,000"),
+        ("disconnect events/s", f"{report['events']['disconnect']['events_per_s']:,}", ">= 50,000"),
+        ("count p50 / p99 at 1k (ms)", f"{small['p50_ms']} / {small['p99_ms']}", "p99 <= 5"),
+        (
+            f"count p50 / p99 at {big[9:]} (ms)",
+            f"{large['p50_ms']} / {large['p99_ms']}",
+            "p99 <= 5",
+        ),
+        ("p99 ratio large / 1k", f"{large['p99_ms'] / small['p99_ms']:.2f}", "<= 1.2"),
+        (
+            "baseline COUNT(*) one platform / all (ms)",
+            f"{report['baseline_count_star_ms']['one_platform']} / "
+            f"{report['baseline_count_star_ms']['all_devices']}",
+            "",
+        ),
+        ("full recount (s)", f"{report['recount_seconds']}", ""),
+        ("drift after the events", f"{report['drift'] or 'none'}", "none"),
+        ("writer process max RSS (MiB)", f"{report['bench_process_max_rss_mib']}", ""),
+    ]
+    width = max(len(r[0]) for r in rows)
+    for name, value, target in rows:
+        print(f"  {name:<{width}}  {value:>22}  {target}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=int, default=1_000_000)
+    parser.add_argument("--batch", type=int, default=10_000)
+    parser.add_argument("--quick", action="store_true", help="100,000 devices")
+    args = parser.parse_args()
+    result = asyncio.run(main(100_000 if args.quick else args.devices, args.batch))
+    result["measured_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "registry_events-latest.json").write_text(json.dumps(result, indent=2) + "\n")
+    _print(result)
