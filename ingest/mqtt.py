@@ -28,6 +28,7 @@ from psycopg_pool import AsyncConnectionPool
 from ingest.batching import END, EndOfStream, Received, collect
 from ingest.decoding import MessageDecoder
 from ingest.errors import Retryable
+from ingest.paho_speedups import share_property_tables
 from ingest.settings import IngestSettings
 from ingest.stats import IngestStats
 from ingest.topics import TopicScheme
@@ -51,6 +52,7 @@ class MqttIngest:
         *,
         stats: IngestStats | None = None,
     ) -> None:
+        share_property_tables()
         self._settings = settings
         self.stats = stats or IngestStats()
         self._writer = TelemetryWriter(pool, stats=self.stats, counter_shard=settings.shard)
@@ -156,18 +158,27 @@ class MqttIngest:
         self, client: aiomqtt.Client, queue: "asyncio.Queue[Received[MqttAck] | EndOfStream]"
     ) -> None:
         decode = self._decode
-        async for message in client.messages:
-            topic = message.topic.value
-            payload = (
-                message.payload
-                if isinstance(message.payload, bytes)
-                else _as_bytes(message.payload)
-            )
-            received_at = datetime.now(UTC)
-            outcome = decode(topic, payload, received_at)
-            ack = (message.mid, message.qos)
-            await queue.put(Received("mqtt", topic, payload, received_at, outcome, ack))
-            self.stats.messages += 1
+        # aiomqtt's iterator creates a task per message; take what is already queued directly.
+        # (Its queue is private: see docs/adr/0002.)
+        backlog: asyncio.Queue[aiomqtt.Message] = client._queue
+        async for first in client.messages:
+            message = first
+            while True:
+                received_at = datetime.now(UTC)
+                topic = message.topic.value
+                payload = (
+                    message.payload
+                    if isinstance(message.payload, bytes)
+                    else _as_bytes(message.payload)
+                )
+                outcome = decode(topic, payload, received_at)
+                ack = (message.mid, message.qos)
+                await queue.put(Received("mqtt", topic, payload, received_at, outcome, ack))
+                self.stats.messages += 1
+                try:
+                    message = backlog.get_nowait()
+                except asyncio.QueueEmpty:
+                    break
 
     async def _write(
         self, client: aiomqtt.Client, queue: "asyncio.Queue[Received[MqttAck] | EndOfStream]"

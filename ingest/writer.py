@@ -200,10 +200,8 @@ class TelemetryWriter:
             last = max(a.telemetry.last for a in accepted)
             await self._ensure_partitions(conn, _utc_day(first), _utc_day(last))
             for a in accepted:
-                rows.extend(
-                    (ts, a.device, metric_ids[name], value)
-                    for ts, name, value in a.telemetry.points
-                )
+                device = a.device
+                rows += [(ts, device, metric_ids[name], v) for ts, name, v in a.telemetry.points]
                 if a.gateway is not None:
                     # A gateway that sends anything, even back-filled data, is alive now.
                     gateways.add(a.gateway)

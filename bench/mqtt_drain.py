@@ -1,0 +1,224 @@
+"""MQTT ingest drain benchmark: how fast a backlog of QoS 1 messages is stored, beside raw COPY.
+
+1. A private Mosquitto (iiot's configuration: no limit on queued messages) and a schema of its
+   own on the machine's PostgreSQL.
+2. The consumer's persistent session is created, then the consumer stops.
+3. N messages of 10 points each (default 200,000; 2,000,000 points) over 5,000 devices are
+   published with QoS 1 and queued by the broker.
+4. The consumer starts (the same client id, in this process) and the clock runs until every
+   point is in the telemetry table. CPU time of this process is reported per million points.
+5. Baseline, same run: binary COPY of the same rows, in the same order and batch size, into a
+   second freshly migrated schema (same table, same primary key, same partitions).
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import threading
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from tempfile import TemporaryDirectory
+from typing import Any
+
+import orjson
+import paho.mqtt.client as paho
+import psycopg
+from paho.mqtt.enums import CallbackAPIVersion
+from psycopg import sql
+
+from iiot.embedded import MosquittoBroker
+from ingest.mqtt import MqttIngest
+from ingest.settings import IngestSettings
+from ingest.writer import COPY_TELEMETRY, TELEMETRY_TYPES
+from registry.migrate import migrate
+from registry.platforms import upsert_platform
+from registry.settings import StoreSettings
+from registry.store import connect, create_pool
+
+RESULTS = Path(__file__).parent / "results"
+POINTS_PER_MESSAGE = 10
+
+
+def payloads(messages: int, devices: int, base_ms: int) -> list[tuple[str, bytes]]:
+    """(device, payload); every point distinct in (device, metric, time)."""
+    out = []
+    for n in range(messages):
+        device = f"d{n % devices:05d}"
+        ts = base_ms + (n // devices) * 1000
+        metrics = {f"m{k}": (n * POINTS_PER_MESSAGE + k) / 10 for k in range(POINTS_PER_MESSAGE)}
+        out.append((device, orjson.dumps({"ts": ts, "metrics": metrics})))
+    return out
+
+
+def publish(url_port: int, root: str, platform: str, messages: list[tuple[str, bytes]]) -> float:
+    """Publishes with QoS 1 over 4 connections; returns when every PUBACK is in."""
+    clients = 4
+    done = threading.Semaphore(0)
+    started = time.perf_counter()
+
+    def run(part: list[tuple[str, bytes]], index: int) -> None:
+        acked = threading.Event()
+        remaining = [len(part)]
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{index}")
+        client.max_inflight_messages_set(1000)
+        client.max_queued_messages_set(0)
+
+        def on_publish(*_: Any) -> None:
+            remaining[0] -= 1
+            if remaining[0] == 0:
+                acked.set()
+
+        client.on_publish = on_publish
+        client.connect("127.0.0.1", url_port)
+        client.loop_start()
+        for device, body in part:
+            client.publish(f"{root}/{platform}/{device}/telemetry", body, qos=1)
+        acked.wait(600)
+        client.loop_stop()
+        client.disconnect()
+        done.release()
+
+    threads = [threading.Thread(target=run, args=(messages[i::clients], i)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for _ in threads:
+        done.acquire()
+    return time.perf_counter() - started
+
+
+async def drain(settings: IngestSettings, expected: int) -> tuple[float, float]:
+    """Runs the consumer until `expected` points are stored; returns (seconds, CPU seconds)."""
+    async with create_pool(settings, name="bench") as pool:
+        ingest = MqttIngest(settings, pool)
+        started, cpu = time.perf_counter(), time.process_time()
+        task = asyncio.create_task(ingest.run())
+        async with await connect(settings, autocommit=True) as conn:
+            while True:
+                row = await (await conn.execute("SELECT count(*) FROM telemetry")).fetchone()
+                if row and row[0] >= expected:
+                    break
+                if task.done():
+                    task.result()
+                await asyncio.sleep(0.2)
+        elapsed, used = time.perf_counter() - started, time.process_time() - cpu
+        ingest.stop()
+        await task
+    return elapsed, used
+
+
+async def raw_copy(settings: StoreSettings, rows: list[tuple[Any, ...]], batch: int) -> float:
+    async with await connect(settings) as conn:
+        days = sorted({r[0].date() for r in rows})
+        await conn.execute("SELECT iiot_ensure_telemetry_partitions(%s, %s)", (days[0], days[-1]))
+        await conn.commit()
+        started = time.perf_counter()
+        for first in range(0, len(rows), batch):
+            async with conn.cursor() as cur, cur.copy(COPY_TELEMETRY) as copy:
+                copy.set_types(TELEMETRY_TYPES)
+                for row in rows[first : first + batch]:
+                    await copy.write_row(row)
+            await conn.commit()
+        return time.perf_counter() - started
+
+
+async def main(messages: int, devices: int) -> dict[str, Any]:
+    database = os.environ.get(
+        "IIOT_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"
+    )
+    tag = uuid.uuid4().hex[:8]
+    ingest_schema, copy_schema = f"bench_{tag}", f"bench_{tag}_copy"
+    expected = messages * POINTS_PER_MESSAGE
+    report: dict[str, Any] = {"messages": messages, "points": expected, "devices": devices}
+    with TemporaryDirectory() as state:
+        broker = MosquittoBroker(Path(state))
+        url = await broker.start()
+        try:
+            settings = IngestSettings(
+                database_url=database,
+                database_schema=ingest_schema,
+                mqtt_url=url,
+                mqtt_client_id=f"bench-{tag}",
+                mqtt_topic_root=f"bench/{tag}",
+            )
+            copy_settings = StoreSettings(database_url=database, database_schema=copy_schema)
+            for s in (settings, copy_settings):
+                await migrate(s)
+            async with await connect(settings) as conn:
+                await upsert_platform(conn, "bench")
+                await conn.commit()
+            async with create_pool(settings, name="bench") as pool:
+                ingest = MqttIngest(settings, pool)
+                task = asyncio.create_task(ingest.run())
+                await asyncio.wait_for(ingest.subscribed.wait(), 30)
+                ingest.stop()
+                await task
+
+            base_ms = int(datetime.now(UTC).timestamp() * 1000) - 3_600_000
+            bodies = payloads(messages, devices, base_ms)
+            seconds = await asyncio.to_thread(
+                publish, broker.port or 1883, settings.mqtt_topic_root, "bench", bodies
+            )
+            report["publish_msgs_per_s"] = round(messages / seconds)
+
+            elapsed, cpu = await drain(settings, expected)
+            report["drain_seconds"] = round(elapsed, 2)
+            report["drain_points_per_s"] = round(expected / elapsed)
+            report["ingest_cpu_s_per_million_points"] = round(cpu / expected * 1e6, 2)
+
+            # The same rows, with the ids ingest gave them, for the baseline.
+            async with await connect(settings) as conn:
+                cur = await conn.execute("SELECT time, device_id, metric_id, value FROM telemetry")
+                rows = await cur.fetchall()
+            rows.sort(key=lambda r: (r[0], r[1], r[2]))
+            copy_seconds = await raw_copy(copy_settings, rows, settings.batch_max_points)
+            report["raw_copy_rows_per_s"] = round(len(rows) / copy_seconds)
+            report["ratio_drain_to_copy"] = round(
+                report["drain_points_per_s"] / report["raw_copy_rows_per_s"], 2
+            )
+            report["bench_process_max_rss_mib"] = round(
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            )
+        finally:
+            await broker.stop()
+            async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
+                for schema in (ingest_schema, copy_schema):
+                    await conn.execute(
+                        sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema))
+                    )
+    return report
+
+
+def _print(r: dict[str, Any]) -> None:
+    rows = [
+        (
+            "messages / points / devices",
+            f"{r['messages']:,} / {r['points']:,} / {r['devices']:,}",
+            "",
+        ),
+        ("publish rate (QoS 1, msg/s)", f"{r['publish_msgs_per_s']:,}", ""),
+        ("drain: points stored /s", f"{r['drain_points_per_s']:,}", ">= 150,000"),
+        ("baseline: raw binary COPY rows/s", f"{r['raw_copy_rows_per_s']:,}", ""),
+        ("ratio drain / raw COPY", f"{r['ratio_drain_to_copy']}", ">= 0.6"),
+        ("ingest CPU s per million points", f"{r['ingest_cpu_s_per_million_points']}", ""),
+        ("bench process max RSS (MiB)", f"{r['bench_process_max_rss_mib']}", ""),
+    ]
+    width = max(len(row[0]) for row in rows)
+    for name, value, target in rows:
+        print(f"  {name:<{width}}  {value:>26}  {target}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=200_000)
+    parser.add_argument("--devices", type=int, default=5_000)
+    parser.add_argument("--quick", action="store_true", help="20,000 messages")
+    args = parser.parse_args()
+    result = asyncio.run(main(20_000 if args.quick else args.messages, args.devices))
+    result["measured_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "mqtt_drain-latest.json").write_text(json.dumps(result, indent=2) + "\n")
+    _print(result)
