@@ -50,6 +50,27 @@ def _run_until_signal(
     asyncio.run(main())
 
 
+@ingest_app.command("kafka")
+def ingest_kafka() -> None:
+    """Consume telemetry records from Kafka (IIOT_KAFKA_BOOTSTRAP, IIOT_KAFKA_TOPICS) into the
+    store (IIOT_DATABASE_URL); offsets are kept in the store with the data."""
+    _logging()
+    settings = IngestSettings()
+    settings.require_database_url()
+    settings.require_kafka_bootstrap()
+    settings.static_partitions()
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        async with create_pool(settings, name="ingest-kafka") as pool:
+            await run_until(stop, ingest_services(settings, pool, "kafka"))
+
+    asyncio.run(main())
+
+
 @app.command("migrate")
 def migrate_command() -> None:
     """Create the schema and apply pending migrations (idempotent)."""

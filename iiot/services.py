@@ -7,10 +7,11 @@ and stops them all, in reverse order, when the stop event is set or one of them 
 
 import asyncio
 from datetime import timedelta
-from typing import Protocol
+from typing import Literal, Protocol
 
 from psycopg_pool import AsyncConnectionPool
 
+from ingest.kafka import KafkaIngest
 from ingest.mqtt import MqttIngest
 from ingest.settings import IngestSettings
 from registry.history import HistorySampler
@@ -24,15 +25,22 @@ class Service(Protocol):
     def stop(self) -> None: ...
 
 
-def ingest_services(settings: IngestSettings, pool: AsyncConnectionPool) -> list[Service]:
-    """What an MQTT ingest process runs: the consumer and the registry's background work."""
-    ingest = MqttIngest(settings, pool)
+def ingest_services(
+    settings: IngestSettings, pool: AsyncConnectionPool, consumer: Literal["mqtt", "kafka"] = "mqtt"
+) -> list[Service]:
+    """What an ingest process runs: its consumer and the registry's background work."""
+    ingest: MqttIngest | KafkaIngest
+    if consumer == "mqtt":
+        ingest, shard = MqttIngest(settings, pool), settings.shard
+    else:
+        ingest = KafkaIngest(settings, pool, partitions=settings.static_partitions())
+        shard = settings.kafka_shard
     return [
         ingest,
         RegistryWatcher(settings, ingest.registry_changed),
-        Sweeper(pool, counter_shard=settings.shard, interval=settings.sweep_interval_seconds),
+        Sweeper(pool, counter_shard=shard, interval=settings.sweep_interval_seconds),
         HistorySampler(pool, interval=timedelta(seconds=settings.history_interval_seconds)),
-        Reconciler(settings, shard=settings.shard, interval=settings.reconcile_interval_seconds),
+        Reconciler(settings, shard=shard, interval=settings.reconcile_interval_seconds),
     ]
 
 

@@ -11,6 +11,15 @@ from ingest.errors import Rejected
 AckT = TypeVar("AckT")
 
 
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a record sits in a partitioned log (Kafka); kept with its dead letter."""
+
+    partition: int
+    offset: int
+    key: str | None
+
+
 @dataclass(slots=True)
 class Received(Generic[AckT]):
     """One message after decoding, plus what acknowledges it.
@@ -25,6 +34,7 @@ class Received(Generic[AckT]):
     received_at: datetime
     outcome: Decoded | Rejected
     ack: AckT
+    origin: Origin | None = None
 
     @property
     def weight(self) -> int:

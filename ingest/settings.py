@@ -2,10 +2,11 @@
 
 import zlib
 from datetime import timedelta
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
+from pydantic_settings import NoDecode
 
 from registry.settings import StoreSettings
 
@@ -44,6 +45,19 @@ class IngestSettings(Limits):
     mqtt_topic_root: str = Field(default="iiot/v1", pattern=r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
     mqtt_shared_group: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]+$")
 
+    kafka_bootstrap: str | None = Field(
+        default=None, description="Kafka bootstrap servers, host:port[,host:port...]."
+    )
+    # Comma-separated in the environment: IIOT_KAFKA_TOPICS=telemetry-a,telemetry-b
+    kafka_topics: Annotated[list[str], NoDecode] = Field(default=["iiot.telemetry"], min_length=1)
+    kafka_group_id: str = "iiot-ingest"
+    kafka_client_id: str = "iiot-ingest-0"
+    # Records fetched per poll; memory is bounded by this and aiokafka's fetch limits.
+    kafka_max_records: int = Field(default=10_000, ge=1)
+    kafka_session_timeout_ms: int = Field(default=10_000, ge=1000)
+    # Static assignment instead of the group's: IIOT_KAFKA_PARTITIONS=topic:0,topic:1
+    kafka_partitions: Annotated[list[str], NoDecode] | None = None
+
     batch_max_points: int = Field(default=50_000, ge=1)
     batch_max_delay_seconds: float = Field(default=0.2, gt=0)
     queue_max_messages: int = Field(default=20_000, ge=1)
@@ -63,6 +77,31 @@ class IngestSettings(Limits):
             return self.counter_shard
         return zlib.crc32(self.mqtt_client_id.encode()) % 64
 
+    @property
+    def kafka_shard(self) -> int:
+        if self.counter_shard is not None:
+            return self.counter_shard
+        return zlib.crc32(self.kafka_client_id.encode()) % 64
+
+    def static_partitions(self) -> list[tuple[str, int]] | None:
+        """`kafka_partitions` as (topic, partition) pairs, or None to use the group's."""
+        if not self.kafka_partitions:
+            return None
+        pairs = []
+        for item in self.kafka_partitions:
+            topic, _, partition = item.rpartition(":")
+            if not topic or not partition.isdigit():
+                raise ValueError(f"IIOT_KAFKA_PARTITIONS: {item!r} is not topic:partition")
+            pairs.append((topic, int(partition)))
+        return pairs
+
+    @field_validator("kafka_topics", "kafka_partitions", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
     @field_validator("mqtt_url")
     @classmethod
     def _mqtt_url_shape(cls, value: str | None) -> str | None:
@@ -71,6 +110,11 @@ class IngestSettings(Limits):
             if parts.scheme not in ("mqtt", "tcp") or not parts.hostname:
                 raise ValueError("expected mqtt://[user:password@]host[:port]")
         return value
+
+    def require_kafka_bootstrap(self) -> str:
+        if not self.kafka_bootstrap:
+            raise ValueError("IIOT_KAFKA_BOOTSTRAP is not set")
+        return self.kafka_bootstrap
 
     def mqtt_endpoint(self) -> tuple[str, int, str | None, str | None]:
         """(host, port, username, password) of the broker."""

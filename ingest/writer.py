@@ -60,10 +60,22 @@ ON CONFLICT DO NOTHING
 """
 ENSURE_PARTITIONS = "SELECT iiot_ensure_telemetry_partitions(%s, %s)"
 COPY_DEAD_LETTERS = """
-COPY dead_letters (received_at, source, topic, platform_id, reason, detail, payload)
+COPY dead_letters (received_at, source, topic, platform_id, reason, detail, payload,
+                  kafka_partition, kafka_offset, kafka_key)
 FROM STDIN (FORMAT BINARY)
 """
-DEAD_LETTER_TYPES = ("timestamptz", "text", "text", "text", "text", "text", "bytea")
+DEAD_LETTER_TYPES = (
+    "timestamptz",
+    "text",
+    "text",
+    "text",
+    "text",
+    "text",
+    "bytea",
+    "int4",
+    "int8",
+    "text",
+)
 
 Row = tuple[datetime, int, int, float]
 Refusals = list[tuple[Received[Any], Rejected]]
@@ -168,6 +180,7 @@ class TelemetryWriter:
                 message.received_at,
                 refused,
                 message.ack,
+                message.origin,
             )
             return await self.write(
                 [replacement], in_transaction=in_transaction, dead_letter=dead_letter
@@ -383,6 +396,7 @@ async def _copy_dead_letters(
     async with conn.cursor() as cur, cur.copy(COPY_DEAD_LETTERS) as copy:
         copy.set_types(DEAD_LETTER_TYPES)
         for message, reason in rejected:
+            origin = message.origin
             await copy.write_row(
                 (
                     message.received_at,
@@ -392,6 +406,9 @@ async def _copy_dead_letters(
                     reason.reason,
                     reason.detail,
                     message.payload,
+                    origin and origin.partition,
+                    origin and origin.offset,
+                    origin and origin.key,
                 )
             )
 

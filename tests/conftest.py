@@ -14,6 +14,7 @@ import pytest
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
+from iiot.kafka_mock import MockKafkaCluster
 from ingest.mqtt import MqttIngest
 from ingest.settings import IngestSettings
 from registry.migrate import migrate
@@ -38,6 +39,13 @@ def database_url(services_dir: Path) -> Iterator[str]:
 def mqtt_url(services_dir: Path) -> Iterator[str]:
     with services.mqtt_broker(services_dir) as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def kafka() -> Iterator[str]:
+    """A Kafka-protocol broker on loopback: librdkafka's mock cluster (no Kafka here)."""
+    with MockKafkaCluster() as cluster:
+        yield cluster.bootstrap
 
 
 @pytest.fixture

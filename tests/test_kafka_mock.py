@@ -1,17 +1,6 @@
 """The Kafka fixture: librdkafka's mock cluster speaks the Kafka protocol to aiokafka."""
 
-from collections.abc import Iterator
-
-import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-
-from iiot.kafka_mock import MockKafkaCluster
-
-
-@pytest.fixture(scope="module")
-def kafka() -> Iterator[str]:
-    with MockKafkaCluster() as cluster:
-        yield cluster.bootstrap
 
 
 async def test_aiokafka_produces_consumes_and_commits(kafka: str, unique: str) -> None:

@@ -1,0 +1,446 @@
+"""The Kafka consumer: fetch, decode, batch, write with the offsets, then commit (docs/contract.md,
+"Kafka").
+
+Exactly-once effect: the offset each partition has reached is stored in PostgreSQL
+(`kafka_offsets`) in the same transaction as the rows its records produced, and a partition
+that is assigned to us is read from the stored offset. Auto-commit is off: aiokafka's
+auto-commit would also commit on rebalance and on stop, past records fetched but not written.
+Committing to Kafka as well happens after the database commit, only so that the usual lag
+tools see progress; the database stays the source of truth.
+
+Ownership: every assignment of a partition opens a new epoch. A batch keeps only the records
+fetched in their partition's current epoch (records fetched before a revocation are
+abandoned; the next owner reads them again from the stored offset), and the offsets are
+advanced by compare-and-set against the value this consumer last read or wrote, so a consumer
+that lost a partition without noticing cannot write it twice: its transaction rolls back
+(`Fenced`) and it starts a new session.
+
+Back-pressure: between fetch and write sits a bounded queue; while it is full the assigned
+partitions are paused, so aiokafka's own prefetch (bounded by its fetch sizes) is all that
+waits in memory.
+"""
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import KafkaError
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
+
+from ingest.batching import END, EndOfStream, Origin, Received, collect
+from ingest.decoding import Decoded, MessageDecoder
+from ingest.errors import Rejected, Retryable
+from ingest.settings import IngestSettings
+from ingest.stats import IngestStats
+from ingest.topics import TopicScheme
+from ingest.writer import Refusals, TelemetryWriter
+
+log = logging.getLogger(__name__)
+
+LOAD_OFFSETS = """
+SELECT topic, partition, next_offset FROM kafka_offsets
+WHERE group_id = %(group)s AND topic = ANY(%(topics)s)
+"""
+# Compare-and-set: the row must still hold what this consumer last read or wrote.
+ADVANCE_OFFSETS = """
+UPDATE kafka_offsets o
+SET next_offset = w.next_offset, log_end_offset = w.log_end_offset, updated_at = now()
+FROM unnest(%(topics)s::text[], %(partitions)s::int4[], %(expected)s::int8[],
+            %(next)s::int8[], %(ends)s::int8[])
+     AS w(topic, partition, expected, next_offset, log_end_offset)
+WHERE o.group_id = %(group)s AND o.topic = w.topic AND o.partition = w.partition
+  AND o.next_offset = w.expected
+"""
+FIRST_OFFSETS = """
+INSERT INTO kafka_offsets (group_id, topic, partition, next_offset, log_end_offset)
+SELECT %(group)s, w.topic, w.partition, w.next_offset, w.log_end_offset
+FROM unnest(%(topics)s::text[], %(partitions)s::int4[], %(next)s::int8[], %(ends)s::int8[])
+     AS w(topic, partition, next_offset, log_end_offset)
+ON CONFLICT DO NOTHING
+"""
+LAG = """
+SELECT group_id, topic, partition, next_offset, log_end_offset,
+       greatest(log_end_offset - next_offset, 0) AS lag, updated_at
+FROM kafka_offsets
+WHERE %(group)s::text IS NULL OR group_id = %(group)s
+ORDER BY group_id, topic, partition
+"""
+
+_RETRY_FIRST, _RETRY_MAX = 0.5, 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaAck:
+    """What a record's batch needs to advance its partition."""
+
+    partition: TopicPartition
+    offset: int
+    epoch: int
+
+
+class Fenced(Exception):
+    """Another consumer advanced a partition we were writing: roll back and start over."""
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionLag:
+    group_id: str
+    topic: str
+    partition: int
+    next_offset: int
+    log_end_offset: int | None
+    lag: int | None
+    updated_at: datetime
+
+
+async def partition_lag(conn: AsyncConnection[Any], group: str | None = None) -> list[PartitionLag]:
+    """Each partition's stored offset and how far behind the partition's end it was."""
+    cursor = await conn.execute(LAG, {"group": group})
+    return [PartitionLag(*row) for row in await cursor.fetchall()]
+
+
+class KafkaIngest:
+    """Consumes telemetry records from Kafka topics until `stop()`; reconnects on its own.
+
+    Partitions come from the consumer group, or, when `partitions` is given (or set with
+    `assign`), from the caller: static assignment, as in a StatefulSet with one partition
+    range per replica, and on brokers without group support.
+    """
+
+    def __init__(
+        self,
+        settings: IngestSettings,
+        pool: AsyncConnectionPool,
+        *,
+        stats: IngestStats | None = None,
+        partitions: Sequence[tuple[str, int]] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._pool = pool
+        self.stats = stats or IngestStats()
+        self._writer = TelemetryWriter(pool, stats=self.stats, counter_shard=settings.kafka_shard)
+        self._topics = TopicScheme(settings.mqtt_topic_root)
+        self._decode = MessageDecoder(self._topics, settings)
+        self._static = [TopicPartition(t, p) for t, p in partitions] if partitions else None
+        self._consumer: AIOKafkaConsumer | None = None
+        # Per owned partition: its epoch and the offset stored for it (None: no row yet).
+        self._epochs: dict[TopicPartition, int] = {}
+        self._stored: dict[TopicPartition, int | None] = {}
+        self._epoch = 0
+        self._queued = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._stopping = asyncio.Event()
+        self.assigned = asyncio.Event()
+        """Set while partitions are assigned and positioned (tests and readiness wait on it)."""
+        self.pauses = 0
+        """How often fetching was paused because the writer was behind."""
+        self.lag: dict[TopicPartition, int] = {}
+        """Records behind each owned partition's end, as of the last fetch."""
+
+    def registry_changed(self, platform: str) -> None:
+        """An operator changed the registry: forget what was cached about it."""
+        self._writer.directory.forget()
+
+    def stop(self) -> None:
+        """Asks `run()` to stop fetching, write and commit what it holds, and return."""
+        self._stopping.set()
+
+    async def assign(self, partitions: Sequence[tuple[str, int]]) -> None:
+        """Replaces a static assignment (for example, taking over a stopped consumer's)."""
+        self._static = [TopicPartition(t, p) for t, p in partitions]
+        if self._consumer is not None:
+            self._consumer.assign(self._static)
+            await self._take(self._consumer, self._static)
+
+    async def run(self) -> None:
+        delay = _RETRY_FIRST
+        while not self._stopping.is_set():
+            try:
+                await self._session()
+                delay = _RETRY_FIRST
+            except* (KafkaError, Fenced) as group:
+                log.warning(
+                    "Kafka session ended (%s); starting again in %.1fs", group.exceptions[0], delay
+                )
+            self.assigned.clear()
+            if self._stopping.is_set():
+                break
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._stopping.wait()
+            delay = min(delay * 2, _RETRY_MAX)
+
+    async def _session(self) -> None:
+        s = self._settings
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=s.require_kafka_bootstrap(),
+            group_id=s.kafka_group_id,
+            client_id=s.kafka_client_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=s.kafka_max_records,
+            session_timeout_ms=s.kafka_session_timeout_ms,
+            heartbeat_interval_ms=max(1000, s.kafka_session_timeout_ms // 3),
+        )
+        await consumer.start()
+        self._consumer = consumer
+        self._epochs.clear()
+        self._stored.clear()
+        self._queued = 0
+        self._idle.set()
+        try:
+            if self._static is not None:
+                consumer.assign(self._static)
+                await self._take(consumer, self._static)
+            else:
+                consumer.subscribe(s.kafka_topics, listener=_Listener(self, consumer))
+            queue: asyncio.Queue[Received[KafkaAck] | EndOfStream] = asyncio.Queue(
+                s.queue_max_messages
+            )
+            async with asyncio.TaskGroup() as tasks:
+                fetching = tasks.create_task(self._fetch(consumer, queue))
+                writing = tasks.create_task(self._write(consumer, queue))
+                stopping = tasks.create_task(self._stopping.wait())
+                await asyncio.wait((stopping, writing), return_when=asyncio.FIRST_COMPLETED)
+                fetching.cancel()
+                await queue.put(END)
+                try:
+                    async with asyncio.timeout(s.shutdown_grace_seconds):
+                        await writing
+                except TimeoutError:
+                    log.error(  # noqa: TRY400 - expected; a traceback would not help
+                        "drain did not finish within the grace period; the records will be "
+                        "read again from the stored offsets"
+                    )
+                    writing.cancel()
+        finally:
+            self._consumer = None
+            self.assigned.clear()
+            await consumer.stop()
+
+    async def _take(self, consumer: AIOKafkaConsumer, partitions: Sequence[TopicPartition]) -> None:
+        """Starts a new epoch for `partitions` and positions them at their stored offsets."""
+        self._epoch += 1
+        stored = await self._load_offsets({tp.topic for tp in partitions})
+        self._epochs = {tp: self._epoch for tp in partitions}
+        self._stored = {tp: stored.get(tp) for tp in partitions}
+        for tp in partitions:
+            offset = stored.get(tp)
+            if offset is None:
+                await consumer.seek_to_beginning(tp)
+            else:
+                consumer.seek(tp, offset)
+        log.info(
+            "assigned %s",
+            ", ".join(f"{tp.topic}[{tp.partition}]@{stored.get(tp, 0)}" for tp in partitions),
+        )
+        self.assigned.set()
+
+    async def _give_up(self, partitions: Sequence[TopicPartition]) -> None:
+        """Revocation: let the batches already fetched commit (bounded), then drop ownership."""
+        try:
+            async with asyncio.timeout(self._settings.shutdown_grace_seconds):
+                await self._idle.wait()
+        except TimeoutError:
+            log.warning("revoked partitions while a batch was in flight; abandoning it")
+        for tp in partitions:
+            self._epochs.pop(tp, None)
+            self._stored.pop(tp, None)
+            self.lag.pop(tp, None)
+        self.assigned.clear()
+
+    async def _load_offsets(self, topics: set[str]) -> dict[TopicPartition, int]:
+        async with self._pool.connection() as conn:
+            cursor = await conn.execute(
+                LOAD_OFFSETS, {"group": self._settings.kafka_group_id, "topics": sorted(topics)}
+            )
+            return {TopicPartition(t, p): o for t, p, o in await cursor.fetchall()}
+
+    async def _fetch(
+        self, consumer: AIOKafkaConsumer, queue: "asyncio.Queue[Received[KafkaAck] | EndOfStream]"
+    ) -> None:
+        decode = self._decode
+        root = self._topics.root
+        while True:
+            fetched = await consumer.getmany(timeout_ms=1000)
+            for tp, records in fetched.items():
+                epoch = self._epochs.get(tp)
+                if epoch is None:
+                    continue  # revoked meanwhile
+                highwater = consumer.highwater(tp)
+                if highwater is not None:
+                    self.lag[tp] = max(highwater - records[-1].offset - 1, 0)
+                for record in records:
+                    message = _received(record, tp, epoch, root, decode)
+                    if queue.full():
+                        # The writer is behind: stop fetching until it catches up.
+                        paused = consumer.assignment()
+                        consumer.pause(*paused)
+                        self.pauses += 1
+                        try:
+                            await queue.put(message)
+                        finally:
+                            consumer.resume(*paused)
+                    else:
+                        queue.put_nowait(message)
+                    self._queued += 1
+                    self._idle.clear()
+                    self.stats.messages += 1
+
+    async def _write(
+        self, consumer: AIOKafkaConsumer, queue: "asyncio.Queue[Received[KafkaAck] | EndOfStream]"
+    ) -> None:
+        s = self._settings
+        ended = False
+        while not ended:
+            batch, ended = await collect(
+                queue, max_points=s.batch_max_points, max_delay=s.batch_max_delay_seconds
+            )
+            if not batch:
+                continue
+            # Records fetched before their partition changed hands are left to the new epoch.
+            current = [m for m in batch if self._epochs.get(m.ack.partition) == m.ack.epoch]
+            if current:
+                advanced = await self._write_until_committed(consumer, current)
+                self._stored.update((tp, n) for tp, n in advanced.items() if tp in self._epochs)
+                with contextlib.suppress(KafkaError):
+                    # Only for lag tools; the database holds the truth.
+                    await consumer.commit({tp: offset for tp, offset in advanced.items()})
+            self._queued -= len(batch)
+            if self._queued == 0:
+                self._idle.set()
+
+    async def _write_until_committed(
+        self, consumer: AIOKafkaConsumer, batch: list[Received[KafkaAck]]
+    ) -> dict[TopicPartition, int]:
+        """Writes the batch and its offsets in one transaction; returns the new offsets."""
+        advanced: dict[TopicPartition, int] = {}
+        for message in batch:
+            tp = message.ack.partition
+            advanced[tp] = max(advanced.get(tp, 0), message.ack.offset + 1)
+        ends = {tp: consumer.highwater(tp) for tp in advanced}
+        expected = {tp: self._stored.get(tp) for tp in advanced}
+        group = self._settings.kafka_group_id
+
+        async def store_offsets(conn: AsyncConnection[Any], _: Refusals) -> None:
+            await _advance(conn, group, expected, advanced, ends)
+
+        delay = _RETRY_FIRST
+        while True:
+            try:
+                await self._writer.write(batch, in_transaction=store_offsets)
+            except Retryable as exc:
+                log.warning(
+                    "batch of %d records not written (%s); retrying in %.1fs",
+                    len(batch),
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RETRY_MAX)
+            else:
+                return advanced
+
+
+async def _advance(
+    conn: AsyncConnection[Any],
+    group: str,
+    expected: dict[TopicPartition, int | None],
+    advanced: dict[TopicPartition, int],
+    ends: dict[TopicPartition, int | None],
+) -> None:
+    """Moves the stored offsets on, or raises Fenced if another consumer moved them first."""
+    known = [tp for tp in advanced if expected[tp] is not None]
+    new = [tp for tp in advanced if expected[tp] is None]
+    async with conn.cursor() as cur:
+        if known:
+            await cur.execute(
+                ADVANCE_OFFSETS,
+                {
+                    "group": group,
+                    "topics": [tp.topic for tp in known],
+                    "partitions": [tp.partition for tp in known],
+                    "expected": [expected[tp] for tp in known],
+                    "next": [advanced[tp] for tp in known],
+                    "ends": [ends[tp] for tp in known],
+                },
+            )
+            if cur.rowcount != len(known):
+                raise Fenced(f"stored offsets of group {group!r} moved under us")
+        if new:
+            await cur.execute(
+                FIRST_OFFSETS,
+                {
+                    "group": group,
+                    "topics": [tp.topic for tp in new],
+                    "partitions": [tp.partition for tp in new],
+                    "next": [advanced[tp] for tp in new],
+                    "ends": [ends[tp] for tp in new],
+                },
+            )
+            if cur.rowcount != len(new):
+                raise Fenced(f"another consumer of group {group!r} stored offsets first")
+
+
+def _received(
+    record: "ConsumerRecord[bytes, bytes]",
+    tp: TopicPartition,
+    epoch: int,
+    root: str,
+    decode: MessageDecoder,
+) -> Received[KafkaAck]:
+    """Decodes one record: its key names the device (or gateway) as in the MQTT topic."""
+    now = datetime.now(UTC)
+    # The producer's time, not ours: a backlog read hours later is judged (time window,
+    # liveness) by when it was sent. Never later than now.
+    sent = datetime.fromtimestamp(record.timestamp / 1000, UTC) if record.timestamp else now
+    received_at = min(sent, now)
+    payload = record.value if record.value is not None else b""
+    key: str | None = None
+    outcome: Decoded | Rejected
+    if record.key is None:
+        outcome = Rejected("missing_key", "a record's key names its device: {platform}/{device}")
+    else:
+        try:
+            key = record.key.decode()
+        except UnicodeDecodeError:
+            outcome = Rejected("bad_key", "the record key is not UTF-8")
+        else:
+            outcome = decode(f"{root}/{key}/telemetry", payload, received_at)
+            if isinstance(outcome, Rejected) and outcome.reason == "bad_topic":
+                outcome = Rejected(
+                    "bad_key",
+                    f"key {key[:80]!r} is not {{platform}}/{{device}} or "
+                    "{platform}/gateways/{gateway}",
+                    platform=outcome.platform,
+                )
+    ack = KafkaAck(tp, record.offset, epoch)
+    return Received(
+        "kafka",
+        tp.topic,
+        payload,
+        received_at,
+        outcome,
+        ack,
+        Origin(tp.partition, record.offset, key),
+    )
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, ingest: KafkaIngest, consumer: AIOKafkaConsumer) -> None:
+        self._ingest = ingest
+        self._consumer = consumer
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self._ingest._give_up(sorted(revoked))
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        await self._ingest._take(self._consumer, sorted(assigned))

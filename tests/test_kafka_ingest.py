@@ -1,0 +1,294 @@
+"""Kafka ingest on a Kafka-protocol broker (librdkafka's mock cluster) and the real PostgreSQL.
+
+The mock lacks one thing these tests would use: a second member of a consumer group fails
+SyncGroup, so tests with two consumers (handover, kill -9) assign partitions explicitly
+(`IIOT_KAFKA_PARTITIONS`, a supported deployment mode); the single-consumer tests use the group.
+Topics appear on first use with 4 partitions.
+"""
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from psycopg_pool import AsyncConnectionPool
+
+from ingest.kafka import KafkaIngest, partition_lag
+from ingest.settings import IngestSettings
+from registry.counts import platform_counts
+from tests.conftest import eventually, payload, scalar
+
+PARTITIONS = 4
+
+
+@pytest.fixture
+def settings(ingest_settings: IngestSettings, kafka: str, unique: str) -> IngestSettings:
+    return ingest_settings.model_copy(
+        update={
+            "kafka_bootstrap": kafka,
+            "kafka_topics": [f"telemetry-{unique}"],
+            "kafka_group_id": f"iiot-{unique}",
+            "kafka_client_id": f"iiot-test-{unique}",
+        }
+    )
+
+
+@asynccontextmanager
+async def consuming(ingest: KafkaIngest) -> AsyncIterator[KafkaIngest]:
+    task = asyncio.create_task(ingest.run())
+    try:
+        async with asyncio.timeout(30):
+            await ingest.assigned.wait()
+        yield ingest
+    finally:
+        ingest.stop()
+        async with asyncio.timeout(30):
+            await task
+
+
+async def produce(
+    bootstrap: str, topic: str, records: Sequence[tuple[bytes | None, bytes]]
+) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+    await producer.start()
+    try:
+        sent = [await producer.send(topic, value, key=key) for key, value in records]
+        await asyncio.gather(*sent)
+    finally:
+        await producer.stop()
+
+
+def stream(platform: str, records: int, devices: int, first: int = 0) -> list[tuple[bytes, bytes]]:
+    """`records` records of 10 points each, no two points alike; values 10n..10n+9."""
+    base = int(datetime.now(UTC).timestamp() * 1000) - 3_600_000
+    return [
+        (
+            f"{platform}/d{n % devices}".encode(),
+            payload({"ts": base + n, "metrics": {f"m{k}": n * 10 + k for k in range(10)}}),
+        )
+        for n in range(first, first + records)
+    ]
+
+
+def value_sum(records: int) -> int:
+    return sum(range(records * 10))
+
+
+async def test_records_are_stored_with_their_offsets_and_bad_ones_dead_lettered(
+    settings: IngestSettings, pool: AsyncConnectionPool, db: Any, platform: str, unique: str
+) -> None:
+    topic = settings.kafka_topics[0]
+    ts = int(datetime.now(UTC).timestamp() * 1000)
+    good = payload({"ts": ts, "metrics": {"temp": 21.5}})
+    records: list[tuple[bytes | None, bytes]] = [
+        (b"plant-1/press-1", good),
+        (None, good),  # no key
+        (b"\xff\xfe", good),  # key not UTF-8
+        (b"plant-1/press-1/extra", good),  # key with a path in it
+        (b"plant-1/+", good),  # wildcard as a device id
+        (b"plant-1/press-2", b'{"ts": 1, "metr'),  # truncated JSON
+        (b"nowhere/press-1", good),  # unknown platform
+        (b"plant-1/press-3", payload({"ts": ts, "metrics": {"temp": "hot"}})),
+        (
+            b"plant-1/gateways/gw-1",
+            payload({"devices": {"press-4": {"ts": ts, "metrics": {"rpm": 7}}}}),
+        ),
+        (b"plant-1/press-5", good),
+    ]
+    await produce(settings.require_kafka_bootstrap(), topic, records)
+    async with consuming(KafkaIngest(settings, pool)):
+        await eventually(lambda: scalar(db, "SELECT count(*) = 7 FROM dead_letters"))
+        await eventually(lambda: scalar(db, "SELECT count(*) = 3 FROM telemetry"))
+
+    rows = await (
+        await db.execute(
+            "SELECT reason, topic, source, kafka_partition IS NOT NULL, kafka_offset IS NOT NULL,"
+            " kafka_key FROM dead_letters ORDER BY reason, kafka_key NULLS FIRST"
+        )
+    ).fetchall()
+    assert [(r[0], r[5]) for r in rows] == [
+        ("bad_device_id", "plant-1/+"),
+        ("bad_key", None),
+        ("bad_key", "plant-1/press-1/extra"),
+        ("invalid_json", "plant-1/press-2"),
+        ("invalid_value", "plant-1/press-3"),
+        ("missing_key", None),
+        ("unknown_platform", "nowhere/press-1"),
+    ]
+    assert all(r[1] == topic and r[2] == "kafka" and r[3] and r[4] for r in rows)
+    # Every record's offset is stored with the data: the sum of next offsets is the count.
+    assert await scalar(db, "SELECT sum(next_offset)::int FROM kafka_offsets") == len(records)
+    lag = await partition_lag(db, settings.kafka_group_id)
+    assert lag
+    assert all(p.lag == 0 for p in lag)
+    # Devices first seen on Kafka are registered (one behind its gateway) and connected.
+    devices = await (
+        await db.execute(
+            "SELECT d.device_id, g.gateway_id FROM devices d"
+            " LEFT JOIN gateways g ON g.id = d.via_gateway ORDER BY d.device_id"
+        )
+    ).fetchall()
+    assert devices == [("press-1", None), ("press-4", "gw-1"), ("press-5", None)]
+    counts = await platform_counts(db, "plant-1")
+    assert counts is not None
+    assert (counts.registered, counts.connected) == (3, 3)
+
+
+async def test_the_store_not_kafka_decides_where_reading_resumes(
+    settings: IngestSettings, pool: AsyncConnectionPool, db: Any, platform: str
+) -> None:
+    topic = settings.kafka_topics[0]
+    bootstrap = settings.require_kafka_bootstrap()
+    await produce(bootstrap, topic, stream(platform, 400, devices=20))
+    # Someone commits the group's offsets to the end in Kafka (as aiokafka's auto-commit would
+    # after fetching): nothing is stored yet, so ingest must still read everything.
+    rogue = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=settings.kafka_group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+    )
+    await rogue.start()
+    try:
+        partitions = [TopicPartition(topic, p) for p in range(PARTITIONS)]
+        ends = await rogue.end_offsets(partitions)
+        await rogue.commit(ends)
+    finally:
+        await rogue.stop()
+
+    async with consuming(KafkaIngest(settings, pool)):
+        await eventually(lambda: scalar(db, "SELECT count(*) = 4000 FROM telemetry"))
+    # Stopped; more arrives; a new consumer goes on from the stored offsets: nothing twice.
+    await produce(bootstrap, topic, stream(platform, 400, devices=20, first=400))
+    async with consuming(KafkaIngest(settings, pool)) as ingest:
+        await eventually(lambda: scalar(db, "SELECT count(*) = 8000 FROM telemetry"))
+        await asyncio.sleep(0.5)
+        assert ingest.stats.duplicates_skipped == 0
+        assert ingest.stats.messages == 400  # read from the stored offsets, not from 0
+    assert await scalar(db, "SELECT sum(value)::bigint FROM telemetry") == value_sum(800)
+
+
+async def test_a_stopped_consumers_partitions_are_taken_over_without_loss_or_duplicates(
+    settings: IngestSettings, pool: AsyncConnectionPool, db: Any, platform: str
+) -> None:
+    topic = settings.kafka_topics[0]
+    bootstrap = settings.require_kafka_bootstrap()
+    halves = [[(topic, 0), (topic, 1)], [(topic, 2), (topic, 3)]]
+    a = KafkaIngest(
+        settings.model_copy(update={"kafka_client_id": "a"}), pool, partitions=halves[0]
+    )
+    b = KafkaIngest(
+        settings.model_copy(update={"kafka_client_id": "b"}), pool, partitions=halves[1]
+    )
+    records = stream(platform, 6_000, devices=200)
+    async with consuming(b):
+        async with consuming(a):
+            await produce(bootstrap, topic, records[:3_000])
+            await eventually(lambda: scalar(db, "SELECT count(*) > 5000 FROM telemetry"))
+        # a stopped mid-stream (drained what it held); b takes over a's partitions.
+        await b.assign(halves[0] + halves[1])
+        await produce(bootstrap, topic, records[3_000:])
+        await eventually(lambda: scalar(db, "SELECT count(*) = 60000 FROM telemetry"), timeout=60)
+        await asyncio.sleep(0.5)
+    assert a.stats.messages + b.stats.messages == 6_000  # each record read once in all
+    assert a.stats.duplicates_skipped + b.stats.duplicates_skipped == 0
+    assert await scalar(db, "SELECT sum(value)::bigint FROM telemetry") == value_sum(6_000)
+
+
+async def test_two_consumers_on_the_same_partitions_write_each_record_once(
+    settings: IngestSettings, pool: AsyncConnectionPool, db: Any, platform: str
+) -> None:
+    # A misconfiguration (both given every partition): the offsets' compare-and-set fences one
+    # of them on every conflict, so even the dead letters, which have no natural key, are
+    # stored once.
+    topic = settings.kafka_topics[0]
+    every = [(topic, p) for p in range(PARTITIONS)]
+    records: list[tuple[bytes | None, bytes]] = list(stream(platform, 2_000, devices=50))
+    records[::100] = [(b"plant-1/poison", b"not json")] * len(records[::100])
+    await produce(settings.require_kafka_bootstrap(), topic, records)
+    a = KafkaIngest(settings.model_copy(update={"kafka_client_id": "a"}), pool, partitions=every)
+    b = KafkaIngest(settings.model_copy(update={"kafka_client_id": "b"}), pool, partitions=every)
+    async with consuming(a), consuming(b):
+        await eventually(
+            lambda: scalar(db, "SELECT sum(next_offset) = 2000 FROM kafka_offsets"), timeout=60
+        )
+    assert await scalar(db, "SELECT count(*) FROM dead_letters") == 20
+    assert await scalar(db, "SELECT count(*) FROM telemetry") == 1_980 * 10
+
+
+async def test_a_slow_writer_pauses_fetching_and_loses_nothing(
+    settings: IngestSettings, pool: AsyncConnectionPool, db: Any, platform: str
+) -> None:
+    tight = settings.model_copy(update={"queue_max_messages": 8, "batch_max_points": 50})
+    await produce(
+        settings.require_kafka_bootstrap(),
+        settings.kafka_topics[0],
+        stream(platform, 1_000, devices=10),
+    )
+    async with consuming(KafkaIngest(tight, pool)) as ingest:
+        await eventually(lambda: scalar(db, "SELECT count(*) = 10000 FROM telemetry"), timeout=60)
+        assert ingest.pauses > 0
+
+
+async def test_kill_9_of_the_consumer_three_times_stores_every_point_once(
+    settings: IngestSettings, db: Any, platform: str, tmp_path: Path
+) -> None:
+    topic = settings.kafka_topics[0]
+    bootstrap = settings.require_kafka_bootstrap()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IIOT_")}
+    env |= {
+        "IIOT_DATABASE_URL": str(settings.database_url),
+        "IIOT_DATABASE_SCHEMA": settings.database_schema,
+        "IIOT_KAFKA_BOOTSTRAP": bootstrap,
+        "IIOT_KAFKA_TOPICS": topic,
+        "IIOT_KAFKA_GROUP_ID": settings.kafka_group_id,
+        "IIOT_KAFKA_PARTITIONS": ",".join(f"{topic}:{p}" for p in range(PARTITIONS)),
+        "IIOT_BATCH_MAX_POINTS": "5000",
+    }
+    log = (tmp_path / "consumer.log").open("w")
+
+    def start() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "iiot.cli", "ingest", "kafka"], env=env, stdout=log, stderr=log
+        )
+
+    records = stream(platform, 10_000, devices=500)  # 100,000 points
+    consumer = start()
+    kills = 0
+    try:
+        for chunk in range(4):
+            await produce(bootstrap, topic, records[chunk * 2_500 : (chunk + 1) * 2_500])
+            if chunk < 3:
+                floor = await scalar(db, "SELECT count(*) FROM telemetry")
+                await eventually(
+                    lambda f=floor: scalar(db, "SELECT count(*) > %s FROM telemetry", f),
+                    timeout=60,
+                )
+                consumer.send_signal(signal.SIGKILL)
+                consumer.wait(10)
+                kills += 1
+                consumer = start()
+        stored_before_drain = await scalar(db, "SELECT count(*) FROM telemetry")
+        await eventually(
+            lambda: scalar(db, "SELECT count(*) = 100000 FROM telemetry"), timeout=120, interval=0.2
+        )
+        await eventually(
+            lambda: scalar(db, "SELECT sum(next_offset) = 10000 FROM kafka_offsets"), timeout=30
+        )
+    finally:
+        consumer.send_signal(signal.SIGTERM)
+        consumer.wait(30)
+        log.close()
+    assert kills == 3
+    assert stored_before_drain < 100_000
+    assert await scalar(db, "SELECT sum(value)::bigint FROM telemetry") == value_sum(10_000)
+    assert await scalar(db, "SELECT count(*) FROM dead_letters") == 0
