@@ -37,10 +37,12 @@ format: $(STAMP) ## Apply ruff's formatting and safe fixes
 
 bench: $(STAMP) ## Benchmarks beside their baselines (several minutes; see docs/benchmarks.md)
 	$(BIN)/python -m bench.mqtt_drain
+	$(BIN)/python -m bench.kafka_drain
 	$(BIN)/python -m bench.registry_events
 
 bench-quick: $(STAMP) ## The benchmarks at a tenth of their size (a smoke run)
 	$(BIN)/python -m bench.mqtt_drain --quick
+	$(BIN)/python -m bench.kafka_drain --quick
 	$(BIN)/python -m bench.registry_events --quick
 
 clean: ## Remove the virtualenv and the embedded services' data (.iiot)

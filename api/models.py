@@ -158,3 +158,13 @@ class CountHistory(BaseModel):
 
 class Health(BaseModel):
     status: str
+
+
+class KafkaPartitionLag(BaseModel):
+    group: str
+    topic: str
+    partition: int
+    next_offset: int = Field(description="The next offset to store: records before it are stored.")
+    log_end_offset: int | None = Field(description="The partition's end when it was stored.")
+    lag: int | None = Field(description="log_end_offset - next_offset: records not yet stored.")
+    updated_at: datetime

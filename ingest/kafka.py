@@ -133,6 +133,8 @@ class KafkaIngest:
         # Per owned partition: its epoch and the offset stored for it (None: no row yet).
         self._epochs: dict[TopicPartition, int] = {}
         self._stored: dict[TopicPartition, int | None] = {}
+        # Per owned partition: the offset after the last record queued in this epoch.
+        self._next: dict[TopicPartition, int] = {}
         self._epoch = 0
         self._queued = 0
         self._idle = asyncio.Event()
@@ -140,6 +142,8 @@ class KafkaIngest:
         self._stopping = asyncio.Event()
         self.assigned = asyncio.Event()
         """Set while partitions are assigned and positioned (tests and readiness wait on it)."""
+        self.skipped_offsets = 0
+        """Offsets that were missing from the log when read (see the warning it logs)."""
         self.pauses = 0
         """How often fetching was paused because the writer was behind."""
         self.lag: dict[TopicPartition, int] = {}
@@ -157,6 +161,9 @@ class KafkaIngest:
         """Replaces a static assignment (for example, taking over a stopped consumer's)."""
         self._static = [TopicPartition(t, p) for t, p in partitions]
         if self._consumer is not None:
+            dropped = self._epochs.keys() - set(self._static)
+            if dropped:
+                await self._give_up(sorted(dropped))
             self._consumer.assign(self._static)
             await self._take(self._consumer, self._static)
 
@@ -194,6 +201,7 @@ class KafkaIngest:
         self._consumer = consumer
         self._epochs.clear()
         self._stored.clear()
+        self._next.clear()
         self._queued = 0
         self._idle.set()
         try:
@@ -227,21 +235,29 @@ class KafkaIngest:
             await consumer.stop()
 
     async def _take(self, consumer: AIOKafkaConsumer, partitions: Sequence[TopicPartition]) -> None:
-        """Starts a new epoch for `partitions` and positions them at their stored offsets."""
+        """Positions the assigned partitions: those already owned where this consumer left off
+        (same epoch), new ones, in a new epoch, at their stored offsets."""
+        owned = [tp for tp in partitions if tp in self._epochs]
+        new = [tp for tp in partitions if tp not in self._epochs]
+        # A partition's start: the stored offset, else the log's start (never what was committed
+        # to Kafka). `seek` takes effect at once; aiokafka's `seek_to_beginning` resets lazily
+        # and can rewind past records it already returned.
+        stored = await self._load_offsets({tp.topic for tp in new}) if new else {}
+        missing = [tp for tp in new if tp not in stored]
+        start = stored | (await consumer.beginning_offsets(missing) if missing else {})
         self._epoch += 1
-        stored = await self._load_offsets({tp.topic for tp in partitions})
-        self._epochs = {tp: self._epoch for tp in partitions}
-        self._stored = {tp: stored.get(tp) for tp in partitions}
+        for tp in new:
+            self._epochs[tp] = self._epoch
+            self._stored[tp] = stored.get(tp)
+            self._next[tp] = start[tp]
         for tp in partitions:
-            offset = stored.get(tp)
-            if offset is None:
-                await consumer.seek_to_beginning(tp)
-            else:
-                consumer.seek(tp, offset)
+            consumer.seek(tp, self._next[tp])
         log.info(
             "assigned %s",
-            ", ".join(f"{tp.topic}[{tp.partition}]@{stored.get(tp, 0)}" for tp in partitions),
+            ", ".join(f"{tp.topic}[{tp.partition}]@{self._next[tp]}" for tp in partitions),
         )
+        if owned:
+            log.info("kept %d partitions where they were", len(owned))
         self.assigned.set()
 
     async def _give_up(self, partitions: Sequence[TopicPartition]) -> None:
@@ -254,6 +270,7 @@ class KafkaIngest:
         for tp in partitions:
             self._epochs.pop(tp, None)
             self._stored.pop(tp, None)
+            self._next.pop(tp, None)
             self.lag.pop(tp, None)
         self.assigned.clear()
 
@@ -278,7 +295,25 @@ class KafkaIngest:
                 highwater = consumer.highwater(tp)
                 if highwater is not None:
                     self.lag[tp] = max(highwater - records[-1].offset - 1, 0)
+                next_offset = self._next.get(tp, 0)
                 for record in records:
+                    if record.offset < next_offset:
+                        continue  # queued already in this epoch (a re-fetch): once is enough
+                    if record.offset > next_offset:
+                        # Compaction, transaction markers, or retention that deleted records
+                        # before they were stored: say so, the records are gone from Kafka.
+                        self.skipped_offsets += record.offset - next_offset
+                        log.warning(
+                            "%s[%d]: offsets %d..%d are not in the log (retention or "
+                            "compaction); going on from %d",
+                            tp.topic,
+                            tp.partition,
+                            next_offset,
+                            record.offset - 1,
+                            record.offset,
+                        )
+                    next_offset = record.offset + 1
+                    self._next[tp] = next_offset
                     message = _received(record, tp, epoch, root, decode)
                     if queue.full():
                         # The writer is behind: stop fetching until it catches up.

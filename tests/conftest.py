@@ -8,12 +8,15 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import httpx
 import orjson
 import psycopg
 import pytest
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
+from api.app import create_app
+from api.settings import ApiSettings
 from iiot.kafka_mock import MockKafkaCluster
 from ingest.mqtt import MqttIngest
 from ingest.settings import IngestSettings
@@ -77,6 +80,19 @@ async def db(store: StoreSettings) -> AsyncIterator[psycopg.AsyncConnection[Any]
 async def pool(store: StoreSettings) -> AsyncIterator[AsyncConnectionPool]:
     async with create_pool(store, name="test") as pool:
         yield pool
+
+
+@pytest.fixture
+async def api(store: StoreSettings) -> AsyncIterator[httpx.AsyncClient]:
+    """The API, in process, on the test's schema."""
+    app = create_app(
+        ApiSettings(database_url=store.database_url, database_schema=store.database_schema)
+    )
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://iiot") as client,
+    ):
+        yield client
 
 
 @pytest.fixture

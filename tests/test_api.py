@@ -1,6 +1,5 @@
 """The count API on the real PostgreSQL."""
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -9,26 +8,11 @@ import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from api.app import create_app
-from api.settings import ApiSettings
 from ingest.stats import IngestStats
 from ingest.writer import TelemetryWriter
 from registry.platforms import upsert_platform
-from registry.settings import StoreSettings
 from registry.sweeper import Sweeper
 from tests.test_writer import telemetry
-
-
-@pytest.fixture
-async def api(store: StoreSettings) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(
-        ApiSettings(database_url=store.database_url, database_schema=store.database_schema)
-    )
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://iiot") as client,
-    ):
-        yield client
 
 
 async def test_counts_follow_each_platforms_liveness_window(

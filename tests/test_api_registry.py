@@ -1,7 +1,6 @@
 """Platform and device management and the count endpoints, through the API on the real store."""
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -10,8 +9,6 @@ import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from api.app import create_app
-from api.settings import ApiSettings
 from ingest.stats import IngestStats
 from ingest.writer import TelemetryWriter
 from registry.history import sample
@@ -20,17 +17,6 @@ from registry.reconcile import TRY_LOCK, UNLOCK, Reconciler, find_drift
 from registry.settings import StoreSettings
 from tests.conftest import eventually
 from tests.test_writer import telemetry
-
-
-@pytest.fixture
-async def api(store: StoreSettings) -> AsyncIterator[httpx.AsyncClient]:
-    settings = ApiSettings(database_url=store.database_url, database_schema=store.database_schema)
-    app = create_app(settings)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://iiot") as client,
-    ):
-        yield client
 
 
 def problem(response: httpx.Response, status: int) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from psycopg_pool import AsyncConnectionPool
@@ -83,7 +84,11 @@ def value_sum(records: int) -> int:
 
 
 async def test_records_are_stored_with_their_offsets_and_bad_ones_dead_lettered(
-    settings: IngestSettings, pool: AsyncConnectionPool, db: Any, platform: str, unique: str
+    settings: IngestSettings,
+    pool: AsyncConnectionPool,
+    db: Any,
+    platform: str,
+    api: httpx.AsyncClient,
 ) -> None:
     topic = settings.kafka_topics[0]
     ts = int(datetime.now(UTC).timestamp() * 1000)
@@ -129,6 +134,10 @@ async def test_records_are_stored_with_their_offsets_and_bad_ones_dead_lettered(
     lag = await partition_lag(db, settings.kafka_group_id)
     assert lag
     assert all(p.lag == 0 for p in lag)
+    served = (await api.get("/ingest/kafka/lag", params={"group": settings.kafka_group_id})).json()
+    assert sorted((p["partition"], p["next_offset"], p["lag"]) for p in served) == sorted(
+        (p.partition, p.next_offset, 0) for p in lag
+    )
     # Devices first seen on Kafka are registered (one behind its gateway) and connected.
     devices = await (
         await db.execute(
@@ -147,7 +156,7 @@ async def test_the_store_not_kafka_decides_where_reading_resumes(
 ) -> None:
     topic = settings.kafka_topics[0]
     bootstrap = settings.require_kafka_bootstrap()
-    await produce(bootstrap, topic, stream(platform, 400, devices=20))
+    await produce(bootstrap, topic, stream(platform, 8_000, devices=200))
     # Someone commits the group's offsets to the end in Kafka (as aiokafka's auto-commit would
     # after fetching): nothing is stored yet, so ingest must still read everything.
     rogue = AIOKafkaConsumer(
@@ -165,16 +174,20 @@ async def test_the_store_not_kafka_decides_where_reading_resumes(
     finally:
         await rogue.stop()
 
-    async with consuming(KafkaIngest(settings, pool)):
-        await eventually(lambda: scalar(db, "SELECT count(*) = 4000 FROM telemetry"))
+    async with consuming(KafkaIngest(settings, pool)) as first:
+        await eventually(lambda: scalar(db, "SELECT count(*) = 80000 FROM telemetry"), timeout=60)
+        await asyncio.sleep(0.5)
+        # Each record read once, from the log's start (not rewound by a lazy reset).
+        assert first.stats.messages == 8_000
+        assert first.stats.duplicates_skipped == 0
     # Stopped; more arrives; a new consumer goes on from the stored offsets: nothing twice.
-    await produce(bootstrap, topic, stream(platform, 400, devices=20, first=400))
+    await produce(bootstrap, topic, stream(platform, 400, devices=200, first=8_000))
     async with consuming(KafkaIngest(settings, pool)) as ingest:
-        await eventually(lambda: scalar(db, "SELECT count(*) = 8000 FROM telemetry"))
+        await eventually(lambda: scalar(db, "SELECT count(*) = 84000 FROM telemetry"))
         await asyncio.sleep(0.5)
         assert ingest.stats.duplicates_skipped == 0
         assert ingest.stats.messages == 400  # read from the stored offsets, not from 0
-    assert await scalar(db, "SELECT sum(value)::bigint FROM telemetry") == value_sum(800)
+    assert await scalar(db, "SELECT sum(value)::bigint FROM telemetry") == value_sum(8_400)
 
 
 async def test_a_stopped_consumers_partitions_are_taken_over_without_loss_or_duplicates(
