@@ -15,6 +15,7 @@ unacknowledged messages, so a slow store slows the broker down instead of growin
 import asyncio
 import contextlib
 import logging
+import uuid
 from datetime import UTC, datetime
 from typing import Any
 
@@ -117,11 +118,25 @@ class MqttIngest:
                 try:
                     async with asyncio.timeout(self._settings.shutdown_grace_seconds):
                         await writing
+                        await self._confirm_acks(client)
                 except TimeoutError:
                     log.error(  # noqa: TRY400 - expected; a traceback would not help
                         "drain did not finish within the grace period; the broker will redeliver"
                     )
                     writing.cancel()
+
+    async def _confirm_acks(self, client: aiomqtt.Client) -> None:
+        """Returns once the broker has read every acknowledgement sent so far.
+
+        Closing the connection right after the last PUBACKs loses some of them: the socket
+        still holds unread messages from the broker, so the close is a reset, and the broker
+        drops what it had not yet read; it then redelivers messages that were stored. A
+        broker answers packets in order, so the SUBACK of a throwaway subscription (to a topic
+        nobody publishes) comes after the PUBACKs before it.
+        """
+        barrier = f"{self._topics.root}/_ack_barrier/{uuid.uuid4().hex}"
+        await client.subscribe(barrier, qos=0)
+        await client.unsubscribe(barrier)
 
     def _client(self) -> aiomqtt.Client:
         s = self._settings

@@ -159,3 +159,62 @@ async def test_a_database_restart_during_ingest_loses_nothing(
         async with await connect(store) as conn:
             total = await scalar(conn, "SELECT sum(value)::bigint FROM telemetry")
     assert total == expected_sum(3_000)
+
+
+async def test_sigterm_drains_writes_and_acknowledges_what_it_holds(
+    ingest_settings: IngestSettings,
+    pool: AsyncConnectionPool,
+    db: Any,
+    platform: str,
+    private_broker: str,
+    tmp_path: Path,
+) -> None:
+    settings = ingest_settings.model_copy(update={"mqtt_url": private_broker})
+    topics = TopicScheme(settings.mqtt_topic_root)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IIOT_")}
+    env |= {
+        "IIOT_DATABASE_URL": str(settings.database_url),
+        "IIOT_DATABASE_SCHEMA": settings.database_schema,
+        "IIOT_MQTT_URL": private_broker,
+        "IIOT_MQTT_CLIENT_ID": settings.mqtt_client_id,
+        "IIOT_MQTT_TOPIC_ROOT": settings.mqtt_topic_root,
+        "IIOT_SHUTDOWN_GRACE_SECONDS": "10",
+    }
+    async with running(MqttIngest(settings, pool)):
+        pass  # the persistent session exists from here on
+    log = (tmp_path / "consumer.log").open("w")
+
+    def start() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "iiot.cli", "ingest", "mqtt"], env=env, stdout=log, stderr=log
+        )
+
+    consumer = start()
+    try:
+        messages = stream(topics, platform, 5_000, devices=100)
+        async with publisher(private_broker) as client:
+            for n, (topic, body) in enumerate(messages):
+                await client.publish(topic, body, qos=1)
+                if n == 2_500:
+                    # Stop it while it is consuming.
+                    await eventually(lambda: scalar(db, "SELECT count(*) > 0 FROM telemetry"))
+                    consumer.send_signal(signal.SIGTERM)
+        started = asyncio.get_running_loop().time()
+        code = await asyncio.to_thread(consumer.wait, 15)
+        took = asyncio.get_running_loop().time() - started
+    finally:
+        if consumer.poll() is None:
+            consumer.kill()
+            consumer.wait(10)
+        log.close()
+    assert code == 0
+    assert took < 12  # within the grace period (10 s) and the time to disconnect
+    at_exit = await scalar(db, "SELECT count(*) FROM telemetry")
+    assert at_exit < 50_000  # it was stopped mid-stream
+    # What it stored it had acknowledged: the rest arrives after a restart, none of it twice.
+    async with running(MqttIngest(settings, pool)) as ingest:
+        await eventually(lambda: scalar(db, "SELECT count(*) = 50000 FROM telemetry"), timeout=60)
+        await asyncio.sleep(0.5)
+        assert ingest.stats.duplicates_skipped == 0
+        assert ingest.stats.points_written == 50_000 - at_exit
+    assert await scalar(db, "SELECT sum(value)::bigint FROM telemetry") == expected_sum(5_000)
