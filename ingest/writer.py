@@ -245,6 +245,9 @@ class TelemetryWriter:
                 devices=resolved.device_sessions,
             )
             if rejected and dead_letter:
+                # In arrival order, as operators read them (decoding refusals were found first).
+                position = {id(message): n for n, message in enumerate(batch)}
+                rejected.sort(key=lambda refusal: position[id(refusal[0])])
                 await _copy_dead_letters(conn, rejected)
             if in_transaction is not None:
                 await in_transaction(conn, rejected)

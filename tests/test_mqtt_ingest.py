@@ -100,9 +100,9 @@ async def test_bad_messages_are_dead_lettered_while_the_stream_goes_on(
     )
     assert await cur.fetchall() == [
         (platform, "invalid_json", stream[1][0], stream[1][1]),
+        ("no-such-platform", "unknown_platform", stream[2][0], good),
         (platform, "bad_device_id", stream[3][0], good),
         (platform, "invalid_value", stream[4][0], stream[4][1]),
-        ("no-such-platform", "unknown_platform", stream[2][0], good),
     ]
     cur = await db.execute("SELECT device_id FROM devices ORDER BY 1")
     assert await cur.fetchall() == [("d1",), ("d3",)]
