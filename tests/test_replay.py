@@ -50,32 +50,32 @@ async def test_replay_after_the_cause_is_fixed(
         ("iiot/v1/known/d3/telemetry", {"metrics": {"v": "x"}}),  # bad for good
     )
     letters = await list_dead_letters(db)
-    assert [d.reason for d in letters] == [
+    assert [d.reason for d in letters] == [  # in arrival order
+        "unknown_platform",
         "timestamp_out_of_window",
         "invalid_value",
-        "unknown_platform",
     ]
 
     await upsert_platform(db, "later")
     report = await replay(pool, settings, letters)
-    assert sorted(report.stored) == [letters[2].id]
+    assert sorted(report.stored) == [letters[0].id]
     assert report.rejected == {
-        letters[0].id: "timestamp_out_of_window",
-        letters[1].id: "invalid_value",
+        letters[1].id: "timestamp_out_of_window",
+        letters[2].id: "invalid_value",
     }
     # Replayed letters are hidden from the default listing; a refused replay adds no new row.
     assert await list_dead_letters(db) == []
     assert await scalar(db, "SELECT count(*) FROM dead_letters") == 3
 
     # The operator accepts the old back-fill explicitly.
-    again = await list_dead_letters(db, ids=[letters[0].id], include_replayed=True)
+    again = await list_dead_letters(db, ids=[letters[1].id], include_replayed=True)
     report = await replay(pool, settings, again, ignore_time_window=True)
-    assert report.stored == [letters[0].id]
+    assert report.stored == [letters[1].id]
     cur = await db.execute("SELECT id, replay_outcome FROM dead_letters ORDER BY id")
     assert await cur.fetchall() == [
         (letters[0].id, "stored"),
-        (letters[1].id, "rejected: invalid_value"),
-        (letters[2].id, "stored"),
+        (letters[1].id, "stored"),
+        (letters[2].id, "rejected: invalid_value"),
     ]
     cur = await db.execute(
         "SELECT d.device_id, t.value FROM telemetry t JOIN devices d ON d.id = t.device_id "
