@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test lint format bench bench-quick clean
+.PHONY: help install run test lint format bench bench-quick proto clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -45,5 +45,10 @@ bench-quick: $(STAMP) ## The benchmarks at a tenth of their size (a smoke run)
 	$(BIN)/python -m bench.kafka_drain --quick
 	$(BIN)/python -m bench.registry_events --quick
 
+proto: ## Regenerate ingest/sparkplug_b_pb2.py(i) from ingest/sparkplug_b.proto (needs network for grpcio-tools)
+	test -x .proto-venv/bin/python || $(PYTHON) -m venv .proto-venv
+	.proto-venv/bin/python -m pip install --quiet "grpcio-tools>=1.85,<2"
+	.proto-venv/bin/python -m grpc_tools.protoc -I ingest --python_out=ingest --pyi_out=ingest ingest/sparkplug_b.proto
+
 clean: ## Remove the virtualenv and the embedded services' data (.iiot)
-	rm -rf $(VENV) .iiot
+	rm -rf $(VENV) .proto-venv .iiot

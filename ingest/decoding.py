@@ -48,6 +48,8 @@ class Status:
     session: int | None
     device: str | None = None
     gateway: str | None = None
+    # What announced it, recorded with the state change: a status topic or Sparkplug.
+    cause: str = "status"
 
 
 _MAX_STATUS_BYTES = 1024

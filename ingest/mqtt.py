@@ -15,6 +15,7 @@ unacknowledged messages, so a slow store slows the broker down instead of growin
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -24,6 +25,7 @@ from paho.mqtt.client import Client as PahoClient
 from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from ingest.batching import END, EndOfStream, Received, collect
@@ -31,9 +33,11 @@ from ingest.decoding import MessageDecoder
 from ingest.errors import Retryable
 from ingest.paho_speedups import share_property_tables
 from ingest.settings import IngestSettings
+from ingest.sparkplug import NAMESPACE, state_payload, state_topic
+from ingest.sparkplug_host import SparkplugHost
 from ingest.stats import IngestStats
 from ingest.topics import TopicScheme
-from ingest.writer import TelemetryWriter
+from ingest.writer import Refusals, TelemetryWriter
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +63,10 @@ class MqttIngest:
         self._writer = TelemetryWriter(pool, stats=self.stats, counter_shard=settings.shard)
         self._topics = TopicScheme(settings.mqtt_topic_root)
         self._decode = MessageDecoder(self._topics, settings)
+        groups = settings.sparkplug_platforms()
+        self.sparkplug = SparkplugHost(settings, groups) if groups is not None else None
+        self._pool = pool
+        self._state_timestamp = 0
         self._stopping = asyncio.Event()
         self.subscribed = asyncio.Event()
         """Set while a session is subscribed (tests and readiness wait on it)."""
@@ -73,6 +81,8 @@ class MqttIngest:
 
     async def run(self) -> None:
         delay = _RETRY_FIRST
+        if self.sparkplug is not None:
+            await self.sparkplug.restore(self._pool)
         while not self._stopping.is_set():
             try:
                 await self._session()
@@ -102,6 +112,11 @@ class MqttIngest:
             )
             for topic_filter in self._topics.filters(self._settings.mqtt_shared_group):
                 await client.subscribe(topic_filter, qos=1)
+            if self.sparkplug is not None:
+                # Not shared: an edge node's births, deaths and seq must reach one process.
+                for topic_filter in self.sparkplug.filters():
+                    await client.subscribe(topic_filter, qos=1)
+                await self._announce_state(client, online=True)
             self.subscribed.set()
             log.info(
                 "subscribed to %s as %s",
@@ -112,13 +127,16 @@ class MqttIngest:
                 receiving = tasks.create_task(self._receive(client, queue))
                 writing = tasks.create_task(self._write(client, queue))
                 stopping = tasks.create_task(self._stopping.wait())
+                commanding = tasks.create_task(self._request_rebirths(client))
                 await asyncio.wait((stopping, writing), return_when=asyncio.FIRST_COMPLETED)
                 receiving.cancel()
+                commanding.cancel()
                 await queue.put(END)
                 try:
                     async with asyncio.timeout(self._settings.shutdown_grace_seconds):
                         await writing
                         await self._confirm_acks(client)
+                        await self._announce_state(client, online=False)
                 except TimeoutError:
                     log.error(  # noqa: TRY400 - expected; a traceback would not help
                         "drain did not finish within the grace period; the broker will redeliver"
@@ -138,6 +156,24 @@ class MqttIngest:
         await client.subscribe(barrier, qos=0)
         await client.unsubscribe(barrier)
 
+    async def _announce_state(self, client: aiomqtt.Client, *, online: bool) -> None:
+        """Sparkplug 3.0 primary host STATE: retained, QoS 1; the Will says offline."""
+        host_id = self._settings.sparkplug_host_id
+        if self.sparkplug is not None and host_id:
+            payload = state_payload(online, self._state_timestamp)
+            await client.publish(state_topic(host_id), payload, qos=1, retain=True)
+
+    async def _request_rebirths(self, client: aiomqtt.Client) -> None:
+        """Publishes the Rebirth requests the Sparkplug sessions ask for (gaps, unknown
+        aliases, data before a birth); QoS 0, as the specification has commands."""
+        if self.sparkplug is None:
+            return
+        while True:
+            for topic, payload in self.sparkplug.rebirths():
+                log.info("requesting a Rebirth on %s", topic)
+                await client.publish(topic, payload, qos=0)
+            await asyncio.sleep(0.25)
+
     def _client(self) -> aiomqtt.Client:
         s = self._settings
         host, port, username, password = s.mqtt_endpoint()
@@ -155,6 +191,16 @@ class MqttIngest:
             }
         else:
             session = {"protocol": aiomqtt.ProtocolVersion.V311, "clean_session": False}
+        will = None
+        # The STATE timestamp ties the Will to the birth of this connection (Sparkplug 3.0).
+        self._state_timestamp = int(time.time() * 1000)
+        if self.sparkplug is not None and s.sparkplug_host_id:
+            will = aiomqtt.Will(
+                state_topic(s.sparkplug_host_id),
+                state_payload(False, self._state_timestamp),
+                qos=1,
+                retain=True,
+            )
         client = aiomqtt.Client(
             host,
             port,
@@ -162,6 +208,7 @@ class MqttIngest:
             password=password,
             identifier=s.mqtt_client_id,
             keepalive=s.mqtt_keepalive_seconds,
+            will=will,
             **session,
         )
         # Must happen before connecting: the backlog delivered at connect would otherwise be
@@ -173,6 +220,7 @@ class MqttIngest:
         self, client: aiomqtt.Client, queue: "asyncio.Queue[Received[MqttAck] | EndOfStream]"
     ) -> None:
         decode = self._decode
+        sparkplug = self.sparkplug.decode if self.sparkplug is not None else None
         # aiomqtt's iterator creates a task per message; take what is already queued directly.
         # (Its queue is private: see docs/adr/0002.)
         backlog: asyncio.Queue[aiomqtt.Message] = client._queue
@@ -186,7 +234,10 @@ class MqttIngest:
                     if isinstance(message.payload, bytes)
                     else _as_bytes(message.payload)
                 )
-                outcome = decode(topic, payload, received_at)
+                if sparkplug is not None and topic.startswith(NAMESPACE):
+                    outcome = sparkplug(topic, payload, received_at)
+                else:
+                    outcome = decode(topic, payload, received_at)
                 ack = (message.mid, message.qos)
                 await queue.put(Received("mqtt", topic, payload, received_at, outcome, ack))
                 self.stats.messages += 1
@@ -217,9 +268,15 @@ class MqttIngest:
 
     async def _write_until_committed(self, batch: list[Received[MqttAck]]) -> None:
         delay = _RETRY_FIRST
+        keep_births = SparkplugHost.keep_births if self.sparkplug is not None else None
+
+        async def in_transaction(conn: AsyncConnection[Any], _: Refusals) -> None:
+            if keep_births is not None:
+                await keep_births(conn, batch)
+
         while True:
             try:
-                await self._writer.write(batch)
+                await self._writer.write(batch, in_transaction=in_transaction)
             except Retryable as exc:
                 log.warning(
                     "batch of %d messages not written (%s); retrying in %.1fs",

@@ -322,7 +322,9 @@ class TelemetryWriter:
                 )
                 assert subject is not None  # a status names its device or gateway
                 events.append(
-                    SessionEvent(subject, item.online, item.session, message.received_at, "status")
+                    SessionEvent(
+                        subject, item.online, item.session, message.received_at, item.cause
+                    )
                 )
         return resolved
 

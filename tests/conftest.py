@@ -103,6 +103,10 @@ def ingest_settings(store: StoreSettings, mqtt_url: str, unique: str) -> IngestS
         mqtt_url=mqtt_url,
         mqtt_client_id=f"iiot-test-{unique}",
         mqtt_topic_root=f"test/{unique}/iiot/v1",
+        # The broker forgets a test's session soon after it; Sparkplug only where a test maps a
+        # group of its own (its topics are not under the test's root).
+        mqtt_session_expiry_seconds=600,
+        sparkplug_groups="",
         batch_max_delay_seconds=0.05,
         shutdown_grace_seconds=5,
     )

@@ -1,0 +1,495 @@
+"""Eclipse Sparkplug B 3.0: topics, payloads, and the sessions of edge nodes (docs/contract.md,
+"Sparkplug B").
+
+`EdgeNodeSessions` follows each edge node the way a primary host application must: the BIRTH
+certificates give metric names for aliases and open sessions (`bdSeq` ties an NDEATH to the
+session it ends), `seq` (0-255, one counter per edge node) reveals lost messages, and anything
+it cannot make sense of asks for a Rebirth. It is called in arrival order by one process per
+Sparkplug group.
+
+Data is stored on arrival even when it arrives out of order (points carry their own time):
+`seq` serves only to detect gaps. A gap not filled within the reorder wait costs one Rebirth
+request.
+"""
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Final, Literal
+
+import orjson
+from google.protobuf.message import DecodeError
+
+from ingest.errors import Rejected
+from ingest.sparkplug_b_pb2 import Payload as PayloadMessage
+from registry.ids import is_device_id, is_metric_name
+
+NAMESPACE: Final = "spBv1.0"
+NODE_KINDS: Final = ("NBIRTH", "NDEATH", "NDATA", "NCMD")
+DEVICE_KINDS: Final = ("DBIRTH", "DDEATH", "DDATA", "DCMD")
+Kind = Literal["NBIRTH", "NDEATH", "NDATA", "NCMD", "DBIRTH", "DDEATH", "DDATA", "DCMD"]
+
+# Datatypes (Metric.datatype).
+INT8, INT16, INT32, INT64 = 1, 2, 3, 4
+UINT8, UINT16, UINT32, UINT64 = 5, 6, 7, 8
+FLOAT, DOUBLE, BOOLEAN, STRING = 9, 10, 11, 12
+
+BD_SEQ: Final = "bdSeq"
+REBIRTH: Final = "Node Control/Rebirth"
+# Metrics about the session or for commands, not measurements: never stored as telemetry.
+_CONTROL_PREFIXES: Final = ("Node Control/", "Device Control/")
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_SIGNED_BITS: Final = {INT8: 8, INT16: 16, INT32: 32, INT64: 64}
+
+Point = tuple[datetime, str, float]
+
+
+@dataclass(frozen=True, slots=True)
+class SparkplugTopic:
+    group: str
+    kind: Kind
+    edge_node: str
+    device: str | None = None
+
+
+def parse_topic(topic: str) -> SparkplugTopic:
+    """`spBv1.0/{group}/{kind}/{edge node}[/{device}]`; ids follow the device id rule."""
+    parts = topic.split("/")
+    if len(parts) not in (4, 5) or parts[0] != NAMESPACE:
+        raise Rejected("bad_topic", f"expected {NAMESPACE}/{{group}}/{{kind}}/{{edge node}}[/...]")
+    _, group, kind, edge_node = parts[:4]
+    device = parts[4] if len(parts) == 5 else None
+    node_level = kind in NODE_KINDS and device is None
+    if not node_level and not (kind in DEVICE_KINDS and device is not None):
+        raise Rejected("bad_topic", f"{kind[:20]!r} with {len(parts)} topic levels")
+    for what, value in (("group", group), ("edge_node", edge_node), ("device", device)):
+        if value is not None and not is_device_id(value):
+            raise Rejected(f"bad_{what}_id", f"{what} id {value[:80]!r} breaks the id rules")
+    return SparkplugTopic(group, kind, edge_node, device)  # type: ignore[arg-type]
+
+
+def node_topic(group: str, kind: str, edge_node: str, device: str | None = None) -> str:
+    suffix = f"/{device}" if device is not None else ""
+    return f"{NAMESPACE}/{group}/{kind}/{edge_node}{suffix}"
+
+
+def state_topic(host_id: str) -> str:
+    return f"{NAMESPACE}/STATE/{host_id}"
+
+
+def state_payload(online: bool, timestamp_ms: int) -> bytes:
+    """The primary host's STATE (3.0: JSON, published retained with QoS 1)."""
+    return orjson.dumps({"online": online, "timestamp": timestamp_ms})
+
+
+@dataclass(slots=True)
+class Metric:
+    name: str | None
+    alias: int | None
+    timestamp: datetime | None
+    # The value as a number; None for null metrics and types that are not numbers.
+    value: float | None
+    historical: bool
+
+
+@dataclass(slots=True)
+class Payload:
+    timestamp: datetime | None
+    seq: int | None
+    metrics: list[Metric]
+
+
+def decode_payload(raw: bytes, *, max_bytes: int, max_metrics: int) -> Payload:
+    if len(raw) > max_bytes:
+        raise Rejected("payload_too_large", f"{len(raw)} bytes, limit {max_bytes}")
+    message = PayloadMessage()
+    try:
+        message.ParseFromString(raw)
+    except DecodeError as exc:
+        raise Rejected("invalid_protobuf", f"not a Sparkplug B payload: {exc}") from None
+    if len(message.metrics) > max_metrics:
+        raise Rejected("too_many_points", f"{len(message.metrics)} metrics, limit {max_metrics}")
+    if not message.HasField("timestamp") and not message.metrics and not message.HasField("seq"):
+        # Any bytes parse as "unknown fields": a payload with nothing we know is not ours.
+        raise Rejected("invalid_protobuf", "no timestamp, seq or metrics")
+    metrics = [
+        Metric(
+            m.name if m.HasField("name") else None,
+            m.alias if m.HasField("alias") else None,
+            _EPOCH + timedelta(milliseconds=m.timestamp) if m.HasField("timestamp") else None,
+            None if m.is_null else _number(m),
+            m.is_historical,
+        )
+        for m in message.metrics
+    ]
+    return Payload(
+        _EPOCH + timedelta(milliseconds=message.timestamp)
+        if message.HasField("timestamp")
+        else None,
+        message.seq if message.HasField("seq") else None,
+        metrics,
+    )
+
+
+def _number(m: PayloadMessage.Metric) -> float | None:
+    kind = m.WhichOneof("value")
+    if kind in ("double_value", "float_value"):
+        value = m.double_value if kind == "double_value" else m.float_value
+        if not math.isfinite(value):
+            raise Rejected("invalid_value", f"metric {(m.name or m.alias)!r}: {value}")
+        return value
+    if kind in ("int_value", "long_value"):
+        raw = m.int_value if kind == "int_value" else m.long_value
+        bits = _SIGNED_BITS.get(m.datatype)
+        if bits is not None:  # signed types travel as unsigned two's complement
+            raw &= (1 << bits) - 1
+            if raw >= 1 << (bits - 1):
+                raw -= 1 << bits
+        return float(raw)
+    if kind == "boolean_value":
+        return 1.0 if m.boolean_value else 0.0
+    return None  # strings, bytes, datasets, templates: not telemetry
+
+
+@dataclass(slots=True)
+class MetricIn:
+    """A metric to encode (tests, the simulator, commands)."""
+
+    name: str | None = None
+    value: float | bool | int | None = None
+    datatype: int = DOUBLE
+    alias: int | None = None
+    timestamp_ms: int | None = None
+    historical: bool = False
+
+
+def encode_payload(
+    metrics: Sequence[MetricIn], *, seq: int | None = None, timestamp_ms: int | None = None
+) -> bytes:
+    message = PayloadMessage()
+    if timestamp_ms is not None:
+        message.timestamp = timestamp_ms
+    if seq is not None:
+        message.seq = seq
+    for metric in metrics:
+        m = message.metrics.add()
+        if metric.name is not None:
+            m.name = metric.name
+        if metric.alias is not None:
+            m.alias = metric.alias
+        if metric.timestamp_ms is not None:
+            m.timestamp = metric.timestamp_ms
+        if metric.historical:
+            m.is_historical = True
+        m.datatype = metric.datatype
+        _set_value(m, metric)
+    return message.SerializeToString()
+
+
+def _set_value(m: PayloadMessage.Metric, metric: MetricIn) -> None:
+    value = metric.value
+    if value is None:
+        m.is_null = True
+    elif metric.datatype == BOOLEAN:
+        m.boolean_value = bool(value)
+    elif metric.datatype == FLOAT:
+        m.float_value = float(value)
+    elif metric.datatype == DOUBLE:
+        m.double_value = float(value)
+    elif metric.datatype == STRING:
+        m.string_value = str(value)
+    elif metric.datatype in (INT64, UINT64):
+        m.long_value = int(value) & (1 << 64) - 1
+    else:
+        m.int_value = int(value) & (1 << 32) - 1
+
+
+def rebirth_request() -> bytes:
+    """The NCMD payload that asks an edge node to publish its BIRTH certificates again."""
+    return encode_payload([MetricIn(REBIRTH, True, BOOLEAN)], timestamp_ms=_now_ms())
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+# --- Sessions ---------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class DeviceReadings:
+    """Points of one device (or of the edge node itself) from one message."""
+
+    device: str
+    live: list[Point] = field(default_factory=list)
+    historical: list[Point] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class SessionChange:
+    """A session opened or closed: of the edge node (device None) or of one device."""
+
+    online: bool
+    # Orders sessions: the BIRTH's time in ms (kept with the session it opened).
+    session: int
+    device: str | None = None
+
+
+@dataclass(slots=True)
+class Outcome:
+    readings: list[DeviceReadings]
+    changes: list[SessionChange]
+
+
+@dataclass(slots=True)
+class _Device:
+    session: int
+    aliases: dict[int, str]
+
+
+@dataclass(slots=True)
+class _Node:
+    bd_seq: int | None
+    session: int
+    aliases: dict[int, str]
+    devices: dict[str, _Device] = field(default_factory=dict)
+    # The seq expected next (None: unknown, after a restore); missing seqs -> when first missed.
+    next_seq: int | None = None
+    gaps: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class SessionStats:
+    gaps: int = 0
+    rebirth_requests: int = 0
+    out_of_order: int = 0
+
+
+class EdgeNodeSessions:
+    """What a primary host knows of each edge node's session; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        window_past: timedelta,
+        window_future: timedelta,
+        reorder_wait: float = 2.0,
+        rebirth_interval: float = 10.0,
+        max_nodes: int = 100_000,
+        max_devices_per_node: int = 10_000,
+        max_aliases: int = 100_000,
+    ) -> None:
+        self._window_past = window_past
+        self._window_future = window_future
+        self._reorder_wait = reorder_wait
+        self._rebirth_interval = rebirth_interval
+        self._max_nodes = max_nodes
+        self._max_devices = max_devices_per_node
+        self._max_aliases = max_aliases
+        self._nodes: dict[tuple[str, str], _Node] = {}
+        # The last session number per edge node, so that a new one always sorts after it.
+        self._last_session: dict[tuple[str, str], int] = {}
+        self._rebirth_asked: dict[tuple[str, str], float] = {}
+        self._rebirths: set[tuple[str, str]] = set()
+        self.stats = SessionStats()
+
+    # What to do next -------------------------------------------------------------------------
+
+    def take_rebirths(self) -> list[tuple[str, str]]:
+        """Edge nodes (group, edge node) that should now get a Rebirth request, once each."""
+        wanted, self._rebirths = sorted(self._rebirths), set()
+        return wanted
+
+    def expire_gaps(self, now: float | None = None) -> None:
+        """Gaps not filled within the reorder wait become Rebirth requests."""
+        now = time.monotonic() if now is None else now
+        for key, node in self._nodes.items():
+            if node.gaps and min(node.gaps.values()) + self._reorder_wait <= now:
+                self.stats.gaps += len(node.gaps)
+                node.gaps.clear()
+                self._ask_rebirth(key, now)
+
+    def _ask_rebirth(self, key: tuple[str, str], now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        asked = self._rebirth_asked.get(key)
+        if asked is not None and now - asked < self._rebirth_interval:
+            return  # one outstanding request at a time
+        self._rebirth_asked[key] = now
+        self._rebirths.add(key)
+        self.stats.rebirth_requests += 1
+
+    # Messages --------------------------------------------------------------------------------
+
+    def handle(
+        self,
+        topic: SparkplugTopic,
+        payload: Payload,
+        received_at: datetime,
+        *,
+        now: float | None = None,
+    ) -> Outcome:
+        """What one message means; raises Rejected (and may ask for a Rebirth)."""
+        key = (topic.group, topic.edge_node)
+        kind = topic.kind
+        if kind == "NBIRTH":
+            return self._node_birth(key, payload, received_at)
+        if kind == "NDEATH":
+            return self._node_death(key, payload)
+        node = self._nodes.get(key)
+        if node is None:
+            self._ask_rebirth(key, now)
+            raise Rejected("no_birth", f"{kind} from edge node {topic.edge_node!r} before NBIRTH")
+        self._track_seq(key, node, payload.seq, now)
+        if kind == "NDATA":
+            readings = self._readings(topic.edge_node, node.aliases, payload, received_at, key)
+            return Outcome([readings], [])
+        assert topic.device is not None  # parse_topic: device kinds have a device
+        device = topic.device
+        if kind == "DBIRTH":
+            if device not in node.devices and len(node.devices) >= self._max_devices:
+                raise Rejected("too_many_devices", f"more than {self._max_devices} devices")
+            aliases = self._aliases(payload)
+            session = max(_millis(payload.timestamp or received_at), node.session)
+            node.devices[device] = _Device(session, aliases)
+            readings = self._readings(device, aliases, payload, received_at, key)
+            return Outcome([readings], [SessionChange(True, session, device)])
+        known = node.devices.get(device)
+        if known is None:
+            self._ask_rebirth(key, now)
+            raise Rejected("no_birth", f"{kind} for device {device!r} before its DBIRTH")
+        if kind == "DDEATH":
+            del node.devices[device]
+            return Outcome([], [SessionChange(False, known.session, device)])
+        if kind == "DDATA":
+            readings = self._readings(device, known.aliases, payload, received_at, key)
+            return Outcome([readings], [])
+        raise Rejected("bad_topic", f"{kind} is a command, not for a host to consume")
+
+    def restore_birth(self, topic: SparkplugTopic, raw: bytes, received_at: datetime) -> None:
+        """Rebuilds a session from a stored BIRTH (after a restart): aliases, bdSeq, session.
+
+        The seq position is unknown until the next message, which becomes the baseline.
+        """
+        payload = decode_payload(raw, max_bytes=len(raw), max_metrics=len(raw) + 1)
+        key = (topic.group, topic.edge_node)
+        if topic.kind == "NBIRTH":
+            self._node_birth(key, payload, received_at)
+            self._nodes[key].next_seq = None
+        elif topic.kind == "DBIRTH" and topic.device is not None and key in self._nodes:
+            node = self._nodes[key]
+            session = max(_millis(payload.timestamp or received_at), node.session)
+            node.devices[topic.device] = _Device(session, self._aliases(payload))
+
+    def _node_birth(self, key: tuple[str, str], payload: Payload, received_at: datetime) -> Outcome:
+        if key not in self._nodes and len(self._nodes) >= self._max_nodes:
+            raise Rejected("too_many_devices", f"more than {self._max_nodes} edge nodes")
+        bd_seq = _bd_seq(payload)
+        # A BIRTH carries its time; a redelivered one gets the same session number.
+        session = _millis(payload.timestamp or received_at)
+        last = self._last_session.get(key)
+        current = self._nodes.get(key)
+        duplicate = current is not None and current.session == session and current.bd_seq == bd_seq
+        if last is not None and session < last and not duplicate:
+            session = last + 1
+        aliases = self._aliases(payload)
+        node = _Node(bd_seq, session, aliases)
+        if duplicate and current is not None:
+            node.devices = current.devices
+        node.next_seq = None if payload.seq is None else (payload.seq + 1) % 256
+        self._nodes[key] = node
+        self._last_session[key] = session
+        self._rebirth_asked.pop(key, None)
+        readings = self._readings(key[1], aliases, payload, received_at, key)
+        return Outcome([readings], [SessionChange(True, session)])
+
+    def _node_death(self, key: tuple[str, str], payload: Payload) -> Outcome:
+        node = self._nodes.get(key)
+        bd_seq = _bd_seq(payload)
+        if node is None:
+            raise Rejected("stale_death", f"NDEATH (bdSeq {bd_seq}) for an edge node not alive")
+        if bd_seq is not None and node.bd_seq is not None and bd_seq != node.bd_seq:
+            raise Rejected(
+                "stale_death",
+                f"NDEATH with bdSeq {bd_seq} does not end the current session (bdSeq "
+                f"{node.bd_seq})",
+            )
+        del self._nodes[key]
+        # The registry takes the edge node's devices down with it, in one step.
+        return Outcome([], [SessionChange(False, node.session)])
+
+    def _track_seq(
+        self, key: tuple[str, str], node: _Node, seq: int | None, now: float | None
+    ) -> None:
+        if seq is None or not 0 <= seq <= 255:
+            self._ask_rebirth(key, now)
+            raise Rejected("invalid_seq", f"seq {seq} is not 0-255")
+        expected = node.next_seq
+        if expected is None or seq == expected:
+            node.next_seq = (seq + 1) % 256
+            node.gaps.pop(seq, None)
+            return
+        ahead = (seq - expected) % 256
+        if ahead < 128:
+            # Messages expected..seq-1 are missing for now: maybe late, maybe lost.
+            at = time.monotonic() if now is None else now
+            for missing in range(expected, expected + ahead):
+                node.gaps.setdefault(missing % 256, at)
+            node.next_seq = (seq + 1) % 256
+        else:
+            self.stats.out_of_order += 1
+            node.gaps.pop(seq, None)  # a late one fills its gap; a duplicate changes nothing
+
+    def _aliases(self, payload: Payload) -> dict[int, str]:
+        aliases = {m.alias: m.name for m in payload.metrics if m.alias is not None and m.name}
+        if len(aliases) > self._max_aliases:
+            raise Rejected("too_many_points", f"more than {self._max_aliases} aliases")
+        return aliases
+
+    def _readings(
+        self,
+        device: str,
+        aliases: dict[int, str],
+        payload: Payload,
+        received_at: datetime,
+        key: tuple[str, str],
+    ) -> DeviceReadings:
+        readings = DeviceReadings(device)
+        default_ts = payload.timestamp or received_at
+        earliest = received_at - self._window_past
+        latest = received_at + self._window_future
+        for m in payload.metrics:
+            name = m.name
+            if name is None:
+                if m.alias is None:
+                    raise Rejected("invalid_shape", "a metric with neither name nor alias")
+                name = aliases.get(m.alias)
+                if name is None:
+                    self._ask_rebirth(key)
+                    raise Rejected("unknown_alias", f"alias {m.alias} is not in the BIRTH")
+            if m.value is None or name == BD_SEQ or name.startswith(_CONTROL_PREFIXES):
+                continue
+            if not is_metric_name(name):
+                raise Rejected("invalid_metric_name", f"metric name {name[:80]!r}")
+            ts = m.timestamp or default_ts
+            if not earliest <= ts <= latest:
+                raise Rejected(
+                    "timestamp_out_of_window",
+                    f"{device}: {ts.isoformat()} is outside "
+                    f"[{earliest.isoformat()}, {latest.isoformat()}]",
+                )
+            (readings.historical if m.historical else readings.live).append((ts, name, m.value))
+        return readings
+
+
+def _bd_seq(payload: Payload) -> int | None:
+    for m in payload.metrics:
+        if m.name == BD_SEQ and m.value is not None:
+            return int(m.value)
+    return None
+
+
+def _millis(ts: datetime) -> int:
+    return int(ts.timestamp() * 1000)

@@ -1,0 +1,179 @@
+"""iiot as a Sparkplug B primary host application (docs/contract.md, "Sparkplug B").
+
+Turns Sparkplug messages into what the writer stores (readings per device, session changes of
+edge nodes and devices), keeps BIRTH certificates in the store with the batch that held them
+so a restart still knows every open session, and says which edge nodes need a Rebirth.
+Its group-to-platform map comes from the settings (`IIOT_SPARKPLUG_GROUPS`).
+"""
+
+import logging
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
+
+from ingest.batching import Received
+from ingest.decoding import Decoded, Status, Telemetry
+from ingest.errors import Rejected
+from ingest.settings import IngestSettings
+from ingest.sparkplug import (
+    NAMESPACE,
+    EdgeNodeSessions,
+    Point,
+    decode_payload,
+    node_topic,
+    parse_topic,
+    rebirth_request,
+)
+from registry.ids import is_platform_id
+
+log = logging.getLogger(__name__)
+
+LOAD_BIRTHS = """
+SELECT group_id, edge_node, device, payload, received_at FROM sparkplug_births
+WHERE %(groups)s::text[] IS NULL OR group_id = ANY(%(groups)s)
+ORDER BY device <> '', received_at
+"""
+BORN = """
+INSERT INTO sparkplug_births (group_id, edge_node, device, payload, received_at)
+VALUES (%(group)s, %(edge)s, %(device)s, %(payload)s, %(at)s)
+ON CONFLICT (group_id, edge_node, device)
+DO UPDATE SET payload = excluded.payload, received_at = excluded.received_at
+"""
+NODE_DIED = "DELETE FROM sparkplug_births WHERE group_id = %(group)s AND edge_node = %(edge)s"
+DEVICE_DIED = """
+DELETE FROM sparkplug_births
+WHERE group_id = %(group)s AND edge_node = %(edge)s AND device = %(device)s
+"""
+# A new edge node session ends its devices' sessions: their BIRTHs go with the old one.
+_KIND_STATEMENTS = {
+    "NBIRTH": (NODE_DIED, BORN),
+    "DBIRTH": (BORN,),
+    "NDEATH": (NODE_DIED,),
+    "DDEATH": (DEVICE_DIED,),
+}
+
+
+class SparkplugHost:
+    def __init__(self, settings: IngestSettings, groups: dict[str, str]) -> None:
+        """`groups`: group id -> platform id; empty: every group, as the platform of its id."""
+        self._settings = settings
+        self._groups = groups
+        self.sessions = EdgeNodeSessions(
+            window_past=settings.window_past,
+            window_future=settings.window_future,
+            reorder_wait=settings.sparkplug_reorder_wait_seconds,
+        )
+        self._restored = False
+
+    def filters(self) -> list[str]:
+        """Subscriptions for the BIRTH, DEATH and DATA messages of our groups (not commands)."""
+        groups = sorted(self._groups) or ["+"]
+        return [
+            f"{NAMESPACE}/{group}/{kind}/+{'/+' if kind[0] == 'D' else ''}"
+            for group in groups
+            for kind in ("NBIRTH", "NDEATH", "NDATA", "DBIRTH", "DDEATH", "DDATA")
+        ]
+
+    def platform(self, group: str) -> str:
+        if self._groups:
+            platform = self._groups.get(group)
+            if platform is None:
+                raise Rejected("unknown_group", f"Sparkplug group {group!r} is not mapped")
+            return platform
+        if not is_platform_id(group):
+            raise Rejected(
+                "bad_platform_id",
+                f"Sparkplug group {group[:80]!r} is not a platform id (map it in "
+                "IIOT_SPARKPLUG_GROUPS)",
+            )
+        return group
+
+    def decode(self, topic: str, raw: bytes, received_at: datetime) -> Decoded | Rejected:
+        platform: str | None = None
+        try:
+            address = parse_topic(topic)
+            platform = self.platform(address.group)
+            payload = decode_payload(
+                raw,
+                max_bytes=self._settings.max_payload_bytes,
+                max_metrics=self._settings.max_points_per_message,
+            )
+            outcome = self.sessions.handle(address, payload, received_at)
+        except Rejected as rejected:
+            rejected.platform = platform
+            return rejected
+        edge = address.edge_node
+        decoded: Decoded = [
+            Status(
+                platform,
+                change.online,
+                change.session,
+                device=change.device,
+                gateway=edge if change.device is None else None,
+                cause="sparkplug",
+            )
+            for change in outcome.changes
+        ]
+        for readings in outcome.readings:
+            for points, historical in ((readings.live, False), (readings.historical, True)):
+                if points:
+                    decoded.append(_telemetry(platform, readings.device, edge, points, historical))
+        if not decoded:
+            return Rejected(
+                "invalid_shape", "no numeric metrics and no session change", platform=platform
+            )
+        return decoded
+
+    def rebirths(self) -> list[tuple[str, bytes]]:
+        """(NCMD topic, Rebirth request) for each edge node that needs one now."""
+        self.sessions.expire_gaps()
+        return [
+            (node_topic(group, "NCMD", edge), rebirth_request())
+            for group, edge in self.sessions.take_rebirths()
+        ]
+
+    async def restore(self, pool: AsyncConnectionPool) -> None:
+        """Once per process: the open sessions' BIRTH certificates, from the store."""
+        if self._restored:
+            return
+        groups = sorted(self._groups) or None
+        async with pool.connection() as conn:
+            cursor = await conn.execute(LOAD_BIRTHS, {"groups": groups})
+            rows = await cursor.fetchall()
+        for group, edge, device, payload, received_at in rows:
+            kind = "DBIRTH" if device else "NBIRTH"
+            topic = node_topic(group, kind, edge, device or None)
+            try:
+                self.sessions.restore_birth(parse_topic(topic), bytes(payload), received_at)
+            except Rejected as exc:
+                log.warning("stored BIRTH %s not restored: %s", topic, exc)
+        if rows:
+            log.info("restored %d Sparkplug BIRTH certificates", len(rows))
+        self._restored = True
+
+    @staticmethod
+    async def keep_births(conn: AsyncConnection[Any], batch: Sequence[Received[Any]]) -> None:
+        """Stores BIRTHs and forgets DEATHs of the batch, in its transaction, in order."""
+        for message in batch:
+            if isinstance(message.outcome, Rejected) or not message.topic.startswith(NAMESPACE):
+                continue
+            parts = message.topic.split("/")
+            params = {
+                "group": parts[1],
+                "edge": parts[3],
+                "device": parts[4] if len(parts) == 5 else "",
+                "payload": message.payload,
+                "at": message.received_at,
+            }
+            for statement in _KIND_STATEMENTS.get(parts[2], ()):
+                await conn.execute(statement, params)
+
+
+def _telemetry(
+    platform: str, device: str, edge: str, points: list[Point], historical: bool
+) -> Telemetry:
+    times = [ts for ts, _, _ in points]
+    return Telemetry(platform, device, points, historical, min(times), max(times), gateway=edge)
