@@ -121,10 +121,13 @@ class SparkplugHost:
             for points, historical in ((readings.live, False), (readings.historical, True)):
                 if points:
                     decoded.append(_telemetry(platform, readings.device, edge, points, historical))
-        if not decoded:
-            return Rejected(
-                "invalid_shape", "no numeric metrics and no session change", platform=platform
-            )
+            if not readings.live and not readings.historical and not outcome.changes:
+                # Only strings, nulls or control metrics: nothing to store, but the device spoke.
+                decoded.append(
+                    Telemetry(platform, readings.device, [], False, received_at, received_at, edge)
+                )
+        if not decoded:  # an NDEATH or DDEATH always changes a session; nothing else is empty
+            return Rejected("invalid_shape", "nothing in the message", platform=platform)
         return decoded
 
     def rebirths(self) -> list[tuple[str, bytes]]:

@@ -5,6 +5,7 @@ One stream over the real Mosquitto: each bad message is followed by a good one c
 unique value, so the test also shows that nothing good near a bad message is lost.
 """
 
+import math
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -14,6 +15,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from ingest.mqtt import MqttIngest
 from ingest.settings import IngestSettings
+from ingest.sparkplug import FLOAT, INT64, STRING, MetricIn, encode_payload
 from ingest.topics import TopicScheme
 from registry.platforms import upsert_platform
 from tests.conftest import eventually, publisher, running, scalar
@@ -248,3 +250,153 @@ def test_the_cases_cover_every_reason_a_message_can_earn() -> None:
         "unknown_gateway",
         "invalid_status",
     }
+
+
+def sparkplug_bad_inputs(group: str, now_ms: int) -> list[tuple[str, str, bytes, str]]:
+    """(what, topic, payload, expected reason) after an NBIRTH of edge node e1 with bdSeq 0.
+
+    The good NDATA sent after each carries the seq the edge node is at, so that bad messages
+    without a usable seq do not count as gaps; those with one take the next seq themselves.
+    """
+    node = f"spBv1.0/{group}/NDATA/e1"
+    ok = MetricIn(None, 1.0, alias=1)
+    return [
+        ("garbage bytes", node, b"\xff\xff\xff\xff", "invalid_protobuf"),
+        ("JSON on a Sparkplug topic", node, j({"metrics": {"v": 1}}), "invalid_protobuf"),
+        ("empty protobuf", node, b"", "invalid_protobuf"),
+        (
+            "truncated protobuf",
+            node,
+            encode_payload([MetricIn("Temperature", 1.0)], seq=1, timestamp_ms=now_ms)[:-4],
+            "invalid_protobuf",
+        ),
+        ("NaN double", node, encode_payload([MetricIn("v", math.nan)], seq=1), "invalid_value"),
+        (
+            "infinite float",
+            node,
+            encode_payload([MetricIn("v", math.inf, FLOAT)], seq=1),
+            "invalid_value",
+        ),
+        (
+            "unknown alias",
+            node,
+            encode_payload([MetricIn(None, 1.0, alias=99)], seq=1),
+            "unknown_alias",
+        ),
+        (
+            "metric without name or alias",
+            node,
+            encode_payload([MetricIn(None, 1.0)], seq=1),
+            "invalid_shape",
+        ),
+        ("no seq", node, encode_payload([ok]), "invalid_seq"),
+        ("seq beyond 255", node, encode_payload([ok], seq=300), "invalid_seq"),
+        (
+            "DDATA before its DBIRTH",
+            f"spBv1.0/{group}/DDATA/e1/never-born",
+            encode_payload([MetricIn("v", 1.0)], seq=1),
+            "no_birth",
+        ),
+        (
+            "NDATA before its NBIRTH",
+            f"spBv1.0/{group}/NDATA/e2",
+            encode_payload([MetricIn("v", 1.0)], seq=0),
+            "no_birth",
+        ),
+        (
+            "stale NDEATH",
+            f"spBv1.0/{group}/NDEATH/e1",
+            encode_payload([MetricIn("bdSeq", 9, INT64)]),
+            "stale_death",
+        ),
+        (
+            "Sparkplug bad device id",
+            f"spBv1.0/{group}/DDATA/e1/bad device",
+            encode_payload([ok], seq=1),
+            "bad_device_id",
+        ),
+        (
+            "bad edge node id",
+            f"spBv1.0/{group}/NDATA/-e1",
+            encode_payload([ok], seq=1),
+            "bad_edge_node_id",
+        ),
+        (
+            "metric a day ahead",
+            node,
+            encode_payload([MetricIn(None, 1.0, alias=1, timestamp_ms=now_ms + 86_400_000)], seq=1),
+            "timestamp_out_of_window",
+        ),
+        (
+            "too many metrics",
+            node,
+            encode_payload([MetricIn(f"m{n}", n) for n in range(MAX_POINTS + 1)], seq=1),
+            "too_many_points",
+        ),
+        (
+            "oversized protobuf",
+            node,
+            encode_payload([MetricIn("s", "x" * MAX_BYTES, STRING)], seq=1),
+            "payload_too_large",
+        ),
+        (
+            "metric name with a control character",
+            node,
+            encode_payload([MetricIn("a\x01b", 1.0)], seq=1),
+            "invalid_metric_name",
+        ),
+    ]
+
+
+async def test_bad_sparkplug_input_is_dead_lettered_and_the_edge_node_goes_on(
+    ingest_settings: IngestSettings,
+    pool: AsyncConnectionPool,
+    db: psycopg.AsyncConnection[Any],
+    platform: str,
+    mqtt_url: str,
+    unique: str,
+) -> None:
+    group = f"sp-{unique}"
+    settings = ingest_settings.model_copy(
+        update={
+            "max_points_per_message": MAX_POINTS,
+            "max_payload_bytes": MAX_BYTES,
+            "sparkplug_groups": f"{group}={platform}",
+            "sparkplug_host_id": "",
+        }
+    )
+    ms = int(datetime.now(UTC).timestamp() * 1000)
+    cases = sparkplug_bad_inputs(group, ms)
+    birth = encode_payload(
+        [MetricIn("bdSeq", 0, INT64), MetricIn("Temperature", 0.5, alias=1)], seq=0, timestamp_ms=ms
+    )
+    seq = 1
+    async with running(MqttIngest(settings, pool)) as ingest, publisher(mqtt_url) as client:
+        await client.publish(f"spBv1.0/{group}/NBIRTH/e1", birth, qos=1)
+        for n, (_, topic, body, _) in enumerate(cases):
+            await client.publish(topic, body, qos=1)
+            good = encode_payload(
+                [MetricIn(None, float(n + 1), alias=1)], seq=seq, timestamp_ms=ms + n + 1
+            )
+            seq += 1
+            await client.publish(f"spBv1.0/{group}/NDATA/e1", good, qos=1)
+        expected_points = len(cases) + 1  # the birth's value and one per good NDATA
+        await eventually(lambda: scalar(db, "SELECT count(*) = %s FROM telemetry", expected_points))
+        await eventually(lambda: scalar(db, "SELECT count(*) = %s FROM dead_letters", len(cases)))
+
+    rows = await (await db.execute("SELECT topic, reason FROM dead_letters ORDER BY id")).fetchall()
+    assert [(what, r[1]) for (what, *_), r in zip(cases, rows, strict=True)] == [
+        (what, reason) for what, _, _, reason in cases
+    ]
+    values = await (await db.execute("SELECT value FROM telemetry ORDER BY time")).fetchall()
+    assert [v[0] for v in values] == [0.5] + [float(n + 1) for n in range(len(cases))]
+    assert ingest.sparkplug is not None
+    stats = ingest.sparkplug.sessions.stats
+    # Only the bad messages that carried a seq of their own moved it: none left a gap behind.
+    assert stats.gaps == 0
+
+
+def test_mqtt_and_sparkplug_cases_together_are_more_than_fifty_kinds() -> None:
+    now = datetime.now(UTC)
+    kinds = bad_inputs("iiot/v1", now) + sparkplug_bad_inputs("g", int(now.timestamp() * 1000))
+    assert len({what for what, *_ in kinds}) == len(kinds) >= 70
