@@ -5,7 +5,7 @@ from typing import Annotated, Any, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from registry.counts import DEFINITIONS, DEFINITIONS_VERSION
+from registry.counts import DEFINITIONS, DEFINITIONS_VERSION, DUPLICATES, Counts
 from registry.ids import DEVICE_ID_PATTERN, PLATFORM_ID_PATTERN
 from registry.platforms import PlatformType, Tier
 from registry.registration import MAX_BULK
@@ -105,6 +105,12 @@ class CountsOut(BaseModel):
     registered: int
     connected: int
     ever_connected: int
+    active_24h: int
+    active_30d: int
+    activity_as_of: datetime | None = Field(
+        description="When the active counts were computed (a background pass each minute); "
+        "for a sum, the oldest. Null until the first pass."
+    )
 
 
 class DeviceCounts(CountsOut):
@@ -130,13 +136,22 @@ class GroupedCounts(BaseModel):
     definitions_version: str = DEFINITIONS_VERSION
 
 
+class DistinctCountsOut(BaseModel):
+    registered: int
+    connected: int
+    active_24h: int
+    active_30d: int
+    as_of: datetime
+
+
 class NationalCounts(CountsOut):
     platforms: int
     as_of: datetime
-    duplicates: str = Field(
-        default="counted per registration",
-        description="A device registered on two platforms counts on each.",
+    distinct: DistinctCountsOut | None = Field(
+        description="The same with each device once across platforms (by metadata.global_id); "
+        "computed by the background pass, null until its first."
     )
+    duplicates: str = DUPLICATES
     definitions_version: str = DEFINITIONS_VERSION
     definitions: dict[str, str] = Field(default_factory=lambda: dict(DEFINITIONS))
 
@@ -168,3 +183,29 @@ class KafkaPartitionLag(BaseModel):
     log_end_offset: int | None = Field(description="The partition's end when it was stored.")
     lag: int | None = Field(description="log_end_offset - next_offset: records not yet stored.")
     updated_at: datetime
+
+
+def counts_out(counts: Counts) -> dict[str, Any]:
+    """The figures every count response carries."""
+    return {
+        "registered": counts.registered,
+        "connected": counts.connected,
+        "ever_connected": counts.ever_connected,
+        "active_24h": counts.active_24h,
+        "active_30d": counts.active_30d,
+        "activity_as_of": counts.activity_as_of,
+    }
+
+
+class DriftOut(BaseModel):
+    platform: str
+    registered: int = Field(description="Counter minus recount; corrected by the run.")
+    connected: int
+    ever_connected: int
+
+
+class ReconciliationOut(BaseModel):
+    id: int
+    time: datetime
+    platforms: int
+    drift: list[DriftOut] = Field(description="Empty when the counters equalled the recount.")

@@ -38,6 +38,7 @@ from ingest.batching import Received
 from ingest.decoding import Status
 from ingest.stats import IngestStats
 from ingest.writer import TelemetryWriter
+from registry.activity import refresh_activity
 from registry.counts import platform_counts
 from registry.migrate import migrate
 from registry.reconcile import find_drift, reconcile
@@ -188,6 +189,9 @@ async def main(devices: int, batch: int) -> dict[str, Any]:
             started = time.perf_counter()
             drift = await find_drift(conn)
             report["recount_seconds"] = round(time.perf_counter() - started, 2)
+            started = time.perf_counter()
+            await refresh_activity(conn)
+            report["activity_pass_seconds"] = round(time.perf_counter() - started, 2)
         report["drift"] = [d.platform for d in drift]
         report["bench_process_max_rss_mib"] = round(
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -222,6 +226,7 @@ def _print(report: dict[str, Any]) -> None:
             "",
         ),
         ("full recount (s)", f"{report['recount_seconds']}", ""),
+        ("activity and national distinct pass (s)", f"{report['activity_pass_seconds']}", "< 60"),
         ("drift after the events", f"{report['drift'] or 'none'}", "none"),
         ("writer process max RSS (MiB)", f"{report['bench_process_max_rss_mib']}", ""),
     ]

@@ -1,4 +1,9 @@
-"""Device counts per platform, with the definitions they follow (docs/counts.md)."""
+"""Device counts per platform, with the definitions they follow (docs/counts.md).
+
+Every count reads the view `platform_totals`: maintained counters (registered, connected,
+ever_connected, exact at the moment of reading) and the activity figures the sampler stored
+last (active_24h, active_30d, with their time). No request counts devices.
+"""
 
 from dataclasses import dataclass
 from datetime import datetime
@@ -6,7 +11,7 @@ from typing import Any, Final
 
 from psycopg import AsyncConnection, sql
 
-DEFINITIONS_VERSION: Final = "2026-11.2"
+DEFINITIONS_VERSION: Final = "2026-11.3"
 DEFINITIONS: Final = {
     "registered": (
         "Devices in the platform's registry, registered by an operator or on their first "
@@ -19,70 +24,43 @@ DEFINITIONS: Final = {
         "liveness window, by the backend's clock; one that did follows those messages only."
     ),
     "ever_connected": "Registered devices that have been connected at least once.",
+    "active_24h": (
+        "Registered devices connected at some moment in the last 24 hours: connected now, or "
+        "whose newest live data, or whose last change of connection state (or, behind a "
+        "gateway, the gateway's), lies within the window. Computed by a background pass over "
+        "the devices once per sampling interval; `activity_as_of` says when."
+    ),
+    "active_30d": "As active_24h, over the last 30 days.",
 }
+DUPLICATES: Final = (
+    "Platform, grouped and national sums count registrations: a device registered on two "
+    "platforms counts on each. The national `distinct` figures count a device once, taking "
+    "devices with the same `metadata.global_id` (for example its industrial internet "
+    "identifier) as one; a device without one counts once per registration."
+)
 
-# Maintained counters: the cost of a count does not grow with the number of devices.
-PLATFORM_COUNTS = """
-SELECT p.liveness_seconds,
-       coalesce(sum(c.registered), 0)::bigint,
-       coalesce(sum(c.connected), 0)::bigint,
-       coalesce(sum(c.ever_connected), 0)::bigint,
-       now()
-FROM platforms p
-LEFT JOIN platform_counters c ON c.platform_id = p.id
-WHERE p.id = %s
-GROUP BY p.id
-"""
+_COLUMNS = "registered, connected, ever_connected, active_24h, active_30d, activity_as_of"
+_SUMS = """sum(registered)::bigint, sum(connected)::bigint, sum(ever_connected)::bigint,
+       sum(active_24h)::bigint, sum(active_30d)::bigint, min(activity_as_of)"""
 
-
-@dataclass(frozen=True, slots=True)
-class PlatformCounts:
-    platform: str
-    registered: int
-    connected: int
-    ever_connected: int
-    liveness_seconds: int
-    as_of: datetime
-
-
-async def platform_counts(conn: AsyncConnection[Any], platform_id: str) -> PlatformCounts | None:
-    """Counts for one platform, or None when the platform does not exist."""
-    cur = await conn.execute(PLATFORM_COUNTS, (platform_id,))
-    row = await cur.fetchone()
-    if row is None:
-        return None
-    liveness, registered, connected, ever, as_of = row
-    return PlatformCounts(platform_id, registered, connected, ever, liveness, as_of)
-
-
-COUNTS_SUMS = """
-       coalesce(sum(c.registered), 0)::bigint,
-       coalesce(sum(c.connected), 0)::bigint,
-       coalesce(sum(c.ever_connected), 0)::bigint"""
+PLATFORM_COUNTS = f"SELECT liveness_seconds, {_COLUMNS}, now() FROM platform_totals WHERE id = %s"
 
 ALL_PLATFORM_COUNTS = f"""
-SELECT p.id, {COUNTS_SUMS}
-FROM platforms p
-LEFT JOIN platform_counters c ON c.platform_id = p.id
-WHERE (%(after)s::text IS NULL OR p.id > %(after)s)
-GROUP BY p.id
-ORDER BY p.id
+SELECT id, 1, {_COLUMNS} FROM platform_totals
+WHERE (%(after)s::text IS NULL OR id > %(after)s)
+ORDER BY id
 LIMIT %(limit)s
 """
 
 # {dimension} is one of DIMENSIONS, quoted by psycopg.sql; never caller text.
 GROUPED_COUNTS = f"""
-SELECT p.{{dimension}}, count(DISTINCT p.id), {COUNTS_SUMS}
-FROM platforms p
-LEFT JOIN platform_counters c ON c.platform_id = p.id
-GROUP BY p.{{dimension}}
-ORDER BY 1
+SELECT {{dimension}}, count(*), {_SUMS} FROM platform_totals GROUP BY 1 ORDER BY 1
 """
 
-NATIONAL_COUNTS = f"""
-SELECT count(DISTINCT p.id), {COUNTS_SUMS}, now()
-FROM platforms p
-LEFT JOIN platform_counters c ON c.platform_id = p.id
+NATIONAL_COUNTS = f"SELECT 'national', count(*), {_SUMS}, now() FROM platform_totals"
+
+NATIONAL_DISTINCT = """
+SELECT registered, connected, active_24h, active_30d, as_of FROM national_distinct
 """
 
 DIMENSIONS: Final = ("tier", "type", "region", "industry")
@@ -95,13 +73,48 @@ class Counts:
     registered: int
     connected: int
     ever_connected: int
+    active_24h: int
+    active_30d: int
+    # When the activity figures were computed (the oldest, for a sum); None: not yet.
+    activity_as_of: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class PlatformCounts:
+    platform: str
+    liveness_seconds: int
+    registered: int
+    connected: int
+    ever_connected: int
+    active_24h: int
+    active_30d: int
+    activity_as_of: datetime | None
+    as_of: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class DistinctCounts:
+    registered: int
+    connected: int
+    active_24h: int
+    active_30d: int
+    as_of: datetime
+
+
+async def platform_counts(conn: AsyncConnection[Any], platform_id: str) -> PlatformCounts | None:
+    """Counts for one platform, or None when the platform does not exist."""
+    cur = await conn.execute(PLATFORM_COUNTS, (platform_id,))
+    row = await cur.fetchone()
+    if row is None:
+        return None
+    return PlatformCounts(platform_id, *row)
 
 
 async def all_platform_counts(
     conn: AsyncConnection[Any], *, after: str | None, limit: int
 ) -> list[Counts]:
     cur = await conn.execute(ALL_PLATFORM_COUNTS, {"after": after, "limit": limit})
-    return [Counts(row[0], 1, *row[1:]) for row in await cur.fetchall()]
+    return [Counts(*row) for row in await cur.fetchall()]
 
 
 async def grouped_counts(conn: AsyncConnection[Any], dimension: str) -> list[Counts]:
@@ -109,13 +122,32 @@ async def grouped_counts(conn: AsyncConnection[Any], dimension: str) -> list[Cou
         raise ValueError(f"cannot group by {dimension!r}")
     query = sql.SQL(GROUPED_COUNTS).format(dimension=sql.Identifier(dimension))
     cur = await conn.execute(query)
-    return [Counts(*row) for row in await cur.fetchall()]
+    return [_counts(row) for row in await cur.fetchall()]
 
 
-async def national_counts(conn: AsyncConnection[Any]) -> tuple[Counts, datetime]:
-    """Every platform's counts added up: a device registered on two platforms counts twice."""
+async def national_counts(
+    conn: AsyncConnection[Any],
+) -> tuple[Counts, DistinctCounts | None, datetime]:
+    """Every platform's counts added up, and the same with each device counted once."""
     cur = await conn.execute(NATIONAL_COUNTS)
     row = await cur.fetchone()
     assert row is not None  # an aggregate always yields a row
-    platforms, registered, connected, ever, as_of = row
-    return Counts("national", platforms, registered, connected, ever), as_of
+    *figures, as_of = row
+    cur = await conn.execute(NATIONAL_DISTINCT)
+    distinct = await cur.fetchone()
+    return _counts(figures), DistinctCounts(*distinct) if distinct else None, as_of
+
+
+def _counts(row: Any) -> Counts:
+    key, platforms, registered, connected, ever, active_24h, active_30d, activity_as_of = row
+    # sum() over no platforms is NULL.
+    return Counts(
+        str(key),
+        platforms,
+        registered or 0,
+        connected or 0,
+        ever or 0,
+        active_24h or 0,
+        active_30d or 0,
+        activity_as_of,
+    )

@@ -1,4 +1,5 @@
-"""Count history: every platform's counts sampled on the minute (or another interval).
+"""Count history: every platform's counts sampled on the minute (or another interval), and
+with each sample the activity figures refreshed (registry/activity.py).
 
 Any number of processes may run a sampler: a sample is keyed by (platform, time slot), and the
 first process to write a slot wins, so there is one row per platform per slot whoever wrote it.
@@ -15,6 +16,8 @@ from typing import Any
 import psycopg
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
+
+from registry.activity import refresh_activity
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +82,7 @@ class HistorySampler:
             try:
                 async with self._pool.connection() as conn:
                     await sample(conn, self._interval)
+                    await refresh_activity(conn)
             except psycopg.OperationalError as exc:
                 log.warning("count sample failed (%s); next slot", exc)
             # Wake just after the next slot starts, by the wall clock.

@@ -87,6 +87,30 @@ RECORD = "INSERT INTO reconciliations (platforms, drift) VALUES (%s, %s)"
 TRY_LOCK = "SELECT pg_try_advisory_lock(hashtext(current_schema() || '.iiot_reconcile'))"
 UNLOCK = "SELECT pg_advisory_unlock(hashtext(current_schema() || '.iiot_reconcile'))"
 PLATFORMS = "SELECT count(*) FROM platforms"
+RECENT = """
+SELECT id, time, platforms, drift FROM reconciliations
+WHERE %(drift_only)s IS FALSE OR drift <> '[]'::jsonb
+ORDER BY id DESC LIMIT %(limit)s
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Reconciliation:
+    id: int
+    time: Any
+    platforms: int
+    drift: list[Drift]
+
+
+async def recent_reconciliations(
+    conn: AsyncConnection[Any], *, limit: int, drift_only: bool = False
+) -> list[Reconciliation]:
+    """The latest reconciliation runs, newest first, with the drift each found and fixed."""
+    cur = await conn.execute(RECENT, {"limit": limit, "drift_only": drift_only})
+    return [
+        Reconciliation(id, time, platforms, [Drift(**d) for d in drift])
+        for id, time, platforms, drift in await cur.fetchall()
+    ]
 
 
 class Reconciler:

@@ -238,3 +238,10 @@ async def test_the_reconciler_records_each_run_and_one_runs_at_a_time(
         "SELECT platforms, jsonb_array_length(drift) FROM reconciliations ORDER BY id"
     )
     assert await cur.fetchall() == [(1, 1), (1, 0)]
+    runs = (await api.get("/counts/reconciliations")).json()
+    assert [[(d["platform"], d["registered"]) for d in r["drift"]] for r in runs] == [
+        [],
+        [("plant", 2)],
+    ]
+    drifted = (await api.get("/counts/reconciliations", params={"drift_only": "true"})).json()
+    assert [r["id"] for r in drifted] == [runs[1]["id"]]

@@ -1,11 +1,23 @@
+from dataclasses import asdict
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
 
 from api.deps import Connection
-from api.models import GroupCountsRow, GroupedCounts, NationalCounts, Page, PlatformCountsRow
+from api.models import (
+    DistinctCountsOut,
+    DriftOut,
+    GroupCountsRow,
+    GroupedCounts,
+    NationalCounts,
+    Page,
+    PlatformCountsRow,
+    ReconciliationOut,
+    counts_out,
+)
 from registry import counts
 from registry.ids import PLATFORM_ID_PATTERN
+from registry.reconcile import recent_reconciliations
 
 router = APIRouter(prefix="/counts", tags=["counts"])
 
@@ -20,15 +32,7 @@ async def all_platform_counts(
 ) -> Page[PlatformCountsRow]:
     """Every platform's counts, in id order, a page at a time."""
     rows = await counts.all_platform_counts(conn, after=after, limit=limit)
-    items = [
-        PlatformCountsRow(
-            platform=r.key,
-            registered=r.registered,
-            connected=r.connected,
-            ever_connected=r.ever_connected,
-        )
-        for r in rows
-    ]
+    items = [PlatformCountsRow(platform=r.key, **counts_out(r)) for r in rows]
     return Page(items=items, next_after=items[-1].platform if len(items) == limit else None)
 
 
@@ -38,27 +42,39 @@ async def grouped_counts(
 ) -> GroupedCounts:
     """Counts added up per platform tier, type, region or industry."""
     rows = await counts.grouped_counts(conn, dimension)
-    groups = [
-        GroupCountsRow(
-            key=r.key,
-            platforms=r.platforms,
-            registered=r.registered,
-            connected=r.connected,
-            ever_connected=r.ever_connected,
-        )
-        for r in rows
-    ]
+    groups = [GroupCountsRow(key=r.key, platforms=r.platforms, **counts_out(r)) for r in rows]
     return GroupedCounts(dimension=dimension, groups=groups)
 
 
 @router.get("/national", operation_id="national_counts", response_model=NationalCounts)
 async def national_counts(conn: Connection) -> NationalCounts:
-    """All platforms together (a device registered on two platforms counts on each)."""
-    total, as_of = await counts.national_counts(conn)
+    """All platforms together: summed per registration, and each device once (`distinct`)."""
+    total, distinct, as_of = await counts.national_counts(conn)
     return NationalCounts(
         platforms=total.platforms,
-        registered=total.registered,
-        connected=total.connected,
-        ever_connected=total.ever_connected,
         as_of=as_of,
+        distinct=DistinctCountsOut(**asdict(distinct)) if distinct else None,
+        **counts_out(total),
     )
+
+
+@router.get(
+    "/reconciliations", operation_id="reconciliations", response_model=list[ReconciliationOut]
+)
+async def reconciliations(
+    conn: Connection,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+    drift_only: Annotated[bool, Query(description="Only runs that found drift.")] = False,
+) -> list[ReconciliationOut]:
+    """The latest checks of the maintained counters against a full recount (every 5 minutes by
+    default), newest first: the drift each found and corrected, per platform."""
+    runs = await recent_reconciliations(conn, limit=limit, drift_only=drift_only)
+    return [
+        ReconciliationOut(
+            id=r.id,
+            time=r.time,
+            platforms=r.platforms,
+            drift=[DriftOut(**asdict(d)) for d in r.drift],
+        )
+        for r in runs
+    ]

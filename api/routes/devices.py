@@ -37,6 +37,9 @@ async def device_counts(platform: PlatformId, conn: Connection) -> DeviceCounts:
         registered=counts.registered,
         connected=counts.connected,
         ever_connected=counts.ever_connected,
+        active_24h=counts.active_24h,
+        active_30d=counts.active_30d,
+        activity_as_of=counts.activity_as_of,
         liveness_seconds=counts.liveness_seconds,
         as_of=counts.as_of,
     )
