@@ -18,6 +18,8 @@ class Origin:
     partition: int
     offset: int
     key: str | None
+    # The Sparkplug topic named by the record's header, when it carries a Sparkplug payload.
+    sparkplug_topic: str | None = None
 
 
 @dataclass(slots=True)

@@ -38,6 +38,7 @@ from ingest.batching import END, EndOfStream, Origin, Received, collect
 from ingest.decoding import Decoded, MessageDecoder
 from ingest.errors import Rejected, Retryable
 from ingest.settings import IngestSettings
+from ingest.sparkplug_host import SparkplugHost
 from ingest.stats import IngestStats
 from ingest.topics import TopicScheme
 from ingest.writer import Refusals, TelemetryWriter
@@ -74,6 +75,8 @@ ORDER BY group_id, topic, partition
 """
 
 _RETRY_FIRST, _RETRY_MAX = 0.5, 10.0
+# A record whose header names a Sparkplug topic carries a Sparkplug B payload (docs/contract.md).
+SPARKPLUG_HEADER = "iiot-sparkplug-topic"
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +131,9 @@ class KafkaIngest:
         self._writer = TelemetryWriter(pool, stats=self.stats, counter_shard=settings.kafka_shard)
         self._topics = TopicScheme(settings.mqtt_topic_root)
         self._decode = MessageDecoder(self._topics, settings)
+        groups = settings.sparkplug_platforms()
+        # Rebirth requests cannot travel back over Kafka: they are counted (sessions.stats).
+        self.sparkplug = SparkplugHost(settings, groups) if groups is not None else None
         self._static = [TopicPartition(t, p) for t, p in partitions] if partitions else None
         self._consumer: AIOKafkaConsumer | None = None
         # Per owned partition: its epoch and the offset stored for it (None: no row yet).
@@ -169,6 +175,8 @@ class KafkaIngest:
 
     async def run(self) -> None:
         delay = _RETRY_FIRST
+        if self.sparkplug is not None:
+            await self.sparkplug.restore(self._pool)
         while not self._stopping.is_set():
             try:
                 await self._session()
@@ -314,7 +322,7 @@ class KafkaIngest:
                         )
                     next_offset = record.offset + 1
                     self._next[tp] = next_offset
-                    message = _received(record, tp, epoch, root, decode)
+                    message = _received(record, tp, epoch, root, decode, sparkplug=self.sparkplug)
                     if queue.full():
                         # The writer is behind: stop fetching until it catches up.
                         paused = consumer.assignment()
@@ -365,7 +373,11 @@ class KafkaIngest:
         expected = {tp: self._stored.get(tp) for tp in advanced}
         group = self._settings.kafka_group_id
 
+        keep_births = SparkplugHost.keep_births if self.sparkplug is not None else None
+
         async def store_offsets(conn: AsyncConnection[Any], _: Refusals) -> None:
+            if keep_births is not None:
+                await keep_births(conn, batch)
             await _advance(conn, group, expected, advanced, ends)
 
         delay = _RETRY_FIRST
@@ -431,42 +443,57 @@ def _received(
     epoch: int,
     root: str,
     decode: MessageDecoder,
+    *,
+    sparkplug: SparkplugHost | None,
 ) -> Received[KafkaAck]:
-    """Decodes one record: its key names the device (or gateway) as in the MQTT topic."""
+    """Decodes one record: its key names the device (or gateway) as in the MQTT topic, or a
+    header names the Sparkplug topic of a Sparkplug payload."""
     now = datetime.now(UTC)
     # The producer's time, not ours: a backlog read hours later is judged (time window,
     # liveness) by when it was sent. Never later than now.
     sent = datetime.fromtimestamp(record.timestamp / 1000, UTC) if record.timestamp else now
     received_at = min(sent, now)
     payload = record.value if record.value is not None else b""
-    key: str | None = None
+    key = _text(record.key)
+    sparkplug_topic = _header(record, SPARKPLUG_HEADER)
     outcome: Decoded | Rejected
-    if record.key is None:
-        outcome = Rejected("missing_key", "a record's key names its device: {platform}/{device}")
-    else:
-        try:
-            key = record.key.decode()
-        except UnicodeDecodeError:
-            outcome = Rejected("bad_key", "the record key is not UTF-8")
+    if sparkplug_topic is not None:
+        if sparkplug is None:
+            outcome = Rejected("sparkplug_off", "Sparkplug is off (IIOT_SPARKPLUG_GROUPS)")
         else:
-            outcome = decode(f"{root}/{key}/telemetry", payload, received_at)
-            if isinstance(outcome, Rejected) and outcome.reason == "bad_topic":
-                outcome = Rejected(
-                    "bad_key",
-                    f"key {key[:80]!r} is not {{platform}}/{{device}} or "
-                    "{platform}/gateways/{gateway}",
-                    platform=outcome.platform,
-                )
+            outcome = sparkplug.decode(sparkplug_topic, payload, received_at)
+    elif record.key is None:
+        outcome = Rejected("missing_key", "a record's key names its device: {platform}/{device}")
+    elif key is None:
+        outcome = Rejected("bad_key", "the record key is not UTF-8")
+    else:
+        outcome = decode(f"{root}/{key}/telemetry", payload, received_at)
+        if isinstance(outcome, Rejected) and outcome.reason == "bad_topic":
+            outcome = Rejected(
+                "bad_key",
+                f"key {key[:80]!r} is not {{platform}}/{{device}} or "
+                "{platform}/gateways/{gateway}",
+                platform=outcome.platform,
+            )
     ack = KafkaAck(tp, record.offset, epoch)
-    return Received(
-        "kafka",
-        tp.topic,
-        payload,
-        received_at,
-        outcome,
-        ack,
-        Origin(tp.partition, record.offset, key),
-    )
+    origin = Origin(tp.partition, record.offset, key, sparkplug_topic)
+    return Received("kafka", tp.topic, payload, received_at, outcome, ack, origin)
+
+
+def _text(raw: bytes | None) -> str | None:
+    if raw is None:
+        return None
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return None
+
+
+def _header(record: "ConsumerRecord[bytes, bytes]", name: str) -> str | None:
+    for key, value in record.headers or ():
+        if key == name:
+            return _text(value) or ""
+    return None
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]

@@ -4,7 +4,9 @@ window) and sends the refused messages through decoding and writing again.
 Each dead letter is replayed on its own, and its outcome is recorded on its row in the same
 transaction as the points it produced: `replay_outcome` is `stored` or `rejected: <reason>`.
 A message refused again is not copied into a new dead letter. Points keep their original
-arrival time (`received_at`) for the time window and for readings without `ts`.
+arrival time (`received_at`) for the time window and for readings without `ts`. A Kafka record
+is addressed by its key again; a Sparkplug message is not replayable (`not_replayable`): it
+meant something only in its edge node's session.
 """
 
 from collections.abc import Sequence
@@ -16,15 +18,17 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from ingest.batching import Received
-from ingest.decoding import MessageDecoder
+from ingest.decoding import Decoded, MessageDecoder
+from ingest.errors import Rejected
 from ingest.settings import IngestSettings
+from ingest.sparkplug import NAMESPACE
 from ingest.stats import IngestStats
 from ingest.topics import TopicScheme
 from ingest.writer import Refusals, TelemetryWriter
 
 SELECT_DEAD_LETTERS = """
 SELECT id, received_at, source, topic, platform_id, reason, detail, payload,
-       replayed_at, replay_outcome
+       replayed_at, replay_outcome, kafka_key, sparkplug_topic
 FROM dead_letters
 WHERE (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s))
   AND (%(platform)s::text IS NULL OR platform_id = %(platform)s)
@@ -51,6 +55,8 @@ class DeadLetter:
     payload: bytes
     replayed_at: Any
     replay_outcome: str | None
+    kafka_key: str | None = None
+    sparkplug_topic: str | None = None
 
 
 @dataclass(slots=True)
@@ -100,8 +106,22 @@ async def replay(
     decode = MessageDecoder(TopicScheme(settings.mqtt_topic_root), limits)
     writer = TelemetryWriter(pool, stats=IngestStats())
     report = ReplayReport()
+    root = settings.mqtt_topic_root
     for letter in letters:
-        outcome = decode(letter.topic, letter.payload, letter.received_at)
+        outcome: Decoded | Rejected
+        if letter.sparkplug_topic or letter.topic.startswith(NAMESPACE):
+            # Its meaning depends on the edge node's session at the time (aliases, seq, bdSeq).
+            outcome = Rejected(
+                "not_replayable",
+                "a Sparkplug message is only valid in its session; the edge node's next "
+                "BIRTH brings its state back",
+                platform=letter.platform_id,
+            )
+        elif letter.source == "kafka":
+            address = f"{root}/{letter.kafka_key}/telemetry" if letter.kafka_key else ""
+            outcome = decode(address, letter.payload, letter.received_at)
+        else:
+            outcome = decode(letter.topic, letter.payload, letter.received_at)
         message = Received(
             letter.source, letter.topic, letter.payload, letter.received_at, outcome, letter.id
         )

@@ -161,9 +161,11 @@ class SparkplugHost:
     async def keep_births(conn: AsyncConnection[Any], batch: Sequence[Received[Any]]) -> None:
         """Stores BIRTHs and forgets DEATHs of the batch, in its transaction, in order."""
         for message in batch:
-            if isinstance(message.outcome, Rejected) or not message.topic.startswith(NAMESPACE):
+            origin = message.origin
+            topic = origin.sparkplug_topic if origin and origin.sparkplug_topic else message.topic
+            if isinstance(message.outcome, Rejected) or not topic.startswith(NAMESPACE):
                 continue
-            parts = message.topic.split("/")
+            parts = topic.split("/")
             params = {
                 "group": parts[1],
                 "edge": parts[3],

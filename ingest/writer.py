@@ -61,7 +61,7 @@ ON CONFLICT DO NOTHING
 ENSURE_PARTITIONS = "SELECT iiot_ensure_telemetry_partitions(%s, %s)"
 COPY_DEAD_LETTERS = """
 COPY dead_letters (received_at, source, topic, platform_id, reason, detail, payload,
-                  kafka_partition, kafka_offset, kafka_key)
+                  kafka_partition, kafka_offset, kafka_key, sparkplug_topic)
 FROM STDIN (FORMAT BINARY)
 """
 DEAD_LETTER_TYPES = (
@@ -74,6 +74,7 @@ DEAD_LETTER_TYPES = (
     "bytea",
     "int4",
     "int8",
+    "text",
     "text",
 )
 
@@ -414,6 +415,7 @@ async def _copy_dead_letters(
                     origin and origin.partition,
                     origin and origin.offset,
                     origin and origin.key,
+                    origin and origin.sparkplug_topic,
                 )
             )
 

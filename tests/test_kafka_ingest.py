@@ -23,8 +23,11 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from psycopg_pool import AsyncConnectionPool
 
 from ingest.kafka import KafkaIngest, partition_lag
+from ingest.replay import list_dead_letters, replay
 from ingest.settings import IngestSettings
+from ingest.sparkplug import INT64, MetricIn, encode_payload
 from registry.counts import platform_counts
+from registry.platforms import upsert_platform
 from tests.conftest import eventually, payload, scalar
 
 PARTITIONS = 4
@@ -149,6 +152,13 @@ async def test_records_are_stored_with_their_offsets_and_bad_ones_dead_lettered(
     counts = await platform_counts(db, "plant-1")
     assert counts is not None
     assert (counts.registered, counts.connected) == (3, 3)
+
+    # The operator registers the missing platform and replays: the record's key addresses it.
+    await upsert_platform(db, "nowhere")
+    letters = await list_dead_letters(db, reason="unknown_platform")
+    report = await replay(pool, settings, letters)
+    assert report.stored == [letters[0].id]
+    assert await scalar(db, "SELECT count(*) FROM devices WHERE platform_id = 'nowhere'") == 1
 
 
 async def test_the_store_not_kafka_decides_where_reading_resumes(
@@ -305,3 +315,68 @@ async def test_kill_9_of_the_consumer_three_times_stores_every_point_once(
     assert stored_before_drain < 100_000
     assert await scalar(db, "SELECT sum(value)::bigint FROM telemetry") == value_sum(10_000)
     assert await scalar(db, "SELECT count(*) FROM dead_letters") == 0
+
+
+async def test_sparkplug_payloads_named_by_a_header_are_decoded_as_on_mqtt(
+    settings: IngestSettings, pool: AsyncConnectionPool, db: Any, platform: str, unique: str
+) -> None:
+    group = f"sp-{unique}"
+    spb = settings.model_copy(update={"sparkplug_groups": f"{group}={platform}"})
+    topic = spb.kafka_topics[0]
+    ms = int(datetime.now(UTC).timestamp() * 1000)
+    node = f"spBv1.0/{group}/NBIRTH/e1"
+    records = [
+        (
+            node,
+            encode_payload(
+                [MetricIn("bdSeq", 1, INT64), MetricIn("T", 1.0, alias=1)], seq=0, timestamp_ms=ms
+            ),
+        ),
+        (
+            f"spBv1.0/{group}/DBIRTH/e1/press",
+            encode_payload([MetricIn("S", 2.0, alias=2)], seq=1, timestamp_ms=ms + 1),
+        ),
+        (
+            f"spBv1.0/{group}/NDATA/e1",
+            encode_payload([MetricIn(None, 3.0, alias=1)], seq=2, timestamp_ms=ms + 2),
+        ),
+        (
+            f"spBv1.0/{group}/DDATA/e1/press",
+            encode_payload([MetricIn(None, 4.0, alias=2)], seq=3, timestamp_ms=ms + 3),
+        ),
+        (f"spBv1.0/{group}/NDEATH/e1", encode_payload([MetricIn("bdSeq", 0, INT64)])),  # stale
+        (f"spBv1.0/{group}/NDATA/e1", b"\xff\xff\xff"),
+    ]
+    producer = AIOKafkaProducer(bootstrap_servers=spb.require_kafka_bootstrap())
+    await producer.start()
+    try:
+        for sparkplug_topic, body in records:
+            # Keyed by edge node, so that one edge node's messages stay in order.
+            await producer.send_and_wait(
+                topic,
+                body,
+                key=f"{group}/e1".encode(),
+                headers=[("iiot-sparkplug-topic", sparkplug_topic.encode())],
+            )
+    finally:
+        await producer.stop()
+    async with consuming(KafkaIngest(spb, pool)):
+        await eventually(lambda: scalar(db, "SELECT count(*) = 4 FROM telemetry"))
+        await eventually(lambda: scalar(db, "SELECT count(*) = 2 FROM dead_letters"))
+        await eventually(lambda: scalar(db, "SELECT sum(next_offset) = 6 FROM kafka_offsets"))
+    values = await (await db.execute("SELECT value FROM telemetry ORDER BY time")).fetchall()
+    assert [v[0] for v in values] == [1.0, 2.0, 3.0, 4.0]
+    letters = await (
+        await db.execute("SELECT reason, topic, kafka_offset FROM dead_letters ORDER BY id")
+    ).fetchall()
+    assert [(r[0], r[1], r[2]) for r in letters] == [
+        ("stale_death", topic, 4),
+        ("invalid_protobuf", topic, 5),
+    ]
+    # The BIRTHs are kept for a restart, as on MQTT; the stale death removed nothing.
+    assert await scalar(db, "SELECT count(*) FROM sparkplug_births") == 2
+    counts = await platform_counts(db, platform)
+    assert counts is not None
+    assert counts.connected == 2  # the edge node's own device and press
+    report = await replay(pool, spb, await list_dead_letters(db))
+    assert set(report.rejected.values()) == {"not_replayable"}

@@ -10,3 +10,6 @@ CREATE TABLE sparkplug_births (
     received_at timestamptz NOT NULL,
     PRIMARY KEY (group_id, edge_node, device)
 );
+
+-- The Sparkplug topic of a refused record that came over Kafka (its `topic` is the Kafka topic).
+ALTER TABLE dead_letters ADD COLUMN sparkplug_topic text;
