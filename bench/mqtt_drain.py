@@ -3,8 +3,10 @@
 1. A private Mosquitto (iiot's configuration: no limit on queued messages) and a schema of its
    own on the machine's PostgreSQL.
 2. The consumer's persistent session is created, then the consumer stops.
-3. N messages of 10 points each (default 200,000; 2,000,000 points) over 5,000 devices are
-   published with QoS 1 and queued by the broker.
+3. N messages of 10 points each (default 200,000; 2,000,000 points) are published with QoS 1
+   and queued by the broker: 80% plain JSON over 5,000 devices, 20% Sparkplug B (50 edge nodes
+   with 20 devices each: NBIRTH, DBIRTHs, then DDATA by alias, each edge node on one
+   connection so its seq stays in order).
 4. The consumer starts (the same client id, in this process) and the clock runs until every
    point is in the telemetry table. CPU time of this process is reported per million points.
 5. Baseline, same run: binary COPY of the same rows, in the same order and batch size, into a
@@ -33,6 +35,7 @@ from psycopg import sql
 from iiot.embedded import MosquittoBroker
 from ingest.mqtt import MqttIngest
 from ingest.settings import IngestSettings
+from ingest.sparkplug import INT64, MetricIn, encode_payload
 from ingest.writer import COPY_TELEMETRY, TELEMETRY_TYPES
 from registry.migrate import migrate
 from registry.platforms import upsert_platform
@@ -41,6 +44,7 @@ from registry.store import connect, create_pool
 
 RESULTS = Path(__file__).parent / "results"
 POINTS_PER_MESSAGE = 10
+SPARKPLUG_NODES, SPARKPLUG_DEVICES = 50, 20
 
 
 def payloads(messages: int, devices: int, base_ms: int) -> list[tuple[str, bytes]]:
@@ -54,9 +58,69 @@ def payloads(messages: int, devices: int, base_ms: int) -> list[tuple[str, bytes
     return out
 
 
-def publish(url_port: int, root: str, platform: str, messages: list[tuple[str, bytes]]) -> float:
-    """Publishes with QoS 1 over 4 connections; returns when every PUBACK is in."""
-    clients = 4
+def sparkplug_streams(
+    messages: int, nodes: int, devices_per_node: int, base_ms: int, clients: int
+) -> list[list[tuple[str, bytes]]]:
+    """Per publishing connection, Sparkplug messages of the edge nodes it carries, in seq order:
+    NBIRTH, a DBIRTH per device (10 metrics with aliases), then DDATA by alias."""
+    streams: list[list[tuple[str, bytes]]] = [[] for _ in range(clients)]
+    aliases = range(1, POINTS_PER_MESSAGE + 1)
+    per_node = messages // nodes
+    for node in range(nodes):
+        edge, out = f"e{node:03d}", streams[node % clients]
+        seq = 0
+        birth = [MetricIn("bdSeq", 0, INT64)]
+        out.append(
+            (f"spBv1.0/bench/NBIRTH/{edge}", encode_payload(birth, seq=seq, timestamp_ms=base_ms))
+        )
+        for d in range(devices_per_node):
+            seq += 1
+            metrics = [MetricIn(f"s{k}", float(k), alias=k) for k in aliases]
+            out.append(
+                (
+                    f"spBv1.0/bench/DBIRTH/{edge}/d{d:03d}",
+                    encode_payload(metrics, seq=seq % 256, timestamp_ms=base_ms),
+                )
+            )
+        for n in range(per_node):
+            seq += 1
+            device = f"d{n % devices_per_node:03d}"
+            ts = base_ms + 1 + n // devices_per_node
+            metrics = [MetricIn(None, (n * 10 + k) / 10, alias=k) for k in aliases]
+            body = encode_payload(metrics, seq=seq % 256, timestamp_ms=ts)
+            out.append((f"spBv1.0/bench/DDATA/{edge}/{device}", body))
+    return streams
+
+
+def backlog(
+    messages: int,
+    devices: int,
+    sparkplug_share: float,
+    root: str,
+    base_ms: int,
+    *,
+    clients: int = 4,
+) -> tuple[list[list[tuple[str, bytes]]], int, int]:
+    """(per-connection streams, JSON messages, points expected) of the whole backlog."""
+    json_messages = messages - int(messages * sparkplug_share)
+    bodies = [
+        (f"{root}/bench/{device}/telemetry", body)
+        for device, body in payloads(json_messages, devices, base_ms)
+    ]
+    streams = sparkplug_streams(
+        messages - json_messages, SPARKPLUG_NODES, SPARKPLUG_DEVICES, base_ms, clients
+    )
+    for i in range(clients):
+        streams[i] += bodies[i::clients]
+    data = (messages - json_messages) // SPARKPLUG_NODES * SPARKPLUG_NODES
+    births = SPARKPLUG_NODES * SPARKPLUG_DEVICES
+    expected = (json_messages + data + births) * POINTS_PER_MESSAGE
+    return streams, json_messages, expected
+
+
+def publish(url_port: int, streams: list[list[tuple[str, bytes]]]) -> float:
+    """Publishes each stream with QoS 1 over its own connection; returns when every PUBACK is
+    in. One connection per stream keeps each edge node's messages in order."""
     done = threading.Semaphore(0)
     started = time.perf_counter()
 
@@ -75,14 +139,14 @@ def publish(url_port: int, root: str, platform: str, messages: list[tuple[str, b
         client.on_publish = on_publish
         client.connect("127.0.0.1", url_port)
         client.loop_start()
-        for device, body in part:
-            client.publish(f"{root}/{platform}/{device}/telemetry", body, qos=1)
+        for topic, body in part:
+            client.publish(topic, body, qos=1)
         acked.wait(600)
         client.loop_stop()
         client.disconnect()
         done.release()
 
-    threads = [threading.Thread(target=run, args=(messages[i::clients], i)) for i in range(clients)]
+    threads = [threading.Thread(target=run, args=(part, i)) for i, part in enumerate(streams)]
     for t in threads:
         t.start()
     for _ in threads:
@@ -125,7 +189,7 @@ async def raw_copy(settings: StoreSettings, rows: list[tuple[Any, ...]], batch: 
         return time.perf_counter() - started
 
 
-async def main(messages: int, devices: int) -> dict[str, Any]:
+async def main(messages: int, devices: int, sparkplug_share: float) -> dict[str, Any]:
     database = os.environ.get(
         "IIOT_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"
     )
@@ -143,6 +207,9 @@ async def main(messages: int, devices: int) -> dict[str, Any]:
                 mqtt_url=url,
                 mqtt_client_id=f"bench-{tag}",
                 mqtt_topic_root=f"bench/{tag}",
+                # Sparkplug group "bench" is the platform "bench".
+                sparkplug_groups="bench=bench",
+                sparkplug_host_id="",
             )
             copy_settings = StoreSettings(database_url=database, database_schema=copy_schema)
             for s in (settings, copy_settings):
@@ -158,11 +225,15 @@ async def main(messages: int, devices: int) -> dict[str, Any]:
                 await task
 
             base_ms = int(datetime.now(UTC).timestamp() * 1000) - 3_600_000
-            bodies = payloads(messages, devices, base_ms)
-            seconds = await asyncio.to_thread(
-                publish, broker.port or 1883, settings.mqtt_topic_root, "bench", bodies
+            streams, json_messages, expected = backlog(
+                messages, devices, sparkplug_share, settings.mqtt_topic_root, base_ms
             )
-            report["publish_msgs_per_s"] = round(messages / seconds)
+            sent = sum(len(stream) for stream in streams)
+            report["points"] = expected
+            report["messages"] = sent
+            report["sparkplug_messages"] = sent - json_messages
+            seconds = await asyncio.to_thread(publish, broker.port or 1883, streams)
+            report["publish_msgs_per_s"] = round(sent / seconds)
 
             elapsed, cpu = await drain(settings, expected)
             report["drain_seconds"] = round(elapsed, 2)
@@ -171,6 +242,8 @@ async def main(messages: int, devices: int) -> dict[str, Any]:
 
             # The same rows, with the ids ingest gave them, for the baseline.
             async with await connect(settings) as conn:
+                cur = await conn.execute("SELECT count(*) FROM dead_letters")
+                report["dead_letters"] = (await cur.fetchone() or (0,))[0]
                 cur = await conn.execute("SELECT time, device_id, metric_id, value FROM telemetry")
                 rows = await cur.fetchall()
             rows.sort(key=lambda r: (r[0], r[1], r[2]))
@@ -199,12 +272,14 @@ def _print(r: dict[str, Any]) -> None:
             f"{r['messages']:,} / {r['points']:,} / {r['devices']:,}",
             "",
         ),
+        ("of which Sparkplug B (births and DDATA)", f"{r['sparkplug_messages']:,}", ""),
         ("publish rate (QoS 1, msg/s)", f"{r['publish_msgs_per_s']:,}", ""),
         ("drain: points stored /s", f"{r['drain_points_per_s']:,}", ">= 150,000"),
         ("baseline: raw binary COPY rows/s", f"{r['raw_copy_rows_per_s']:,}", ""),
         ("ratio drain / raw COPY", f"{r['ratio_drain_to_copy']}", ">= 0.6"),
         ("ingest CPU s per million points", f"{r['ingest_cpu_s_per_million_points']}", ""),
         ("bench process max RSS (MiB)", f"{r['bench_process_max_rss_mib']}", ""),
+        ("dead letters", f"{r['dead_letters']}", "0"),
     ]
     width = max(len(row[0]) for row in rows)
     for name, value, target in rows:
@@ -215,9 +290,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=200_000)
     parser.add_argument("--devices", type=int, default=5_000)
+    parser.add_argument("--sparkplug-share", type=float, default=0.2)
     parser.add_argument("--quick", action="store_true", help="20,000 messages")
     args = parser.parse_args()
-    result = asyncio.run(main(20_000 if args.quick else args.messages, args.devices))
+    messages = 20_000 if args.quick else args.messages
+    result = asyncio.run(main(messages, args.devices, args.sparkplug_share))
     result["measured_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "mqtt_drain-latest.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -221,9 +221,9 @@ def _now_ms() -> int:
 
 @dataclass(slots=True)
 class DeviceReadings:
-    """Points of one device (or of the edge node itself) from one message."""
+    """Points of one device, or of the edge node itself (device None), from one message."""
 
-    device: str
+    device: str | None
     live: list[Point] = field(default_factory=list)
     historical: list[Point] = field(default_factory=list)
 
@@ -344,7 +344,7 @@ class EdgeNodeSessions:
             raise Rejected("no_birth", f"{kind} from edge node {topic.edge_node!r} before NBIRTH")
         self._track_seq(key, node, payload.seq, now)
         if kind == "NDATA":
-            readings = self._readings(topic.edge_node, node.aliases, payload, received_at, key)
+            readings = self._readings(None, node.aliases, payload, received_at, key)
             return Outcome([readings], [])
         assert topic.device is not None  # parse_topic: device kinds have a device
         device = topic.device
@@ -402,7 +402,7 @@ class EdgeNodeSessions:
         self._nodes[key] = node
         self._last_session[key] = session
         self._rebirth_asked.pop(key, None)
-        readings = self._readings(key[1], aliases, payload, received_at, key)
+        readings = self._readings(None, aliases, payload, received_at, key)
         return Outcome([readings], [SessionChange(True, session)])
 
     def _node_death(self, key: tuple[str, str], payload: Payload) -> Outcome:
@@ -450,7 +450,7 @@ class EdgeNodeSessions:
 
     def _readings(
         self,
-        device: str,
+        device: str | None,
         aliases: dict[int, str],
         payload: Payload,
         received_at: datetime,
@@ -477,7 +477,7 @@ class EdgeNodeSessions:
             if not earliest <= ts <= latest:
                 raise Rejected(
                     "timestamp_out_of_window",
-                    f"{device}: {ts.isoformat()} is outside "
+                    f"{device or key[1]}: {ts.isoformat()} is outside "
                     f"[{earliest.isoformat()}, {latest.isoformat()}]",
                 )
             (readings.historical if m.historical else readings.live).append((ts, name, m.value))

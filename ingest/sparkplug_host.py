@@ -27,7 +27,7 @@ from ingest.sparkplug import (
     parse_topic,
     rebirth_request,
 )
-from registry.ids import is_platform_id
+from registry.ids import is_device_id, is_platform_id
 
 log = logging.getLogger(__name__)
 
@@ -111,20 +111,28 @@ class SparkplugHost:
                 platform,
                 change.online,
                 change.session,
-                device=change.device,
+                device=device_id(edge, change.device) if change.device else None,
                 gateway=edge if change.device is None else None,
                 cause="sparkplug",
             )
             for change in outcome.changes
         ]
         for readings in outcome.readings:
+            device = device_id(edge, readings.device)
             for points, historical in ((readings.live, False), (readings.historical, True)):
                 if points:
-                    decoded.append(_telemetry(platform, readings.device, edge, points, historical))
+                    decoded.append(_telemetry(platform, device, edge, points, historical))
             if not readings.live and not readings.historical and not outcome.changes:
                 # Only strings, nulls or control metrics: nothing to store, but the device spoke.
                 decoded.append(
-                    Telemetry(platform, readings.device, [], False, received_at, received_at, edge)
+                    Telemetry(platform, device, [], False, received_at, received_at, edge)
+                )
+        for item in decoded:
+            if item.device is not None and not is_device_id(item.device):
+                return Rejected(
+                    "bad_device_id",
+                    f"{item.device[:140]!r} is over 128 characters",
+                    platform=platform,
                 )
         if not decoded:  # an NDEATH or DDEATH always changes a session; nothing else is empty
             return Rejected("invalid_shape", "nothing in the message", platform=platform)
@@ -175,6 +183,12 @@ class SparkplugHost:
             }
             for statement in _KIND_STATEMENTS.get(parts[2], ()):
                 await conn.execute(statement, params)
+
+
+def device_id(edge_node: str, device: str | None) -> str:
+    """The registry id of a Sparkplug device: its id is unique only under its edge node, so it
+    is qualified by it (`edge:device`); the edge node's own metrics are the device `edge`."""
+    return edge_node if device is None else f"{edge_node}:{device}"
 
 
 def _telemetry(

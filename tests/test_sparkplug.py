@@ -183,7 +183,7 @@ def test_births_give_aliases_and_open_sessions() -> None:
     born = node.birth(bd_seq=0)
     # Control metrics and bdSeq are not telemetry; the birth's values are.
     assert [(r.device, [(n, v) for _, n, v in r.live]) for r in born.readings] == [
-        ("e1", [("Inputs/Temperature 1", 20.5)])
+        (None, [("Inputs/Temperature 1", 20.5)])
     ]
     assert born.changes == [SessionChange(True, NOW_MS)]
     device = node.send("DBIRTH", [MetricIn("Speed", 3.0, alias=7)], device="press", ts=NOW_MS + 1)

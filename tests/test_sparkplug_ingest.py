@@ -154,11 +154,12 @@ async def test_an_edge_node_with_devices_through_birth_data_death_and_rebirth(
         assert rows == [
             ("e1", "e1", "Temperature", 20.0),
             ("e1", "e1", "Temperature", 21.0),
-            ("press-1", "e1", "Speed", 100.0),
-            ("press-1", "e1", "Speed", 101.0),
-            ("press-2", "e1", "Speed", 100.0),
+            ("e1:press-1", "e1", "Speed", 100.0),
+            ("e1:press-1", "e1", "Speed", 101.0),
+            ("e1:press-2", "e1", "Speed", 100.0),
         ]
-        # The edge node's own metrics are a device of the same name behind it.
+        # The edge node's own metrics are a device of the same name behind it; a Sparkplug
+        # device's id is unique only under its edge node, so its registry id is qualified.
         await eventually(lambda: _equals(connected(db, platform), 3))
 
         # A device leaves; then the edge node dies and takes its devices with it, in one step.
