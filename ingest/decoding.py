@@ -223,13 +223,10 @@ def _reading(reading: Any, received_at: datetime) -> tuple[datetime, list[tuple[
         raise Rejected("invalid_shape", "'metrics' must be an object of name: number")
     values = []
     for name, raw in metrics.items():
-        if name not in _GOOD_NAMES:
-            if not is_metric_name(name):
-                raise Rejected(
-                    "invalid_metric_name", f"metric name {name[:80]!r} breaks the name rules"
-                )
-            if len(_GOOD_NAMES) < _GOOD_NAMES_MAX:
-                _GOOD_NAMES.add(name)
+        if name not in _GOOD_NAMES and not known_metric_name(name):
+            raise Rejected(
+                "invalid_metric_name", f"metric name {name[:80]!r} breaks the name rules"
+            )
         # The common case first: orjson gives finite floats and 64-bit ints only.
         if type(raw) is float and math.isfinite(raw):
             values.append((name, raw))
@@ -241,6 +238,17 @@ def _reading(reading: Any, received_at: datetime) -> tuple[datetime, list[tuple[
 # Metric names repeat across messages: remember the valid ones instead of matching each time.
 _GOOD_NAMES: set[str] = set()
 _GOOD_NAMES_MAX = 100_000
+
+
+def known_metric_name(name: str) -> bool:
+    """Whether `name` follows the metric name rule (registry/ids.py), remembering good ones."""
+    if name in _GOOD_NAMES:
+        return True
+    if not is_metric_name(name):
+        return False
+    if len(_GOOD_NAMES) < _GOOD_NAMES_MAX:
+        _GOOD_NAMES.add(name)
+    return True
 
 
 def _value(name: str, raw: Any) -> float:

@@ -22,9 +22,10 @@ from typing import Final, Literal
 import orjson
 from google.protobuf.message import DecodeError
 
+from ingest.decoding import known_metric_name
 from ingest.errors import Rejected
 from ingest.sparkplug_b_pb2 import Payload as PayloadMessage
-from registry.ids import is_device_id, is_metric_name
+from registry.ids import is_device_id
 
 NAMESPACE: Final = "spBv1.0"
 NODE_KINDS: Final = ("NBIRTH", "NDEATH", "NDATA", "NCMD")
@@ -42,6 +43,7 @@ REBIRTH: Final = "Node Control/Rebirth"
 _CONTROL_PREFIXES: Final = ("Node Control/", "Device Control/")
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
 _SIGNED_BITS: Final = {INT8: 8, INT16: 16, INT32: 32, INT64: 64}
 
 Point = tuple[datetime, str, float]
@@ -89,7 +91,8 @@ def state_payload(online: bool, timestamp_ms: int) -> bytes:
 class Metric:
     name: str | None
     alias: int | None
-    timestamp: datetime | None
+    # Milliseconds since the epoch (kept as a number: most share their message's few values).
+    timestamp_ms: int | None
     # The value as a number; None for null metrics and types that are not numbers.
     value: float | None
     historical: bool
@@ -117,9 +120,9 @@ def decode_payload(raw: bytes, *, max_bytes: int, max_metrics: int) -> Payload:
         raise Rejected("invalid_protobuf", "no timestamp, seq or metrics")
     metrics = [
         Metric(
-            m.name if m.HasField("name") else None,
+            m.name or None,  # an empty name is no name
             m.alias if m.HasField("alias") else None,
-            _EPOCH + timedelta(milliseconds=m.timestamp) if m.HasField("timestamp") else None,
+            m.timestamp if m.HasField("timestamp") else None,
             None if m.is_null else _number(m),
             m.is_historical,
         )
@@ -457,9 +460,11 @@ class EdgeNodeSessions:
         key: tuple[str, str],
     ) -> DeviceReadings:
         readings = DeviceReadings(device)
-        default_ts = payload.timestamp or received_at
-        earliest = received_at - self._window_past
-        latest = received_at + self._window_future
+        default_ms = _millis(payload.timestamp or received_at)
+        now_ms = _millis(received_at)
+        earliest = now_ms - self._window_past // _MS
+        latest = now_ms + self._window_future // _MS
+        times: dict[int, datetime] = {}
         for m in payload.metrics:
             name = m.name
             if name is None:
@@ -471,15 +476,18 @@ class EdgeNodeSessions:
                     raise Rejected("unknown_alias", f"alias {m.alias} is not in the BIRTH")
             if m.value is None or name == BD_SEQ or name.startswith(_CONTROL_PREFIXES):
                 continue
-            if not is_metric_name(name):
+            if not known_metric_name(name):
                 raise Rejected("invalid_metric_name", f"metric name {name[:80]!r}")
-            ts = m.timestamp or default_ts
-            if not earliest <= ts <= latest:
-                raise Rejected(
-                    "timestamp_out_of_window",
-                    f"{device or key[1]}: {ts.isoformat()} is outside "
-                    f"[{earliest.isoformat()}, {latest.isoformat()}]",
-                )
+            ms = m.timestamp_ms or default_ms
+            ts = times.get(ms)
+            if ts is None:
+                if not earliest <= ms <= latest:
+                    raise Rejected(
+                        "timestamp_out_of_window",
+                        f"{device or key[1]}: {_EPOCH + timedelta(milliseconds=ms)} is outside "
+                        f"the window around {received_at.isoformat()}",
+                    )
+                ts = times[ms] = _EPOCH + timedelta(milliseconds=ms)
             (readings.historical if m.historical else readings.live).append((ts, name, m.value))
         return readings
 
