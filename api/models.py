@@ -209,3 +209,42 @@ class ReconciliationOut(BaseModel):
     time: datetime
     platforms: int
     drift: list[DriftOut] = Field(description="Empty when the counters equalled the recount.")
+
+
+class LatestValue(BaseModel):
+    metric: str
+    time: datetime
+    value: float
+
+
+class LatestValues(BaseModel):
+    platform: str
+    device: str
+    values: list[LatestValue]
+
+
+class TelemetryPoint(BaseModel):
+    time: datetime
+    value: float
+
+
+class TelemetryBucket(BaseModel):
+    start: datetime
+    avg: float
+    min: float
+    max: float
+    count: int
+
+
+class TelemetryRange(BaseModel):
+    platform: str
+    device: str
+    metric: str
+    start: datetime
+    end: datetime
+    bucket_seconds: int | None = Field(description="Null for raw points.")
+    points: list[TelemetryPoint] | None = Field(description="Raw points, when not bucketed.")
+    buckets: list[TelemetryBucket] | None = Field(description="Per bucket, when bucketed.")
+    next_after: datetime | None = Field(
+        description="Raw points: pass as `after` for the next page; null at the end."
+    )
