@@ -83,6 +83,23 @@ WHERE d.platform_id = %s AND d.device_id = %s AND d.decommissioned_at IS NULL
 """
 
 
+# Search within a platform, in device id order, a page at a time. `connected` is the state the
+# counts use; `metadata` is JSON containment (uses no index: the platform's rows are scanned in
+# id order, and the page limit bounds the work per request).
+LIST_DEVICES = f"""
+SELECT {DEVICE_COLUMNS}
+FROM devices d LEFT JOIN gateways g ON g.id = d.via_gateway
+WHERE d.platform_id = %(platform)s AND d.decommissioned_at IS NULL
+  AND (%(after)s::text IS NULL OR d.device_id > %(after)s)
+  AND (%(gateway)s::text IS NULL OR g.gateway_id = %(gateway)s)
+  AND (%(connected)s::boolean IS NULL
+       OR (d.state = 'online' AND (g.id IS NULL OR g.state = 'online')) = %(connected)s)
+  AND (%(metadata)s::jsonb IS NULL OR d.metadata @> %(metadata)s)
+ORDER BY d.device_id
+LIMIT %(limit)s
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class Device:
     device_id: str
@@ -161,3 +178,28 @@ async def get_device(conn: AsyncConnection[Any], platform: str, device_id: str) 
     if device is None:
         raise NotFound(f"device {device_id!r} on platform {platform!r}")
     return device
+
+
+async def list_devices(
+    conn: AsyncConnection[Any],
+    platform: str,
+    *,
+    after: str | None = None,
+    gateway: str | None = None,
+    connected: bool | None = None,
+    metadata: dict[str, Any] | None = None,
+    limit: int = 500,
+) -> list[Device]:
+    async with conn.cursor(row_factory=class_row(Device)) as cur:
+        await cur.execute(
+            LIST_DEVICES,
+            {
+                "platform": platform,
+                "after": after,
+                "gateway": gateway,
+                "connected": connected,
+                "metadata": Jsonb(metadata) if metadata is not None else None,
+                "limit": limit,
+            },
+        )
+        return await cur.fetchall()

@@ -107,3 +107,41 @@ async def test_csv_export_streams_every_point_of_the_range(
     assert [r[2] for r in list(csv.reader(io.StringIO(only)))[1:]] == ["1000.0", "1005.0", "1009.0"]
     too_long = {"start": T0.isoformat(), "end": (T0 + timedelta(days=400)).isoformat()}
     assert (await api.get(url, params=too_long)).status_code == 422
+
+
+async def test_devices_are_listed_and_searched_a_page_at_a_time(
+    api: httpx.AsyncClient, pool: AsyncConnectionPool, platform: str
+) -> None:
+    registered = await api.post(
+        f"/platforms/{platform}/devices",
+        json={
+            "devices": [
+                {"device_id": f"m{n:02d}", "metadata": {"line": n % 3, "vendor": "acme"}}
+                for n in range(12)
+            ]
+        },
+    )
+    assert registered.status_code in (200, 201), registered.text
+    writer = TelemetryWriter(pool, stats=IngestStats())
+    now = datetime.now(UTC)
+    await writer.write([telemetry(platform, "m01", (now, "v", 1.0))])  # connected now
+    url = f"/platforms/{platform}/devices"
+    ids: list[str] = []
+    after = None
+    while True:
+        params = {"limit": "5"} | ({"after": after} if after else {})
+        page = (await api.get(url, params=params)).json()
+        ids += [d["device_id"] for d in page["items"]]
+        if (after := page["next_after"]) is None:
+            break
+    assert ids == [f"m{n:02d}" for n in range(12)]
+    line1 = (await api.get(url, params={"metadata": '{"line": 1}'})).json()["items"]
+    assert [d["device_id"] for d in line1] == ["m01", "m04", "m07", "m10"]
+    online = (await api.get(url, params={"connected": "true"})).json()["items"]
+    assert [d["device_id"] for d in online] == ["m01"]
+    offline = (await api.get(url, params={"connected": "false", "metadata": '{"line": 1}'})).json()
+    assert [d["device_id"] for d in offline["items"]] == ["m04", "m07", "m10"]
+    assert (await api.get(url, params={"gateway": "gw-1"})).json()["items"] == []
+    assert (await api.get(url, params={"metadata": "[1]"})).status_code == 422
+    assert (await api.get(url, params={"metadata": "{"})).status_code == 422
+    assert (await api.get("/platforms/no-such/devices")).status_code == 404

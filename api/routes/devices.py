@@ -1,7 +1,8 @@
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
-from typing import Annotated
+from typing import Annotated, Any
 
+import orjson
 from fastapi import APIRouter, Query, status
 
 from api.deps import Connection, DeviceId, PlatformId, Settings
@@ -14,11 +15,13 @@ from api.models import (
     DeviceRegistration,
     DeviceUpdate,
     HistoryPoint,
+    Page,
 )
 from registry import registration
 from registry.counts import platform_counts
 from registry.errors import Invalid, NotFound
 from registry.history import history
+from registry.ids import DEVICE_ID_PATTERN
 from registry.platforms import get_platform
 
 router = APIRouter(prefix="/platforms/{platform}/devices", tags=["devices"])
@@ -96,6 +99,43 @@ async def decommission_devices(
             conn, platform, body.device_ids, shard=settings.api_counter_shard
         )
     return Affected(count=removed)
+
+
+@router.get("", operation_id="list_devices", response_model=Page[DeviceOut])
+async def list_devices(
+    platform: PlatformId,
+    conn: Connection,
+    *,
+    connected: Annotated[bool | None, Query(description="Connected now, or not.")] = None,
+    gateway: Annotated[str | None, Query(pattern=f"^{DEVICE_ID_PATTERN}$")] = None,
+    metadata: Annotated[
+        str | None, Query(max_length=2000, description='JSON the metadata contains: {"line": 3}')
+    ] = None,
+    after: Annotated[str | None, Query(pattern=f"^{DEVICE_ID_PATTERN}$")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 500,
+) -> Page[DeviceOut]:
+    """A platform's devices in id order, a page at a time, searched by connection, gateway and
+    metadata."""
+    await get_platform(conn, platform)
+    wanted: dict[str, Any] | None = None
+    if metadata is not None:
+        try:
+            wanted = orjson.loads(metadata)
+        except orjson.JSONDecodeError:
+            raise Invalid("metadata must be a JSON object") from None
+        if not isinstance(wanted, dict):
+            raise Invalid("metadata must be a JSON object")
+    found = await registration.list_devices(
+        conn,
+        platform,
+        after=after,
+        gateway=gateway,
+        connected=connected,
+        metadata=wanted,
+        limit=limit,
+    )
+    items = [DeviceOut(**asdict(d)) for d in found]
+    return Page(items=items, next_after=items[-1].device_id if len(items) == limit else None)
 
 
 @router.get("/{device}", operation_id="get_device", response_model=DeviceOut)
