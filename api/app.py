@@ -6,7 +6,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api import problems
-from api.routes import counts, devices, health, ingest, platforms, telemetry
+from api.routes import counts, devices, health, ingest, metrics, platforms, telemetry
 from api.settings import ApiSettings
 from registry.store import create_pool
 
@@ -28,6 +28,6 @@ def create_app(settings: ApiSettings) -> FastAPI:
         lifespan=lifespan,
     )
     problems.install(app)
-    for module in (health, platforms, devices, telemetry, counts, ingest):
+    for module in (health, metrics, platforms, devices, telemetry, counts, ingest):
         app.include_router(module.router)
     return app

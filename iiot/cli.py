@@ -15,6 +15,9 @@ from api.settings import ApiSettings
 from iiot.services import ingest_services, run_until
 from iiot.simulator import Simulator
 from iiot.stack import RunSettings, run_stack
+from ingest.kafka import KafkaIngest
+from ingest.metrics import IngestCollector, serve_metrics
+from ingest.mqtt import MqttIngest
 from ingest.replay import list_dead_letters, replay
 from ingest.settings import IngestSettings
 from registry.migrate import migrate
@@ -66,9 +69,23 @@ def ingest_kafka() -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         async with create_pool(settings, name="ingest-kafka") as pool:
-            await run_until(stop, ingest_services(settings, pool, "kafka"))
+            services = ingest_services(settings, pool, "kafka")
+            _serve_metrics(settings, "kafka", services[0])
+            await run_until(stop, services)
 
     asyncio.run(main())
+
+
+def _serve_metrics(settings: IngestSettings, source: str, consumer: object) -> None:
+    if settings.metrics_port is None:
+        return
+    assert isinstance(consumer, MqttIngest | KafkaIngest)  # the first service is the consumer
+    serve_metrics(
+        settings.metrics_port, IngestCollector([(source, consumer)]), settings.metrics_address
+    )
+    logging.getLogger(__name__).info(
+        "metrics on http://%s:%d/metrics", settings.metrics_address, settings.metrics_port
+    )
 
 
 @app.command("migrate")
@@ -94,7 +111,9 @@ def ingest_mqtt() -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         async with create_pool(settings, name="ingest") as pool:
-            await run_until(stop, ingest_services(settings, pool))
+            services = ingest_services(settings, pool)
+            _serve_metrics(settings, "mqtt", services[0])
+            await run_until(stop, services)
 
     asyncio.run(main())
 

@@ -146,6 +146,7 @@ class KafkaIngest:
         self._idle = asyncio.Event()
         self._idle.set()
         self._stopping = asyncio.Event()
+        self._queue: asyncio.Queue[Any] | None = None
         self.assigned = asyncio.Event()
         """Set while partitions are assigned and positioned (tests and readiness wait on it)."""
         self.skipped_offsets = 0
@@ -158,6 +159,14 @@ class KafkaIngest:
     def registry_changed(self, platform: str) -> None:
         """An operator changed the registry: forget what was cached about it."""
         self._writer.directory.forget()
+
+    def queue_depth(self) -> int:
+        """Messages received and not yet written (metrics)."""
+        return self._queue.qsize() if self._queue is not None else 0
+
+    def partition_lag(self) -> dict[tuple[str, int], int]:
+        """Records behind each owned partition's end, as of the last fetch (metrics)."""
+        return {(tp.topic, tp.partition): behind for tp, behind in self.lag.items()}
 
     def stop(self) -> None:
         """Asks `run()` to stop fetching, write and commit what it holds, and return."""
@@ -221,6 +230,7 @@ class KafkaIngest:
             queue: asyncio.Queue[Received[KafkaAck] | EndOfStream] = asyncio.Queue(
                 s.queue_max_messages
             )
+            self._queue = queue
             async with asyncio.TaskGroup() as tasks:
                 fetching = tasks.create_task(self._fetch(consumer, queue))
                 writing = tasks.create_task(self._write(consumer, queue))

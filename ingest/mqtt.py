@@ -68,12 +68,21 @@ class MqttIngest:
         self._pool = pool
         self._state_timestamp = 0
         self._stopping = asyncio.Event()
+        self._queue: asyncio.Queue[Any] | None = None
         self.subscribed = asyncio.Event()
         """Set while a session is subscribed (tests and readiness wait on it)."""
 
     def registry_changed(self, platform: str) -> None:
         """An operator changed the registry: forget what was cached about it."""
         self._writer.directory.forget()
+
+    def queue_depth(self) -> int:
+        """Messages received and not yet written (metrics)."""
+        return self._queue.qsize() if self._queue is not None else 0
+
+    def partition_lag(self) -> dict[tuple[str, int], int]:
+        """MQTT has no partitions: the broker's queue is its own (metrics)."""
+        return {}
 
     def stop(self) -> None:
         """Asks `run()` to stop receiving, write and acknowledge what it holds, and return."""
@@ -110,6 +119,7 @@ class MqttIngest:
             queue: asyncio.Queue[Received[MqttAck] | EndOfStream] = asyncio.Queue(
                 self._settings.queue_max_messages
             )
+            self._queue = queue
             for topic_filter in self._topics.filters(self._settings.mqtt_shared_group):
                 await client.subscribe(topic_filter, qos=1)
             if self.sparkplug is not None:

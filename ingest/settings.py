@@ -69,6 +69,10 @@ class IngestSettings(Limits):
     # Static assignment instead of the group's: IIOT_KAFKA_PARTITIONS=topic:0,topic:1
     kafka_partitions: Annotated[list[str], NoDecode] | None = None
 
+    # Serve Prometheus metrics on /metrics at this port (ingest/metrics.py); unset: off.
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    metrics_address: str = "127.0.0.1"
+
     batch_max_points: int = Field(default=50_000, ge=1)
     batch_max_delay_seconds: float = Field(default=0.2, gt=0)
     queue_max_messages: int = Field(default=20_000, ge=1)

@@ -16,6 +16,7 @@ stored. Store unavailability raises Retryable with nothing committed.
 """
 
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -147,6 +148,7 @@ class TelemetryWriter:
         `dead_letter=False` leaves refused messages out of the dead-letter table (a replay of
         dead letters records the outcome on the original rows instead).
         """
+        started = time.perf_counter()
         try:
             async with self._pool.connection() as conn:
                 report = await self._write(conn, batch, in_transaction, dead_letter)
@@ -155,6 +157,7 @@ class TelemetryWriter:
         except psycopg.Error as exc:
             return await self._isolate(batch, in_transaction, dead_letter, exc)
         self._count(report)
+        self._stats.write_seconds.observe(time.perf_counter() - started)
         return report
 
     async def _isolate(
@@ -361,6 +364,7 @@ class TelemetryWriter:
     def _count(self, report: WriteReport) -> None:
         stats = self._stats
         stats.batches += 1
+        stats.batch_points.observe(report.points_written + report.duplicates_skipped)
         stats.points_written += report.points_written
         stats.duplicates_skipped += report.duplicates_skipped
         stats.devices_registered += report.devices_registered

@@ -63,6 +63,11 @@ NATIONAL_DISTINCT = """
 SELECT registered, connected, active_24h, active_30d, as_of FROM national_distinct
 """
 
+PLATFORM_GAUGES = """
+SELECT id, tier, type, region, registered, connected, ever_connected, active_24h, active_30d
+FROM platform_totals ORDER BY id
+"""
+
 DIMENSIONS: Final = ("tier", "type", "region", "industry")
 
 
@@ -99,6 +104,25 @@ class DistinctCounts:
     active_24h: int
     active_30d: int
     as_of: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class PlatformGauge:
+    platform: str
+    tier: str
+    type: str
+    region: str
+    registered: int
+    connected: int
+    ever_connected: int
+    active_24h: int
+    active_30d: int
+
+
+async def platform_gauges(conn: AsyncConnection[Any]) -> list[PlatformGauge]:
+    """Every platform's counts with the labels monitoring groups them by."""
+    cur = await conn.execute(PLATFORM_GAUGES)
+    return [PlatformGauge(*row) for row in await cur.fetchall()]
 
 
 async def platform_counts(conn: AsyncConnection[Any], platform_id: str) -> PlatformCounts | None:

@@ -1,0 +1,86 @@
+"""`/metrics` of the API: the store's figures in Prometheus format.
+
+Ingest processes export their own traffic (ingest/metrics.py); the API exports what only the
+store knows: per-platform counts (labelled by tier, type and region, so dashboards can sum
+them), the drift the latest reconciliation found, and each Kafka partition's lag as stored
+with its last batch. Everything is read from maintained figures; nothing counts devices.
+"""
+
+from typing import Any
+
+from fastapi import APIRouter, Response
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+from api.deps import Connection
+from ingest.kafka import partition_lag
+from registry.counts import platform_gauges
+from registry.reconcile import recent_reconciliations
+
+router = APIRouter(tags=["health"])
+
+
+class _Snapshot(Collector):
+    """Metric families gathered for one scrape."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Any:
+        return iter(self._families)
+
+
+@router.get(
+    "/metrics",
+    operation_id="metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}},
+)
+async def metrics(conn: Connection) -> Response:
+    """Connected, registered and active devices per platform, counter drift and Kafka lag,
+    in Prometheus' text format."""
+    labels = ["platform", "tier", "type", "region"]
+    figures = {
+        name: GaugeMetricFamily(f"iiot_devices_{name}", doc, labels=labels)
+        for name, doc in (
+            ("registered", "Registered devices (docs/counts.md)."),
+            ("connected", "Connected devices (docs/counts.md)."),
+            ("ever_connected", "Devices connected at least once."),
+            ("active_24h", "Devices connected within the last 24 hours."),
+            ("active_30d", "Devices connected within the last 30 days."),
+        )
+    }
+    for row in await platform_gauges(conn):
+        key = [row.platform, row.tier, row.type, row.region]
+        for name, family in figures.items():
+            family.add_metric(key, getattr(row, name))
+
+    drift = GaugeMetricFamily(
+        "iiot_counter_drift",
+        "Counter minus recount per platform, as the latest reconciliation found (and fixed).",
+        labels=["platform", "count"],
+    )
+    last_run = GaugeMetricFamily(
+        "iiot_reconciliation_timestamp_seconds", "When the latest reconciliation ran."
+    )
+    latest = await recent_reconciliations(conn, limit=1)
+    if latest:
+        last_run.add_metric([], latest[0].time.timestamp())
+        for d in latest[0].drift:
+            for count in ("registered", "connected", "ever_connected"):
+                drift.add_metric([d.platform, count], getattr(d, count))
+
+    lag = GaugeMetricFamily(
+        "iiot_kafka_stored_lag",
+        "Records behind the partition's end when its offset was last stored.",
+        labels=["group", "topic", "partition"],
+    )
+    for p in await partition_lag(conn):
+        if p.lag is not None:
+            lag.add_metric([p.group_id, p.topic, str(p.partition)], p.lag)
+
+    registry = CollectorRegistry()
+    registry.register(_Snapshot([*figures.values(), drift, last_run, lag]))
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,121 @@
+"""Prometheus metrics of an ingest process, read from its consumers at scrape time.
+
+Nothing is counted twice on the hot path: the consumers keep plain totals (`IngestStats`,
+Sparkplug session stats, Kafka lag) and this collector turns them into metrics when Prometheus
+asks. `IIOT_METRICS_PORT` makes `iiot ingest ...` serve them on `/metrics`.
+"""
+
+from collections.abc import Iterable, Iterator
+from typing import Protocol
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from ingest.sparkplug_host import SparkplugHost
+from ingest.stats import IngestStats
+
+
+class Consumer(Protocol):
+    """What the collector reads from an MQTT or Kafka consumer."""
+
+    stats: IngestStats
+    sparkplug: SparkplugHost | None
+
+    def queue_depth(self) -> int: ...
+
+    def partition_lag(self) -> dict[tuple[str, int], int]: ...
+
+
+class IngestCollector(Collector):
+    def __init__(self, consumers: Iterable[tuple[str, Consumer]]) -> None:
+        """`consumers`: (source, consumer) pairs, source being "mqtt" or "kafka"."""
+        self._consumers = list(consumers)
+
+    def collect(self) -> Iterator[Metric]:
+        received = CounterMetricFamily(
+            "iiot_messages_received",
+            "Messages (MQTT) or records (Kafka) received.",
+            labels=["source"],
+        )
+        stored = CounterMetricFamily(
+            "iiot_points_stored", "Points committed to the store.", labels=["source"]
+        )
+        duplicates = CounterMetricFamily(
+            "iiot_duplicates_skipped",
+            "Points already stored (redeliveries), not stored again.",
+            labels=["source"],
+        )
+        registered = CounterMetricFamily(
+            "iiot_devices_registered",
+            "Devices registered on their first message.",
+            labels=["source"],
+        )
+        rejected = CounterMetricFamily(
+            "iiot_messages_rejected",
+            "Messages refused into the dead-letter table.",
+            labels=["source", "platform", "reason"],
+        )
+        queue = GaugeMetricFamily(
+            "iiot_queue_depth", "Messages waiting between receive and write.", labels=["source"]
+        )
+        lag = GaugeMetricFamily(
+            "iiot_kafka_lag", "Records behind the partition's end.", labels=["topic", "partition"]
+        )
+        gaps = CounterMetricFamily(
+            "iiot_sparkplug_seq_gaps",
+            "Sparkplug seq numbers that never arrived.",
+            labels=["source"],
+        )
+        rebirths = CounterMetricFamily(
+            "iiot_sparkplug_rebirth_requests",
+            "Rebirth requests the host asked for.",
+            labels=["source"],
+        )
+        histograms: dict[str, Metric] = {}
+        for source, consumer in self._consumers:
+            s = consumer.stats
+            received.add_metric([source], s.messages)
+            stored.add_metric([source], s.points_written)
+            duplicates.add_metric([source], s.duplicates_skipped)
+            registered.add_metric([source], s.devices_registered)
+            for (platform, reason), count in sorted(
+                s.rejected.items(), key=lambda item: (item[0][0] or "", item[0][1])
+            ):
+                rejected.add_metric([source, platform or "", reason], count)
+            queue.add_metric([source], consumer.queue_depth())
+            for (topic, partition), behind in sorted(consumer.partition_lag().items()):
+                lag.add_metric([topic, str(partition)], behind)
+            if consumer.sparkplug is not None:
+                spb = consumer.sparkplug.sessions.stats
+                gaps.add_metric([source], spb.gaps)
+                rebirths.add_metric([source], spb.rebirth_requests)
+            for histogram in (s.batch_points, s.write_seconds):
+                for family in histogram.collect():
+                    merged = histograms.setdefault(family.name, family)
+                    labelled = [
+                        sample._replace(labels={**sample.labels, "source": source})
+                        for sample in family.samples
+                    ]
+                    if merged is family:
+                        family.samples = labelled
+                    else:
+                        merged.samples += labelled
+        yield from (received, stored, duplicates, registered, rejected, queue, lag, gaps, rebirths)
+        yield from histograms.values()
+
+
+def serve_metrics(
+    port: int,
+    collector: Collector,
+    address: str = "0.0.0.0",  # noqa: S104 - Prometheus scrapes from other hosts
+) -> WSGIServer:
+    """Serves `/metrics` from a background thread (Prometheus' own small HTTP server).
+
+    Returns the server; `shutdown()` stops it.
+    """
+    registry = CollectorRegistry()
+    registry.register(collector)
+    server, _thread = start_http_server(port, address, registry=registry)
+    return server

@@ -1,0 +1,118 @@
+"""Ingest's /metrics after real traffic: counts, rejections by reason, histograms, queue depth."""
+
+from typing import Any
+
+import httpx
+import psycopg
+from prometheus_client.parser import text_string_to_metric_families
+from psycopg_pool import AsyncConnectionPool
+
+from iiot.net import free_port
+from ingest.metrics import IngestCollector, serve_metrics
+from ingest.mqtt import MqttIngest
+from ingest.settings import IngestSettings
+from ingest.topics import TopicScheme
+from registry.platforms import Tier, upsert_platform
+from registry.reconcile import Reconciler
+from registry.settings import StoreSettings
+from tests.conftest import eventually, payload, publisher, running, scalar
+from tests.test_connection_state import Feed
+
+
+def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+async def test_ingest_metrics_count_what_was_stored_and_refused(
+    ingest_settings: IngestSettings,
+    pool: AsyncConnectionPool,
+    db: psycopg.AsyncConnection[Any],
+    platform: str,
+    mqtt_url: str,
+) -> None:
+    topics = TopicScheme(ingest_settings.mqtt_topic_root)
+    ingest = MqttIngest(ingest_settings, pool)
+    port = free_port()
+    server = serve_metrics(port, IngestCollector([("mqtt", ingest)]), "127.0.0.1")
+    try:
+        async with running(ingest), publisher(mqtt_url) as client:
+            await client.publish(
+                topics.telemetry(platform, "m-1"),
+                payload({"ts": "2026-11-24T00:00:00Z", "metrics": {"a": 1, "b": 2}}),
+                qos=1,
+            )
+            await client.publish(topics.telemetry(platform, "m-1"), b"{not json", qos=1)
+            await client.publish(
+                topics.telemetry(platform, "m-2"),
+                payload({"ts": "2026-11-24T00:00:01Z", "metrics": {"a": 3}}),
+                qos=1,
+            )
+            await eventually(lambda: scalar(db, "SELECT count(*) = 3 FROM telemetry"))
+            await eventually(lambda: scalar(db, "SELECT count(*) = 1 FROM dead_letters"))
+            async with httpx.AsyncClient() as http:
+                response = await http.get(f"http://127.0.0.1:{port}/metrics")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    assert response.status_code == 200
+    got = samples(response.text)
+    mqtt = frozenset({("source", "mqtt")})
+    assert got[("iiot_messages_received_total", mqtt)] == 3
+    assert got[("iiot_points_stored_total", mqtt)] == 3
+    assert got[("iiot_devices_registered_total", mqtt)] == 2
+    assert got[("iiot_duplicates_skipped_total", mqtt)] == 0
+    assert got[("iiot_queue_depth", mqtt)] == 0
+    rejected = {
+        dict(labels)["reason"]: value
+        for (name, labels), value in got.items()
+        if name == "iiot_messages_rejected_total"
+    }
+    assert rejected == {"invalid_json": 1}
+    # Every stored row went through a committed batch, and each batch was timed.
+    assert got[("iiot_batch_points_sum", mqtt)] >= 3
+    batches = got[("iiot_batch_points_count", mqtt)]
+    assert batches >= 1
+    assert got[("iiot_batch_write_seconds_count", mqtt)] == batches
+    assert got[("iiot_batch_points_bucket", mqtt | {("le", "+Inf")})] == batches
+
+
+async def test_api_metrics_show_counts_per_platform_and_the_drift_reconciliation_fixed(
+    api: httpx.AsyncClient,
+    store: StoreSettings,
+    pool: AsyncConnectionPool,
+    db: psycopg.AsyncConnection[Any],
+    platform: str,
+) -> None:
+    await upsert_platform(db, "plant-2", name="Plant 2", tier=Tier.LEADING, region="310000")
+    feed = Feed(pool, platform)
+    await feed.send(feed.data("a"), feed.data("b"), feed.status("c", "offline", 1))
+    await db.execute(
+        "UPDATE platform_counters SET connected = connected + 5 "
+        "WHERE platform_id = %s AND shard = 3",
+        (platform,),
+    )
+    assert await Reconciler(store, shard=9).run_once()
+
+    response = await api.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    got = samples(response.text)
+
+    def labels(name: str, tier: str, region: str) -> frozenset[tuple[str, str]]:
+        return frozenset(
+            {("platform", name), ("tier", tier), ("type", "professional"), ("region", region)}
+        )
+
+    plant_1, plant_2 = labels(platform, "basic", "000000"), labels("plant-2", "leading", "310000")
+    assert got[("iiot_devices_registered", plant_1)] == 3
+    assert got[("iiot_devices_connected", plant_1)] == 2
+    assert got[("iiot_devices_registered", plant_2)] == 0
+    assert got[("iiot_devices_connected", plant_2)] == 0
+    drift = frozenset({("platform", platform), ("count", "connected")})
+    assert got[("iiot_counter_drift", drift)] == 5
+    assert got[("iiot_reconciliation_timestamp_seconds", frozenset())] > 0
