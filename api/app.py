@@ -6,8 +6,22 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api import problems
-from api.routes import counts, devices, health, ingest, metrics, platforms, telemetry
+from api.auth import Authenticator
+from api.broker_access import TopicRules
+from api.routes import (
+    broker,
+    counts,
+    credentials,
+    devices,
+    health,
+    ingest,
+    keys,
+    metrics,
+    platforms,
+    telemetry,
+)
 from api.settings import ApiSettings
+from ingest.topics import TopicScheme
 from registry.store import create_pool
 
 
@@ -19,6 +33,10 @@ def create_app(settings: ApiSettings) -> FastAPI:
         async with pool:
             app.state.pool = pool
             app.state.settings = settings
+            app.state.authenticator = Authenticator(settings)
+            app.state.topic_rules = TopicRules(
+                TopicScheme(settings.mqtt_topic_root), settings.sparkplug_platforms()
+            )
             yield
 
     app = FastAPI(
@@ -28,6 +46,18 @@ def create_app(settings: ApiSettings) -> FastAPI:
         lifespan=lifespan,
     )
     problems.install(app)
-    for module in (health, metrics, platforms, devices, telemetry, counts, ingest):
+    # Every router but health's checks an API key on each request (api/auth.py).
+    for module in (
+        health,
+        metrics,
+        platforms,
+        devices,
+        telemetry,
+        credentials,
+        counts,
+        ingest,
+        keys,
+        broker,
+    ):
         app.include_router(module.router)
     return app

@@ -1,10 +1,11 @@
 """Request and response bodies (the API's contract, visible in its OpenAPI document)."""
 
 from datetime import datetime
-from typing import Annotated, Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from registry.access import Role
 from registry.counts import DEFINITIONS, DEFINITIONS_VERSION, DUPLICATES, Counts
 from registry.ids import DEVICE_ID_PATTERN, PLATFORM_ID_PATTERN
 from registry.platforms import PlatformType, Tier
@@ -217,6 +218,10 @@ class LatestValue(BaseModel):
     value: float
 
 
+class DeviceView(DeviceOut):
+    latest: list[LatestValue] = Field(description="The newest point of each metric.")
+
+
 class LatestValues(BaseModel):
     platform: str
     device: str
@@ -248,3 +253,65 @@ class TelemetryRange(BaseModel):
     next_after: datetime | None = Field(
         description="Raw points: pass as `after` for the next page; null at the end."
     )
+
+
+class KeyCreate(Strict):
+    role: Role
+    platform: PlatformIdField | None = Field(
+        default=None,
+        description="The key's platform; none for admin and broker keys (and national viewers).",
+    )
+    name: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+
+
+class KeyOut(BaseModel):
+    id: int
+    prefix: str
+    role: Role
+    platform: str | None
+    name: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class KeyCreated(KeyOut):
+    key: str = Field(description="The key itself: shown this once, stored only as a digest.")
+
+
+class AuditOut(BaseModel):
+    id: int
+    time: datetime
+    key_id: int | None
+    platform: str | None
+    action: str
+    subject: str
+    detail: dict[str, Any]
+
+
+class CredentialIssued(BaseModel):
+    username: str = Field(description="The MQTT user name to connect with.")
+    secret: str = Field(description="The MQTT password: shown this once, stored as a digest.")
+    created_at: datetime
+    rotated_at: datetime | None
+
+
+class BrokerAuthn(BaseModel):
+    """What EMQX's HTTP authenticator sends (its body template: docs/access.md)."""
+
+    clientid: str = Field(default="", max_length=512)
+    username: str = Field(default="", max_length=512)
+    password: str = Field(default="", max_length=512)
+
+
+class BrokerAuthz(BaseModel):
+    """What EMQX's HTTP authorizer sends (its body template: docs/access.md)."""
+
+    clientid: str = Field(default="", max_length=512)
+    username: str = Field(default="", max_length=512)
+    topic: str = Field(max_length=1024)
+    action: Literal["publish", "subscribe"]
+
+
+class BrokerAnswer(BaseModel):
+    result: Literal["allow", "deny"]
+    is_superuser: bool = False

@@ -18,11 +18,20 @@ _REGISTRY_STATUS = {NotFound: 404, Conflict: 409, Invalid: 422}
 class Problem(Exception):
     """Raised by handlers; rendered as problem+json by the one handler below."""
 
-    def __init__(self, status: int, title: str, detail: str, **extra: Any) -> None:
+    def __init__(
+        self,
+        status: int,
+        title: str,
+        detail: str,
+        *,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
         super().__init__(detail)
         self.status = status
         self.title = title
         self.detail = detail
+        self.headers = headers or {}
         self.extra = extra
 
 
@@ -41,7 +50,9 @@ def _response(request: Request, status: int, title: str, detail: str, **extra: A
 def install(app: FastAPI) -> None:
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem) -> JSONResponse:
-        return _response(request, exc.status, exc.title, exc.detail, **exc.extra)
+        response = _response(request, exc.status, exc.title, exc.detail, **exc.extra)
+        response.headers.update(exc.headers)
+        return response
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:

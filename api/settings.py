@@ -2,11 +2,20 @@
 
 from pydantic import Field
 
-from registry.settings import StoreSettings
+from ingest.settings import TopicSettings
 
 
-class ApiSettings(StoreSettings):
+class ApiSettings(TopicSettings):
     api_host: str = Field(default="127.0.0.1", description="Bind address; loopback unless told.")
     api_port: int = Field(default=8000, ge=0, le=65535)
     # The counter shard registrations and decommissions made through this API add to.
     api_counter_shard: int = Field(default=0, ge=0, le=63)
+    api_key_cache_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        le=300,
+        description="How long a verified key is trusted before it is looked up again (the "
+        "longest a revocation through another API process takes to apply).",
+    )
+    api_rate_per_second: float = Field(default=100.0, gt=0, description="Requests/s per key.")
+    api_rate_burst: int = Field(default=200, ge=1, description="Requests a key may burst.")

@@ -20,6 +20,7 @@ from ingest.metrics import IngestCollector, serve_metrics
 from ingest.mqtt import MqttIngest
 from ingest.replay import list_dead_letters, replay
 from ingest.settings import IngestSettings
+from registry.access import Role, create_key, revoke_key
 from registry.migrate import migrate
 from registry.platforms import PlatformType, Tier, upsert_platform
 from registry.settings import StoreSettings
@@ -32,6 +33,8 @@ dead_letters_app = typer.Typer(help="Inspect and replay refused messages.", no_a
 app.add_typer(ingest_app, name="ingest")
 app.add_typer(platform_app, name="platform")
 app.add_typer(dead_letters_app, name="dead-letters")
+keys_app = typer.Typer(help="Manage API keys (bootstrap an admin key here).", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 
 
 def _logging(verbose: bool = False) -> None:
@@ -155,6 +158,40 @@ def simulate_command(
         topic_root=settings.mqtt_topic_root,
     )
     _run_until_signal(simulator.run, simulator.stop)
+
+
+@keys_app.command("create")
+def keys_create(
+    role: Annotated[Role, typer.Option()],
+    name: Annotated[str, typer.Option(help="What the key is for, e.g. 'prometheus'.")],
+    platform: Annotated[str | None, typer.Option(help="For operator and viewer keys.")] = None,
+) -> None:
+    """Create an API key and print it (shown this once; stored as a digest)."""
+    settings = StoreSettings()
+
+    async def main() -> str:
+        async with await connect(settings) as conn:
+            _, key = await create_key(
+                conn, role=role, platform=platform, name=name, created_by=None
+            )
+            await conn.commit()
+            return key
+
+    typer.echo(asyncio.run(main()))
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: Annotated[int, typer.Argument(help="The key's id (GET /keys).")]) -> None:
+    """Revoke an API key."""
+    settings = StoreSettings()
+
+    async def main() -> None:
+        async with await connect(settings) as conn:
+            revoked = await revoke_key(conn, key_id, platform=None, by=None)
+            await conn.commit()
+            typer.echo(f"revoked {revoked.prefix} ({revoked.role}, {revoked.name})")
+
+    asyncio.run(main())
 
 
 @platform_app.command("add")

@@ -22,6 +22,7 @@ from iiot.net import free_port, port_is_free
 from iiot.services import ingest_services, run_until
 from iiot.simulator import Simulator
 from ingest.settings import IngestSettings
+from registry.access import replace_admin_key
 from registry.migrate import migrate
 from registry.platforms import upsert_platform
 from registry.store import connect, create_pool
@@ -62,6 +63,7 @@ async def run_stack(settings: RunSettings) -> None:
         log.info("migrations applied: %s", [m.name for m in applied] or "none pending")
         async with await connect(settings) as conn:
             await upsert_platform(conn, settings.demo_platform, name="Demo platform")
+            admin_key = await replace_admin_key(conn, "iiot run")
             await conn.commit()
 
         pool = create_pool(settings, name="ingest")
@@ -77,16 +79,19 @@ async def run_stack(settings: RunSettings) -> None:
         services = [*ingest_services(settings, pool), api]
         if settings.simulate_devices:
             services.append(simulator)
-        _announce(settings, f"http://{settings.api_host}:{settings.api_port}")
+        _announce(settings, f"http://{settings.api_host}:{settings.api_port}", admin_key)
         await run_until(stop, services)
         log.info("stopped")
 
 
-def _announce(settings: RunSettings, base: str) -> None:
+def _announce(settings: RunSettings, base: str, admin_key: str) -> None:
     lines = [
         "",
         f"  iiot is running. API:   {base}  (OpenAPI docs: {base}/docs)",
-        f"  Device count:           curl {base}/platforms/{settings.demo_platform}/devices/count",
+        f"  Admin API key:          {admin_key}",
+        "                          (new each run, the previous one revoked; keep it secret)",
+        f"  Device count:           curl -H 'Authorization: Bearer {admin_key}' \\",
+        f"                               {base}/platforms/{settings.demo_platform}/devices/count",
         f"  Database:               {settings.database_url}",
         f"  MQTT broker:            {settings.mqtt_url}  (topics {settings.mqtt_topic_root}/...)",
         f"  Simulator:              {settings.simulate_devices} devices "

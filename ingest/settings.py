@@ -30,7 +30,34 @@ class Limits(StoreSettings):
         return timedelta(seconds=self.time_window_future_seconds)
 
 
-class IngestSettings(Limits):
+class TopicSettings(StoreSettings):
+    """Where devices publish: shared by ingest and by the API's broker access hooks."""
+
+    mqtt_topic_root: str = Field(default="iiot/v1", pattern=r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+
+    # Sparkplug B groups this process consumes, as group=platform pairs
+    # ("plant-a=plant-1,plant-b=plant-2"); "*" takes every group whose id is a platform id;
+    # empty turns Sparkplug off. Each group must have one consuming process (births, deaths and
+    # seq are ordered per edge node), so with several processes give each its own groups.
+    sparkplug_groups: str = "*"
+
+    def sparkplug_platforms(self) -> dict[str, str] | None:
+        """group id -> platform id; {} for every group as its own platform; None: off."""
+        text = self.sparkplug_groups.strip()
+        if not text:
+            return None
+        if text == "*":
+            return {}
+        pairs = {}
+        for item in text.split(","):
+            group, _, platform = item.strip().partition("=")
+            if not group or not is_platform_id(platform):
+                raise ValueError(f"IIOT_SPARKPLUG_GROUPS: {item!r} is not group=platform")
+            pairs[group] = platform
+        return pairs
+
+
+class IngestSettings(Limits, TopicSettings):
     mqtt_url: str | None = Field(
         default=None,
         description="mqtt://[user:password@]host[:port]; unset in `iiot run` means embedded.",
@@ -43,14 +70,8 @@ class IngestSettings(Limits):
     # it bounds a batch, since messages are acknowledged only after their batch commits.
     mqtt_receive_maximum: int = Field(default=65535, ge=1, le=65535)
     mqtt_keepalive_seconds: int = Field(default=30, ge=5)
-    mqtt_topic_root: str = Field(default="iiot/v1", pattern=r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
     mqtt_shared_group: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]+$")
 
-    # Sparkplug B groups this process consumes, as group=platform pairs
-    # ("plant-a=plant-1,plant-b=plant-2"); "*" takes every group whose id is a platform id;
-    # empty turns Sparkplug off. Each group must have one consuming process (births, deaths and
-    # seq are ordered per edge node), so with several processes give each its own groups.
-    sparkplug_groups: str = "*"
     # The primary host id announced on spBv1.0/STATE/{id} (retained, with a Will); empty: none.
     sparkplug_host_id: str = Field(default="iiot", pattern=r"^[A-Za-z0-9._:-]{0,64}$")
     # How long a seq gap may wait for the missing message before a Rebirth is requested.
@@ -116,21 +137,6 @@ class IngestSettings(Limits):
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
-
-    def sparkplug_platforms(self) -> dict[str, str] | None:
-        """group id -> platform id; {} for every group as its own platform; None: off."""
-        text = self.sparkplug_groups.strip()
-        if not text:
-            return None
-        if text == "*":
-            return {}
-        pairs = {}
-        for item in text.split(","):
-            group, _, platform = item.strip().partition("=")
-            if not group or not is_platform_id(platform):
-                raise ValueError(f"IIOT_SPARKPLUG_GROUPS: {item!r} is not group=platform")
-            pairs[group] = platform
-        return pairs
 
     @field_validator("mqtt_url")
     @classmethod

@@ -48,6 +48,7 @@ PLATFORM_COUNTS = f"SELECT liveness_seconds, {_COLUMNS}, now() FROM platform_tot
 ALL_PLATFORM_COUNTS = f"""
 SELECT id, 1, {_COLUMNS} FROM platform_totals
 WHERE (%(after)s::text IS NULL OR id > %(after)s)
+  AND (%(only)s::text IS NULL OR id = %(only)s)
 ORDER BY id
 LIMIT %(limit)s
 """
@@ -135,9 +136,10 @@ async def platform_counts(conn: AsyncConnection[Any], platform_id: str) -> Platf
 
 
 async def all_platform_counts(
-    conn: AsyncConnection[Any], *, after: str | None, limit: int
+    conn: AsyncConnection[Any], *, after: str | None, limit: int, only: str | None = None
 ) -> list[Counts]:
-    cur = await conn.execute(ALL_PLATFORM_COUNTS, {"after": after, "limit": limit})
+    """Platforms' counts in id order after `after`; `only`: just that platform's."""
+    cur = await conn.execute(ALL_PLATFORM_COUNTS, {"after": after, "limit": limit, "only": only})
     return [Counts(*row) for row in await cur.fetchall()]
 
 

@@ -98,6 +98,7 @@ SELECT {COLUMNS} FROM platforms
 WHERE (%(after)s::text IS NULL OR id > %(after)s)
   AND (%(tier)s::text IS NULL OR tier = %(tier)s)
   AND (%(region)s::text IS NULL OR region = %(region)s)
+  AND (%(only)s::text IS NULL OR id = %(only)s)
 ORDER BY id LIMIT %(limit)s
 """
 # Counters start with a row, so a new platform counts zero rather than missing.
@@ -185,11 +186,12 @@ async def list_platforms(
     limit: int = 100,
     tier: str | None = None,
     region: str | None = None,
+    only: str | None = None,
 ) -> list[Platform]:
+    """Platforms in id order after `after`; `only`: just that one (a platform key's view)."""
+    args = {"after": after, "limit": limit, "tier": tier, "region": region, "only": only}
     async with conn.cursor(row_factory=class_row(Platform)) as cur:
-        await cur.execute(
-            LIST_PLATFORMS, {"after": after, "limit": limit, "tier": tier, "region": region}
-        )
+        await cur.execute(LIST_PLATFORMS, args)
         return await cur.fetchall()
 
 

@@ -3,7 +3,7 @@
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from api.settings import ApiSettings
 from iiot.kafka_mock import MockKafkaCluster
 from ingest.mqtt import MqttIngest
 from ingest.settings import IngestSettings
+from registry.access import Role, create_key
 from registry.migrate import migrate
 from registry.platforms import upsert_platform
 from registry.settings import StoreSettings
@@ -82,16 +83,52 @@ async def pool(store: StoreSettings) -> AsyncIterator[AsyncConnectionPool]:
         yield pool
 
 
+KeyMaker = Callable[[Role, str | None], Awaitable[str]]
+
+
 @pytest.fixture
-async def api(store: StoreSettings) -> AsyncIterator[httpx.AsyncClient]:
-    """The API, in process, on the test's schema."""
+async def make_key(store: StoreSettings) -> KeyMaker:
+    """Creates an API key in the test's schema: `await make_key(Role.VIEWER, "plant-1")`."""
+
+    async def make(role: Role, platform: str | None) -> str:
+        async with await connect(store, autocommit=True) as conn:
+            _, key = await create_key(
+                conn, role=role, platform=platform, name=f"test {role}", created_by=None
+            )
+        return key
+
+    return make
+
+
+ApiAs = Callable[[str], httpx.AsyncClient]
+
+
+@pytest.fixture
+async def api_as(store: StoreSettings) -> AsyncIterator[ApiAs]:
+    """The API, in process, on the test's schema: `api_as(key)` is a client presenting `key`."""
     app = create_app(
-        ApiSettings(database_url=store.database_url, database_schema=store.database_schema)
+        ApiSettings(
+            database_url=store.database_url,
+            database_schema=store.database_schema,
+            api_rate_per_second=1e6,  # tests fire requests faster than any operator
+            api_rate_burst=1_000_000,
+        )
     )
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://iiot") as client,
-    ):
+    transport = httpx.ASGITransport(app=app)
+    async with AsyncExitStack() as stack:
+        await stack.enter_async_context(app.router.lifespan_context(app))
+
+        def client(key: str) -> httpx.AsyncClient:
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
+            return httpx.AsyncClient(transport=transport, base_url="http://iiot", headers=headers)
+
+        yield client
+
+
+@pytest.fixture
+async def api(api_as: ApiAs, make_key: KeyMaker) -> AsyncIterator[httpx.AsyncClient]:
+    """The API, in process, on the test's schema, called with an admin key."""
+    async with api_as(await make_key(Role.ADMIN, None)) as client:
         yield client
 
 

@@ -27,6 +27,7 @@ async def test_counts_follow_each_platforms_liveness_window(
         await writer.write([telemetry(platform, device, (now, "v", 1.0))])
     await writer.write([telemetry("fast", "old", (now, "v", 1.0), historical=True)])
     fast = (await api.get("/platforms/fast/devices/count")).json()
+    assert "registered" in fast, fast
     assert (fast["registered"], fast["connected"], fast["ever_connected"]) == (3, 2, 2)
     assert fast["liveness_seconds"] == 60
     assert set(fast["definitions"]) == {
@@ -50,7 +51,9 @@ async def test_a_platform_without_devices_counts_zero(
     api: httpx.AsyncClient, db: psycopg.AsyncConnection[Any]
 ) -> None:
     await upsert_platform(db, "empty")
-    body = (await api.get("/platforms/empty/devices/count")).json()
+    response = await api.get("/platforms/empty/devices/count")
+    body = response.json()
+    assert response.status_code == 200, body
     assert (body["registered"], body["connected"]) == (0, 0)
 
 

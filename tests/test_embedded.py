@@ -2,6 +2,7 @@
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -83,10 +84,17 @@ def test_iiot_run_brings_up_the_whole_stack_and_stops_cleanly(tmp_path: Path) ->
     try:
 
         async def connected() -> Any:
+            # The admin key `iiot run` prints with the URLs.
+            printed = re.search(r"Admin API key: +(iiot_\S+)", (tmp_path / "run.log").read_text())
+            if printed is None:
+                assert process.poll() is None, (tmp_path / "run.log").read_text()
+                return False
+            url = f"http://127.0.0.1:{port}/platforms/demo/devices/count"
             try:
                 async with httpx.AsyncClient() as http:
+                    assert (await http.get(url)).status_code == 401
                     response = await http.get(
-                        f"http://127.0.0.1:{port}/platforms/demo/devices/count"
+                        url, headers={"Authorization": f"Bearer {printed.group(1)}"}
                     )
                 return response.status_code == 200 and response.json()["connected"] == 7
             except httpx.TransportError:

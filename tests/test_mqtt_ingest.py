@@ -4,20 +4,20 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import httpx
 import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from api.app import create_app
-from api.settings import ApiSettings
 from ingest.mqtt import MqttIngest
 from ingest.settings import IngestSettings
 from ingest.topics import TopicScheme
-from tests.conftest import eventually, payload, publisher, running, scalar
+from registry.access import Role
+from tests.conftest import ApiAs, KeyMaker, eventually, payload, publisher, running, scalar
 
 
 async def test_published_points_are_stored_registered_and_counted(
+    api_as: ApiAs,
+    make_key: KeyMaker,
     ingest_settings: IngestSettings,
     pool: AsyncConnectionPool,
     db: psycopg.AsyncConnection[Any],
@@ -54,16 +54,7 @@ async def test_published_points_are_stored_registered_and_counted(
         ("press-8", "temperature", ts, -4.5),
         ("press-8", "temperature", ts + timedelta(seconds=1), -4.0),
     ]
-    app = create_app(
-        ApiSettings(
-            database_url=ingest_settings.database_url,
-            database_schema=ingest_settings.database_schema,
-        )
-    )
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://iiot") as api,
-    ):
+    async with api_as(await make_key(Role.VIEWER, platform)) as api:
         response = await api.get(f"/platforms/{platform}/devices/count")
     assert response.status_code == 200
     body = response.json()

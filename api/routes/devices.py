@@ -5,6 +5,7 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Query, status
 
+from api.auth import Caller, PlatformScope
 from api.deps import Connection, DeviceId, PlatformId, Settings
 from api.models import (
     Affected,
@@ -14,17 +15,22 @@ from api.models import (
     DeviceOut,
     DeviceRegistration,
     DeviceUpdate,
+    DeviceView,
     HistoryPoint,
+    LatestValue,
     Page,
 )
-from registry import registration
+from registry import registration, telemetry
+from registry.access import audit
 from registry.counts import platform_counts
 from registry.errors import Invalid, NotFound
 from registry.history import history
 from registry.ids import DEVICE_ID_PATTERN
 from registry.platforms import get_platform
 
-router = APIRouter(prefix="/platforms/{platform}/devices", tags=["devices"])
+router = APIRouter(
+    prefix="/platforms/{platform}/devices", tags=["devices"], dependencies=[PlatformScope]
+)
 MAX_BUCKETS = 5000
 
 
@@ -74,7 +80,11 @@ async def count_history(
 
 @router.post("", operation_id="register_devices", response_model=Affected)
 async def register_devices(
-    platform: PlatformId, body: DeviceRegistration, conn: Connection, settings: Settings
+    platform: PlatformId,
+    body: DeviceRegistration,
+    conn: Connection,
+    settings: Settings,
+    caller: Caller,
 ) -> Affected:
     """Register devices in bulk (up to 10,000); existing ones get their metadata merged, and
     decommissioned ones return to service. Returns how many are newly registered."""
@@ -84,12 +94,21 @@ async def register_devices(
         added = await registration.register_devices(
             conn, platform, devices, shard=settings.api_counter_shard
         )
+        ids = [d for d, _ in devices]
+        await audit(
+            conn,
+            "device.register",
+            _subject(ids),
+            key_id=caller.key_id,
+            platform=platform,
+            detail={"ids": ids},
+        )
     return Affected(count=added)
 
 
 @router.post("/decommission", operation_id="decommission_devices", response_model=Affected)
 async def decommission_devices(
-    platform: PlatformId, body: DeviceIds, conn: Connection, settings: Settings
+    platform: PlatformId, body: DeviceIds, conn: Connection, settings: Settings, caller: Caller
 ) -> Affected:
     """Take devices out of service in bulk: no longer registered or connected, their data
     refused. Returns how many were in service."""
@@ -97,6 +116,15 @@ async def decommission_devices(
     async with conn.transaction():
         removed = await registration.decommission_devices(
             conn, platform, body.device_ids, shard=settings.api_counter_shard
+        )
+        ids = body.device_ids
+        await audit(
+            conn,
+            "device.decommission",
+            _subject(ids),
+            key_id=caller.key_id,
+            platform=platform,
+            detail={"ids": ids},
         )
     return Affected(count=removed)
 
@@ -138,17 +166,29 @@ async def list_devices(
     return Page(items=items, next_after=items[-1].device_id if len(items) == limit else None)
 
 
-@router.get("/{device}", operation_id="get_device", response_model=DeviceOut)
-async def get_device(platform: PlatformId, device: DeviceId, conn: Connection) -> DeviceOut:
-    """A device with its connection state."""
-    return DeviceOut(**asdict(await registration.get_device(conn, platform, device)))
+@router.get("/{device}", operation_id="get_device", response_model=DeviceView)
+async def get_device(platform: PlatformId, device: DeviceId, conn: Connection) -> DeviceView:
+    """A device with its connection state, when it was last seen, and its latest values."""
+    found = await registration.get_device(conn, platform, device)
+    row = await telemetry.device_row(conn, platform, device)
+    latest = [LatestValue(**asdict(v)) for v in await telemetry.latest(conn, row)]
+    return DeviceView(**asdict(found), latest=latest)
 
 
 @router.patch("/{device}", operation_id="update_device", response_model=DeviceOut)
 async def update_device(
-    platform: PlatformId, device: DeviceId, body: DeviceUpdate, conn: Connection
+    platform: PlatformId, device: DeviceId, body: DeviceUpdate, conn: Connection, caller: Caller
 ) -> DeviceOut:
+    """Merge the given metadata into the device's."""
     updated = await registration.update_device_metadata(conn, platform, device, body.metadata)
+    await audit(
+        conn,
+        "device.update",
+        device,
+        key_id=caller.key_id,
+        platform=platform,
+        detail={"metadata": body.metadata},
+    )
     return DeviceOut(**asdict(updated))
 
 
@@ -156,11 +196,16 @@ async def update_device(
     "/{device}", operation_id="decommission_device", status_code=status.HTTP_204_NO_CONTENT
 )
 async def decommission_device(
-    platform: PlatformId, device: DeviceId, conn: Connection, settings: Settings
+    platform: PlatformId, device: DeviceId, conn: Connection, settings: Settings, caller: Caller
 ) -> None:
     async with conn.transaction():
         removed = await registration.decommission_devices(
             conn, platform, [device], shard=settings.api_counter_shard
         )
-    if not removed:
-        raise NotFound(f"device {device!r} on platform {platform!r}")
+        if not removed:
+            raise NotFound(f"device {device!r} on platform {platform!r}")
+        await audit(conn, "device.decommission", device, key_id=caller.key_id, platform=platform)
+
+
+def _subject(ids: list[str]) -> str:
+    return ids[0] if len(ids) == 1 else f"{len(ids)} devices"

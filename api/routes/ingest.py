@@ -2,6 +2,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
+from api.auth import Caller, check_national
 from api.deps import Connection
 from api.models import KafkaPartitionLag
 from ingest.kafka import partition_lag
@@ -12,10 +13,12 @@ router = APIRouter(prefix="/ingest", tags=["ingest"])
 @router.get("/kafka/lag", operation_id="kafka_lag", response_model=list[KafkaPartitionLag])
 async def kafka_lag(
     conn: Connection,
+    caller: Caller,
     group: Annotated[str | None, Query(max_length=200)] = None,
 ) -> list[KafkaPartitionLag]:
     """Each consumed partition's stored offset and how far behind the end of the partition it
-    was when the offset was stored (records)."""
+    was when the offset was stored (records) (keys for all platforms)."""
+    check_national(caller)
     return [
         KafkaPartitionLag(
             group=p.group_id,

@@ -14,6 +14,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
+from api.auth import Caller, check_national
 from api.deps import Connection
 from ingest.kafka import partition_lag
 from registry.counts import platform_gauges
@@ -38,9 +39,11 @@ class _Snapshot(Collector):
     response_class=Response,
     responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}},
 )
-async def metrics(conn: Connection) -> Response:
+async def metrics(conn: Connection, caller: Caller) -> Response:
     """Connected, registered and active devices per platform, counter drift and Kafka lag,
-    in Prometheus' text format."""
+    in Prometheus' text format (keys for all platforms: Prometheus scrapes with a national
+    viewer key)."""
+    check_national(caller)
     labels = ["platform", "tier", "type", "region"]
     figures = {
         name: GaugeMetricFamily(f"iiot_devices_{name}", doc, labels=labels)

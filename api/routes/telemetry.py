@@ -5,6 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
+from api.auth import PlatformScope
 from api.deps import Connection, DeviceId, PlatformId
 from api.models import (
     LatestValue,
@@ -16,7 +17,11 @@ from api.models import (
 from registry import telemetry
 from registry.errors import Invalid, NotFound
 
-router = APIRouter(prefix="/platforms/{platform}/devices/{device}", tags=["telemetry"])
+router = APIRouter(
+    prefix="/platforms/{platform}/devices/{device}",
+    tags=["telemetry"],
+    dependencies=[PlatformScope],
+)
 MAX_BUCKETS = 10_000
 MAX_EXPORT = timedelta(days=366)
 

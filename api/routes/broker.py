@@ -1,0 +1,30 @@
+"""The MQTT broker's access hooks, in the shape EMQX's HTTP authenticator and authorizer expect
+(docs/access.md). Answers are 200 with `allow` or `deny`; the hooks need a broker key."""
+
+from fastapi import APIRouter, Request
+
+from api.auth import Broker
+from api.broker_access import TopicRules, may_connect
+from api.deps import Connection
+from api.models import BrokerAnswer, BrokerAuthn, BrokerAuthz
+
+router = APIRouter(prefix="/broker", tags=["broker"])
+
+
+def _answer(allowed: bool) -> BrokerAnswer:
+    return BrokerAnswer(result="allow" if allowed else "deny")
+
+
+@router.post("/authenticate", operation_id="broker_authenticate", response_model=BrokerAnswer)
+async def authenticate(body: BrokerAuthn, conn: Connection, _: Broker) -> BrokerAnswer:
+    """May this client connect with this user name and password?"""
+    return _answer(await may_connect(conn, body.username, body.password))
+
+
+@router.post("/authorize", operation_id="broker_authorize", response_model=BrokerAnswer)
+async def authorize(
+    body: BrokerAuthz, request: Request, conn: Connection, _: Broker
+) -> BrokerAnswer:
+    """May this (authenticated) client publish to, or subscribe to, this topic?"""
+    rules: TopicRules = request.app.state.topic_rules
+    return _answer(await rules.may(conn, body.username, body.topic, body.action))
