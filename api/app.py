@@ -19,6 +19,7 @@ from api.routes import (
     metrics,
     platforms,
     telemetry,
+    usage,
 )
 from api.settings import ApiSettings
 from ingest.topics import TopicScheme
@@ -56,6 +57,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         credentials,
         counts,
         ingest,
+        usage,
         keys,
         broker,
     ):

@@ -1,6 +1,6 @@
 """Request and response bodies (the API's contract, visible in its OpenAPI document)."""
 
-from datetime import datetime
+from datetime import date, datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
@@ -315,3 +315,36 @@ class BrokerAuthz(BaseModel):
 class BrokerAnswer(BaseModel):
     result: Literal["allow", "deny"]
     is_superuser: bool = False
+
+
+class UsageDayOut(BaseModel):
+    platform: str
+    day: date
+    messages: int = Field(description="Messages accepted (a broker's redelivery counts again).")
+    bytes: int = Field(description="Payload bytes of the accepted messages.")
+    points: int = Field(description="Points newly stored: the billed quantity, never twice.")
+    duplicate_points: int = Field(description="Points accepted but already stored.")
+    refused_messages: int = Field(description="Messages dead-lettered (incl. quota_exceeded).")
+    connected_device_days: float = Field(
+        description="Connected devices integrated over the day's count samples, in days."
+    )
+    sampled_seconds: int = Field(description="Seconds of the day the count samples cover.")
+    soft_quota: int | None
+    hard_quota: int | None
+    over_soft_quota: bool
+
+
+class UsageDays(BaseModel):
+    platform: str
+    start: date
+    end: date
+    days: list[UsageDayOut]
+
+
+class QuotaIn(Strict):
+    soft_points_per_day: int | None = Field(default=None, gt=0, le=2**62)
+    hard_points_per_day: int | None = Field(default=None, gt=0, le=2**62)
+
+
+class QuotaOut(QuotaIn):
+    tier: Tier

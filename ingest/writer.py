@@ -30,6 +30,7 @@ from psycopg_pool import AsyncConnectionPool
 from ingest.batching import Received
 from ingest.decoding import Decoded, Telemetry
 from ingest.errors import Rejected, Retryable
+from ingest.metering import BatchMeter, MeterKey, QuotaGuard, meter_key
 from ingest.metric_names import MetricNames
 from ingest.stats import IngestStats
 from registry.connection import (
@@ -40,6 +41,7 @@ from registry.connection import (
     record_activity,
 )
 from registry.devices import DeviceDirectory, Key
+from registry.usage import record_usage
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +55,15 @@ COPY_STAGING = (
     "COPY telemetry_staging (time, device_id, metric_id, value) FROM STDIN (FORMAT BINARY)"
 )
 MERGE_STAGING = """
-INSERT INTO telemetry (time, device_id, metric_id, value)
-SELECT DISTINCT ON (device_id, metric_id, time) time, device_id, metric_id, value
-FROM telemetry_staging
-ORDER BY device_id, metric_id, time
-ON CONFLICT DO NOTHING
+WITH added AS (
+    INSERT INTO telemetry (time, device_id, metric_id, value)
+    SELECT DISTINCT ON (device_id, metric_id, time) time, device_id, metric_id, value
+    FROM telemetry_staging
+    ORDER BY device_id, metric_id, time
+    ON CONFLICT DO NOTHING
+    RETURNING device_id
+)
+SELECT device_id, count(*) FROM added GROUP BY device_id
 """
 ENSURE_PARTITIONS = "SELECT iiot_ensure_telemetry_partitions(%s, %s)"
 COPY_DEAD_LETTERS = """
@@ -107,6 +113,7 @@ class _Accepted:
     device: int
     gateway: int | None
     telemetry: Telemetry
+    key: MeterKey
 
 
 @dataclass(slots=True)
@@ -118,6 +125,7 @@ class _Resolved:
     device_sessions: list[SessionEvent]
     rejected: list[tuple[Received[Any], Rejected]]
     metric_ids: dict[str, int]
+    platforms: set[str]
 
 
 class TelemetryWriter:
@@ -135,6 +143,7 @@ class TelemetryWriter:
         self.directory = directory or DeviceDirectory()
         self._metrics = MetricNames()
         self._partition_days: set[date] = set()
+        self._quotas = QuotaGuard()
 
     async def write(
         self,
@@ -209,6 +218,7 @@ class TelemetryWriter:
         resolved = await self._resolve(conn, batch, report)
         accepted, rejected, metric_ids = resolved.telemetry, resolved.rejected, resolved.metric_ids
         rows: list[Row] = []
+        meter = _meter(batch, resolved)
         live_devices: set[int] = set()
         gateways: set[int] = set()
         via: dict[int, int] = {}
@@ -219,6 +229,7 @@ class TelemetryWriter:
             for a in accepted:
                 device = a.device
                 rows += [(ts, device, metric_ids[name], v) for ts, name, v in a.telemetry.points]
+                meter.points(a.key, device, len(a.telemetry.points))
                 if a.gateway is not None:
                     # A gateway that sends anything, even back-filled data, is alive now.
                     gateways.add(a.gateway)
@@ -229,9 +240,14 @@ class TelemetryWriter:
         moved = self.directory.moved(via)
         counters = Counters(self._shard)
         async with conn.transaction():
+            new_by_device = None
             if rows:
-                report.points_written = await self._copy_points(conn, rows)
+                new_by_device = await self._copy_points(conn, rows)
+                report.points_written = (
+                    len(rows) if new_by_device is None else sum(new_by_device.values())
+                )
                 report.duplicates_skipped = len(rows) - report.points_written
+            await record_usage(conn, meter.usage(new_by_device), shard=self._shard)
             # State last: the gateway locks it takes are held only until the commit.
             await lock_gateways(
                 conn,
@@ -274,18 +290,27 @@ class TelemetryWriter:
         Runs in its own transaction: registrations commit even if the batch later fails, so the
         cached ids always name rows that exist.
         """
-        resolved = _Resolved([], [], [], [], {})
+        resolved = _Resolved([], [], [], [], {}, set())
         decoded: list[tuple[Received[Any], Decoded]] = []
         for message in batch:
             if isinstance(message.outcome, Rejected):
                 resolved.rejected.append((message, message.outcome))
             else:
                 decoded.append((message, message.outcome))
-        if not decoded:
-            return resolved
         directory = self.directory
+        # The platforms named, refused messages' too: refusals are metered where they exist.
+        named = {d[0].platform for _, d in decoded}
+        named |= {r.platform for _, r in resolved.rejected if r.platform is not None}
+        if not decoded:
+            if named:
+                async with conn.transaction():
+                    resolved.platforms = set(await directory.platforms(conn, named))
+            return resolved
         async with conn.transaction():
-            platforms = await directory.platforms(conn, {d[0].platform for _, d in decoded})
+            platforms = await directory.platforms(conn, named)
+            resolved.platforms = set(platforms)
+            today = max(m.received_at for m, _ in decoded).astimezone(UTC).date()
+            over_quota = await self._quotas.over_hard_quota(conn, platforms.values(), today)
             known = [item for _, items in decoded for item in items if item.platform in platforms]
             open_platforms = {p for p, platform in platforms.items() if platform.auto_provision}
             device_keys = {(i.platform, i.device) for i in known if i.device is not None}
@@ -309,27 +334,16 @@ class TelemetryWriter:
 
         for message, items in decoded:
             reason = _refusal(items, platforms.keys(), device_ids, gateway_ids)
+            platform = items[0].platform
+            if reason is None and platform in over_quota and _has_points(items):
+                reason = Rejected("quota_exceeded", over_quota[platform], platform=platform)
             if reason is not None:
                 resolved.rejected.append((message, reason))
                 continue
-            for item in items:
-                device = device_ids[(item.platform, item.device)] if item.device else None
-                gateway = gateway_ids[(item.platform, item.gateway)] if item.gateway else None
-                if isinstance(item, Telemetry):
-                    assert device is not None  # readings always name their device
-                    resolved.telemetry.append(_Accepted(device, gateway, item))
-                    continue
-                subject, events = (
-                    (device, resolved.device_sessions)
-                    if device is not None
-                    else (gateway, resolved.gateway_sessions)
-                )
-                assert subject is not None  # a status names its device or gateway
-                events.append(
-                    SessionEvent(
-                        subject, item.online, item.session, message.received_at, item.cause
-                    )
-                )
+            key = meter_key(platform, message.received_at, message.source)
+            _sort_items(
+                resolved, message, items, key, device_ids=device_ids, gateway_ids=gateway_ids
+            )
         return resolved
 
     async def _ensure_partitions(self, conn: AsyncConnection[Any], first: date, last: date) -> None:
@@ -342,16 +356,20 @@ class TelemetryWriter:
             log.info("created %d telemetry partitions for %s..%s", created[0], first, last)
         self._partition_days |= days
 
-    async def _copy_points(self, conn: AsyncConnection[Any], rows: list[Row]) -> int:
-        """COPYs the rows; returns how many were new (the rest were already stored)."""
+    async def _copy_points(
+        self, conn: AsyncConnection[Any], rows: list[Row]
+    ) -> dict[int, int] | None:
+        """COPYs the rows; returns None when all were new, else how many points each device
+        newly stored (the rest were already stored)."""
         try:
             async with conn.transaction(), conn.cursor() as cur, cur.copy(COPY_TELEMETRY) as copy:
                 copy.set_types(TELEMETRY_TYPES)
                 for row in rows:
                     await copy.write_row(row)
-            return len(rows)
         except UniqueViolation:
             log.info("batch of %d points holds duplicates: writing through staging", len(rows))
+        else:
+            return None
         async with conn.cursor() as cur:
             await cur.execute(CREATE_STAGING)
             async with cur.copy(COPY_STAGING) as copy:
@@ -359,7 +377,7 @@ class TelemetryWriter:
                 for row in rows:
                     await copy.write_row(row)
             await cur.execute(MERGE_STAGING)
-            return cur.rowcount
+            return {device: int(count) for device, count in await cur.fetchall()}
 
     def _count(self, report: WriteReport) -> None:
         stats = self._stats
@@ -368,6 +386,52 @@ class TelemetryWriter:
         stats.points_written += report.points_written
         stats.duplicates_skipped += report.duplicates_skipped
         stats.devices_registered += report.devices_registered
+
+
+def _sort_items(
+    resolved: _Resolved,
+    message: Received[Any],
+    items: Decoded,
+    key: MeterKey,
+    *,
+    device_ids: dict[Key, int],
+    gateway_ids: dict[Key, int],
+) -> None:
+    """Files an accepted message's readings and session changes under their row ids."""
+    for item in items:
+        device = device_ids[(item.platform, item.device)] if item.device else None
+        gateway = gateway_ids[(item.platform, item.gateway)] if item.gateway else None
+        if isinstance(item, Telemetry):
+            assert device is not None  # readings always name their device
+            resolved.telemetry.append(_Accepted(device, gateway, item, key))
+            continue
+        subject, events = (
+            (device, resolved.device_sessions)
+            if device is not None
+            else (gateway, resolved.gateway_sessions)
+        )
+        assert subject is not None  # a status names its device or gateway
+        events.append(
+            SessionEvent(subject, item.online, item.session, message.received_at, item.cause)
+        )
+
+
+def _meter(batch: Sequence[Received[Any]], resolved: _Resolved) -> BatchMeter:
+    """A meter holding the batch's accepted and refused messages (points are added later)."""
+    meter = BatchMeter()
+    refused = {id(message): reason for message, reason in resolved.rejected}
+    for message in batch:
+        reason = refused.get(id(message))
+        if reason is None and not isinstance(message.outcome, Rejected):
+            key = meter_key(message.outcome[0].platform, message.received_at, message.source)
+            meter.accepted(key, len(message.payload))
+        elif reason is not None and reason.platform in resolved.platforms:
+            meter.refused(meter_key(reason.platform, message.received_at, message.source))
+    return meter
+
+
+def _has_points(items: Decoded) -> bool:
+    return any(isinstance(item, Telemetry) and item.points for item in items)
 
 
 def _refusal(

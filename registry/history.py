@@ -22,10 +22,10 @@ from registry.activity import refresh_activity
 log = logging.getLogger(__name__)
 
 SAMPLE = """
-INSERT INTO count_history (time, platform_id, registered, connected, ever_connected)
+INSERT INTO count_history (time, platform_id, registered, connected, ever_connected, seconds)
 SELECT date_bin(%(interval)s, now(), timestamptz '2000-01-01'), p.id,
        coalesce(sum(c.registered), 0), coalesce(sum(c.connected), 0),
-       coalesce(sum(c.ever_connected), 0)
+       coalesce(sum(c.ever_connected), 0), extract(epoch FROM %(interval)s)::integer
 FROM platforms p LEFT JOIN platform_counters c ON c.platform_id = p.id
 GROUP BY p.id
 ON CONFLICT (platform_id, time) DO NOTHING

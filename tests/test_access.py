@@ -28,6 +28,7 @@ BODIES: dict[tuple[str, str], Any] = {
     ("POST", "/platforms/{platform}/devices/decommission"): {"device_ids": ["d-1"]},
     ("PATCH", "/platforms/{platform}/devices/{device}"): {"metadata": {"a": 1}},
     ("POST", "/keys"): {"role": "viewer", "platform": "plant-1", "name": "k"},
+    ("PUT", "/quotas/{tier}"): {"hard_points_per_day": 1},
     ("POST", "/broker/authenticate"): {"username": "plant-1/d-1", "password": "x"},
     ("POST", "/broker/authorize"): {
         "username": "plant-1/d-1",
@@ -59,6 +60,9 @@ CROSS_PLATFORM = {
     ("POST", "/keys"): 404,  # a key for plant-1
     ("DELETE", "/keys/{key_id}"): 404,  # plant-1's key
     ("GET", "/audit"): 200,  # its platform's entries only
+    ("GET", "/usage.csv"): 403,
+    ("GET", "/quotas"): 200,  # the tiers' quotas are no platform's secret
+    ("PUT", "/quotas/{tier}"): 403,
     ("POST", "/broker/authenticate"): 403,
     ("POST", "/broker/authorize"): 403,
 }
@@ -81,6 +85,7 @@ def url(path: str, key_id: int, platform: str = "plant-1") -> str:
         "gateway": "gw-1",
         "key_id": str(key_id),
         "dimension": "tier",
+        "tier": "basic",
     }
     return re.sub(r"\{(\w+)\}", lambda m: values[m.group(1)], path)
 
