@@ -45,6 +45,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         version="0.1.0",
         summary="Industrial device registry, connection state and exact device counts.",
         lifespan=lifespan,
+        responses=problems.ERROR_RESPONSES,
     )
     problems.install(app)
     # Every router but health's checks an API key on each request (api/auth.py).

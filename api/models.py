@@ -1,9 +1,10 @@
 """Request and response bodies (the API's contract, visible in its OpenAPI document)."""
 
+import json
 from datetime import date, datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 from registry.access import Role
 from registry.counts import DEFINITIONS, DEFINITIONS_VERSION, DUPLICATES, Counts
@@ -15,9 +16,46 @@ T = TypeVar("T")
 
 PlatformIdField = Annotated[str, StringConstraints(pattern=f"^{PLATFORM_ID_PATTERN}$")]
 DeviceIdField = Annotated[str, StringConstraints(pattern=f"^{DEVICE_ID_PATTERN}$")]
-Name = Annotated[str, StringConstraints(min_length=1, max_length=200, strip_whitespace=True)]
+MAX_METADATA_BYTES = 64 * 1024
+
+
+def _storable_text(value: str) -> str:
+    """PostgreSQL text holds UTF-8 without NUL: refuse what it would refuse, as a 422."""
+    if "\x00" in value:
+        raise ValueError("text must not contain NUL characters")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise ValueError("text must be valid Unicode (no lone surrogates)") from None
+    return value
+
+
+def _storable_json(value: Any) -> Any:
+    if isinstance(value, str):
+        _storable_text(value)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _storable_text(key)
+            _storable_json(item)
+    elif isinstance(value, list):
+        for item in value:
+            _storable_json(item)
+    return value
+
+
+def _metadata(value: dict[str, Any]) -> dict[str, Any]:
+    _storable_json(value)
+    # json, not orjson: metadata may hold integers beyond 64 bits, and jsonb keeps them.
+    if len(json.dumps(value)) > MAX_METADATA_BYTES:
+        raise ValueError(f"metadata is larger than {MAX_METADATA_BYTES} bytes as JSON")
+    return value
+
+
+Text = AfterValidator(_storable_text)
+Metadata = Annotated[dict[str, Any], AfterValidator(_metadata)]
+Name = Annotated[str, StringConstraints(min_length=1, max_length=200, strip_whitespace=True), Text]
 Region = Annotated[str, StringConstraints(pattern=r"^[0-9]{6}$")]
-Industry = Annotated[str, StringConstraints(min_length=1, max_length=100)]
+Industry = Annotated[str, StringConstraints(min_length=1, max_length=100), Text]
 Liveness = Annotated[int, Field(ge=1, le=86400)]
 
 
@@ -41,7 +79,7 @@ class PlatformCreate(Strict):
     industry: Industry = "unspecified"
     liveness_seconds: Liveness = 300
     auto_provision: bool = True
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: Metadata = Field(default_factory=dict)
 
 
 class PlatformUpdate(Strict):
@@ -52,7 +90,7 @@ class PlatformUpdate(Strict):
     industry: Industry | None = None
     liveness_seconds: Liveness | None = None
     auto_provision: bool | None = None
-    metadata: dict[str, Any] | None = None
+    metadata: Metadata | None = None
 
 
 class PlatformOut(BaseModel):
@@ -70,7 +108,7 @@ class PlatformOut(BaseModel):
 
 class DeviceIn(Strict):
     device_id: DeviceIdField
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: Metadata = Field(default_factory=dict)
 
 
 class DeviceRegistration(Strict):
@@ -82,7 +120,7 @@ class DeviceIds(Strict):
 
 
 class DeviceUpdate(Strict):
-    metadata: dict[str, Any] = Field(description="Merged into the device's metadata.")
+    metadata: Metadata = Field(description="Merged into the device's metadata.")
 
 
 class Affected(BaseModel):
@@ -261,7 +299,7 @@ class KeyCreate(Strict):
         default=None,
         description="The key's platform; none for admin and broker keys (and national viewers).",
     )
-    name: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+    name: Name
 
 
 class KeyOut(BaseModel):

@@ -7,11 +7,44 @@ import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException
 
 from registry.errors import Conflict, Invalid, NotFound, RegistryError
 
 PROBLEM_JSON = "application/problem+json"
+
+
+class ProblemDetails(BaseModel):
+    """RFC 9457 problem details, the body of every error."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    instance: str
+    errors: list[dict[str, Any]] | None = None
+
+
+_DOCUMENTED = {
+    401: "No API key, or an unknown or revoked one",
+    403: "The key's role may not do this",
+    404: "No such object (or not the key's platform)",
+    409: "Conflicts with what exists",
+    422: "The request is not valid",
+    429: "The key's rate limit; retry after `Retry-After` seconds",
+    503: "The store is unavailable; retry after `Retry-After` seconds",
+}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {
+        "model": ProblemDetails,
+        "description": description,
+        "content": {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/ProblemDetails"}}},
+    }
+    for status, description in _DOCUMENTED.items()
+}
 _REGISTRY_STATUS = {NotFound: 404, Conflict: 409, Invalid: 422}
 
 
@@ -70,6 +103,14 @@ def install(app: FastAPI) -> None:
         response = _response(request, 503, "Service Unavailable", "the store is unavailable; retry")
         response.headers["Retry-After"] = "5"
         return response
+
+    @app.exception_handler(psycopg.DataError)
+    async def _unstorable(request: Request, exc: psycopg.DataError) -> JSONResponse:
+        # Values the request validation let through but the store cannot hold.
+        detail = (exc.diag.message_primary or str(exc))[:500]
+        return _response(
+            request, 422, "Unprocessable Content", f"the store refused a value: {detail}"
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

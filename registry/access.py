@@ -36,6 +36,7 @@ class CredentialKind(StrEnum):
     PROVISIONING = "provisioning"  # one per platform: admits unknown devices if auto-provisioning
 
 
+PLATFORM_EXISTS = "SELECT 1 FROM platforms WHERE id = %s"
 FIND_KEY = "SELECT id, digest, role, platform_id, revoked_at FROM api_keys WHERE prefix = %s"
 INSERT_KEY = """
 INSERT INTO api_keys (prefix, digest, role, platform_id, name, created_by)
@@ -146,6 +147,10 @@ async def create_key(
         raise Invalid(f"a {role.value} key is for all platforms; give no platform")
     if role is Role.OPERATOR and platform is None:
         raise Invalid("an operator key is for one platform; give its platform")
+    if platform is not None:
+        cur = await conn.execute(PLATFORM_EXISTS, (platform,))
+        if await cur.fetchone() is None:
+            raise NotFound(f"platform {platform!r}")
     prefix = secrets.token_hex(6)
     key = f"iiot_{prefix}_{secrets.token_urlsafe(32)}"
     args = {
