@@ -39,11 +39,13 @@ bench: $(STAMP) ## Benchmarks beside their baselines (several minutes; see docs/
 	$(BIN)/python -m bench.mqtt_drain
 	$(BIN)/python -m bench.kafka_drain
 	$(BIN)/python -m bench.registry_events
+	$(BIN)/python -m bench.api_requests
 
 bench-quick: $(STAMP) ## The benchmarks at a tenth of their size (a smoke run)
 	$(BIN)/python -m bench.mqtt_drain --quick
 	$(BIN)/python -m bench.kafka_drain --quick
 	$(BIN)/python -m bench.registry_events --quick
+	$(BIN)/python -m bench.api_requests --quick
 
 proto: ## Regenerate ingest/sparkplug_b_pb2.py(i) from ingest/sparkplug_b.proto (needs network for grpcio-tools)
 	test -x .proto-venv/bin/python || $(PYTHON) -m venv .proto-venv

@@ -1,12 +1,13 @@
 """The FastAPI application: built by `create_app(settings)`, which owns the connection pool."""
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 
 from api import problems
-from api.auth import Authenticator
+from api.auth import Authenticator, KeyMiddleware, document_security
 from api.broker_access import TopicRules
 from api.routes import (
     broker,
@@ -26,14 +27,21 @@ from ingest.topics import TopicScheme
 from registry.store import create_pool
 
 
-def create_app(settings: ApiSettings) -> FastAPI:
-    pool = create_pool(settings, name="api")
+def create_app(
+    settings: ApiSettings, *, consumers: Sequence[tuple[str, Callable[[], bool]]] = ()
+) -> FastAPI:
+    """`consumers`: (name, is it connected?) of consumers running in the same process, which
+    `/readyz` reports on (`iiot run`)."""
+    # Autocommit: a read is one round trip; api/deps.py wraps every change in a transaction.
+    # Generic plans allowed: requests look up a few rows by key (registry/store.py).
+    pool = create_pool(settings, name="api", autocommit=True, check=False, custom_plans=False)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with pool:
             app.state.pool = pool
             app.state.settings = settings
+            app.state.consumers = list(consumers)
             app.state.authenticator = Authenticator(settings)
             app.state.topic_rules = TopicRules(
                 TopicScheme(settings.mqtt_topic_root), settings.sparkplug_platforms()
@@ -48,7 +56,16 @@ def create_app(settings: ApiSettings) -> FastAPI:
         responses=problems.ERROR_RESPONSES,
     )
     problems.install(app)
-    # Every router but health's checks an API key on each request (api/auth.py).
+    app.add_middleware(KeyMiddleware)
+    default_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = document_security(default_openapi())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    # KeyMiddleware checks an API key on every request but health's (api/auth.py).
     for module in (
         health,
         metrics,
@@ -62,5 +79,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         keys,
         broker,
     ):
+        if module is devices:
+            app.include_router(devices.count_router)
         app.include_router(module.router)
     return app

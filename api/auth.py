@@ -1,9 +1,11 @@
 """API keys on every request: who is asking, how fast, and what they may see (docs/access.md).
 
-Each request presents `Authorization: Bearer <key>` (or `X-API-Key: <key>`). A verified key
-is cached for `api_key_cache_seconds`, so a revocation through another API process takes
-effect within that time (through this one: at once). Every key has a token bucket; an empty
-bucket answers 429 with `Retry-After`.
+`KeyMiddleware` checks every request but the public paths before routing: it reads
+`Authorization: Bearer <key>` (or `X-API-Key: <key>`), verifies the key (cached for
+`api_key_cache_seconds`, so a revocation through another API process takes effect within that
+time; through this one, at once), takes a token from the key's bucket (empty: 429 with
+`Retry-After`), and leaves the principal in the request's state. Doing this once per request in
+plain ASGI, not in a chain of dependencies, keeps a cached check to microseconds.
 
 Platform checks answer 404 for another platform's objects, exactly as for objects that do not
 exist, so a key learns nothing about platforms it may not see; a viewer trying to write, or a
@@ -14,18 +16,25 @@ import hashlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
+import orjson
+import psycopg
 from fastapi import Depends, Request
-from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api.problems import Problem
+from api.problems import PROBLEM_JSON, Problem
 from api.settings import ApiSettings
 from registry.access import GLOBAL_ROLES, Principal, Role, verify_key
 from registry.errors import NotFound
 
-_bearer = HTTPBearer(auto_error=False, description="An API key: `Bearer iiot_...`")
-_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="An API key")
+PUBLIC_PATHS = frozenset(
+    {"/healthz", "/readyz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+)
+SECURITY_SCHEMES = {
+    "bearer": {"type": "http", "scheme": "bearer", "description": "An API key: `iiot_...`"},
+    "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+}
 _MAX_CACHED = 10_000
 
 
@@ -45,13 +54,13 @@ class Authenticator:
         self._verified: dict[bytes, tuple[Principal, float]] = {}
         self._buckets: dict[int, _Bucket] = {}
 
-    async def principal(self, request: Request, key: str) -> Principal:
+    async def principal(self, pool: Any, key: str) -> Principal:
         fingerprint = hashlib.sha256(key.encode()).digest()
         now = time.monotonic()
         cached = self._verified.get(fingerprint)
         if cached is not None and cached[1] > now:
             return cached[0]
-        async with request.app.state.pool.connection() as conn:
+        async with pool.connection() as conn:
             principal = await verify_key(conn, key)
         if principal is None:
             self._verified.pop(fingerprint, None)
@@ -84,39 +93,105 @@ class Authenticator:
         bucket.tokens -= 1
 
 
-async def _principal(
-    request: Request,
-    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-    header: Annotated[str | None, Depends(_header)],
-) -> Principal:
-    key = bearer.credentials if bearer else header
-    if not key:
-        raise Problem(
-            401,
-            "Unauthorized",
-            "send an API key as `Authorization: Bearer <key>` or `X-API-Key: <key>`",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-    authenticator: Authenticator = request.app.state.authenticator
-    principal = await authenticator.principal(request, key)
-    authenticator.admit(principal)
-    request.state.principal = principal
+def presented_key(headers: list[tuple[bytes, bytes]]) -> str | None:
+    for name, value in headers:
+        if name == b"authorization" and value[:7].lower() == b"bearer ":
+            return value[7:].strip().decode("latin-1")
+        if name == b"x-api-key":
+            return value.strip().decode("latin-1")
+    return None
+
+
+class KeyMiddleware:
+    """Authenticates and rate-limits every request to a non-public path (pure ASGI)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
+            await self.app(scope, receive, send)
+            return
+        state = scope["app"].state
+        try:
+            principal = await self._admit(state, presented_key(scope["headers"]))
+        except Problem as problem:
+            await _send_problem(scope, send, problem)
+            return
+        except psycopg.OperationalError:
+            unavailable = Problem(
+                503,
+                "Service Unavailable",
+                "the store is unavailable; retry",
+                headers={"Retry-After": "5"},
+            )
+            await _send_problem(scope, send, unavailable)
+            return
+        scope.setdefault("state", {})["principal"] = principal
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    async def _admit(state: Any, key: str | None) -> Principal:
+        if not key:
+            raise Problem(
+                401,
+                "Unauthorized",
+                "send an API key as `Authorization: Bearer <key>` or `X-API-Key: <key>`",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        authenticator: Authenticator = state.authenticator
+        principal = await authenticator.principal(state.pool, key)
+        authenticator.admit(principal)
+        return principal
+
+
+async def _send_problem(scope: Scope, send: Send, problem: Problem) -> None:
+    body = orjson.dumps(
+        {
+            "type": "about:blank",
+            "title": problem.title,
+            "status": problem.status,
+            "detail": problem.detail,
+            "instance": scope["path"],
+        }
+    )
+    headers = [(b"content-type", PROBLEM_JSON.encode()), (b"content-length", b"%d" % len(body))]
+    headers += [(k.lower().encode(), v.encode()) for k, v in problem.headers.items()]
+    await send({"type": "http.response.start", "status": problem.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def document_security(schema: dict[str, Any]) -> dict[str, Any]:
+    """Adds the key schemes to an OpenAPI schema: every operation but the public ones."""
+    schema.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
+    for path, operations in schema["paths"].items():
+        if path not in PUBLIC_PATHS:
+            for operation in operations.values():
+                operation["security"] = [{"bearer": []}, {"apiKey": []}]
+    return schema
+
+
+def _principal(request: Request) -> Principal:
+    principal: Principal = request.state.principal
     return principal
 
 
-async def _operator(principal: Annotated[Principal, Depends(_principal)]) -> Principal:
+async def operator(request: Request) -> Principal:
+    """The request's principal, unless it holds a broker key (403)."""
+    principal = _principal(request)
     if principal.role is Role.BROKER:
         raise Problem(403, "Forbidden", "a broker key may only call the broker hooks")
     return principal
 
 
-async def _broker(principal: Annotated[Principal, Depends(_principal)]) -> Principal:
+async def _broker(request: Request) -> Principal:
+    principal = _principal(request)
     if principal.role not in GLOBAL_ROLES:
         raise Problem(403, "Forbidden", "only a broker (or admin) key may ask this")
     return principal
 
 
-Caller = Annotated[Principal, Depends(_operator)]
+Caller = Annotated[Principal, Depends(operator)]
 """An operator's key (admin, operator or viewer)."""
 Broker = Annotated[Principal, Depends(_broker)]
 """The MQTT broker's key (or an admin's)."""
@@ -149,9 +224,10 @@ def check_admin(principal: Principal) -> None:
         raise Problem(403, "Forbidden", "only an admin key may do this")
 
 
-async def _platform_scope(request: Request, caller: Caller) -> None:
+async def _platform_scope(request: Request) -> None:
     """Router dependency: checks the `{platform}` of the path against the key, reads for GET
     and HEAD, writes for everything else. Routes need not remember it."""
+    caller = await operator(request)
     platform = request.path_params.get("platform")
     if platform is None:
         return

@@ -4,7 +4,7 @@ import contextlib
 from collections.abc import Generator
 
 import uvicorn
-from fastapi import FastAPI
+from starlette.applications import Starlette
 
 
 class _OwnedSignalsServer(uvicorn.Server):
@@ -15,7 +15,7 @@ class _OwnedSignalsServer(uvicorn.Server):
 
 
 class ApiServer:
-    def __init__(self, app: FastAPI, *, host: str, port: int, access_log: bool = False) -> None:
+    def __init__(self, app: Starlette, *, host: str, port: int, access_log: bool = False) -> None:
         config = uvicorn.Config(
             app, host=host, port=port, lifespan="on", access_log=access_log, log_config=None
         )

@@ -21,8 +21,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
-import sys
 import time
 import uuid
 from datetime import UTC, datetime
@@ -33,11 +31,13 @@ import httpx
 import psycopg
 from psycopg import sql
 
+from bench.http_load import start_api
 from iiot.net import free_port
 from ingest.batching import Received
 from ingest.decoding import Status
 from ingest.stats import IngestStats
 from ingest.writer import TelemetryWriter
+from registry.access import Role, create_key
 from registry.activity import refresh_activity
 from registry.counts import platform_counts
 from registry.migrate import migrate
@@ -48,9 +48,10 @@ from registry.store import connect, create_pool
 RESULTS = Path(__file__).parent / "results"
 
 
-async def count_latency(base: str, platform: str, requests: int) -> dict[str, float]:
+async def count_latency(base: str, platform: str, requests: int, key: str) -> dict[str, float]:
     """p50/p99 in ms of GET /platforms/{platform}/devices/count, sequential, after a warm-up."""
-    async with httpx.AsyncClient(base_url=base) as http:
+    headers = {"Authorization": f"Bearer {key}"}
+    async with httpx.AsyncClient(base_url=base, headers=headers) as http:
         for _ in range(50):
             (await http.get(f"/platforms/{platform}/devices/count")).raise_for_status()
         samples = []
@@ -64,30 +65,6 @@ async def count_latency(base: str, platform: str, requests: int) -> dict[str, fl
         "p50_ms": round(statistics.median(samples), 3),
         "p99_ms": round(samples[int(len(samples) * 0.99) - 1], 3),
     }
-
-
-def start_api(settings: StoreSettings, port: int) -> subprocess.Popen[bytes]:
-    env = os.environ | {
-        "IIOT_DATABASE_URL": str(settings.database_url),
-        "IIOT_DATABASE_SCHEMA": settings.database_schema,
-        "IIOT_API_PORT": str(port),
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "iiot.cli", "api"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).raise_for_status()
-        except httpx.HTTPError:
-            time.sleep(0.2)
-        else:
-            return process
-    process.kill()
-    raise RuntimeError("the API did not start")
 
 
 async def seed(settings: StoreSettings, platforms: int, devices: int, start: int) -> None:
@@ -160,13 +137,16 @@ async def main(devices: int, batch: int) -> dict[str, Any]:
             ):
                 for p in range(platforms):
                     await copy.write_row((f"p{p:03d}", f"Platform {p}"))
+            _, key = await create_key(
+                conn, role=Role.ADMIN, platform=None, name="bench", created_by=None
+            )
             await conn.commit()
         await seed(settings, platforms, 1000, 0)
         async with await connect(settings, autocommit=True) as conn:
             await reconcile(conn, shard=0)
         api = start_api(settings, port)
         base = f"http://127.0.0.1:{port}"
-        report["count_at_1k"] = await count_latency(base, "p000", 2000)
+        report["count_at_1k"] = await count_latency(base, "p000", 2000, key)
 
         started = time.perf_counter()
         await seed(settings, platforms, devices, 1000)
@@ -182,7 +162,7 @@ async def main(devices: int, batch: int) -> dict[str, Any]:
                 "one_platform": round(per_platform * 1000, 2),
                 "all_devices": round((time.perf_counter() - started) * 1000, 2),
             }
-        report[f"count_at_{devices // 1000}k"] = await count_latency(base, "p000", 2000)
+        report[f"count_at_{devices // 1000}k"] = await count_latency(base, "p000", 2000, key)
 
         report["events"] = await drive_events(settings, platforms, devices, batch)
         async with await connect(settings, autocommit=True) as conn:

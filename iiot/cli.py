@@ -12,12 +12,10 @@ import typer
 from api.app import create_app
 from api.server import ApiServer
 from api.settings import ApiSettings
+from iiot.loop import serve
 from iiot.services import ingest_services, run_until
 from iiot.simulator import Simulator
 from iiot.stack import RunSettings, run_stack
-from ingest.kafka import KafkaIngest
-from ingest.metrics import IngestCollector, serve_metrics
-from ingest.mqtt import MqttIngest
 from ingest.replay import list_dead_letters, replay
 from ingest.settings import IngestSettings
 from registry.access import Role, create_key, revoke_key
@@ -53,7 +51,7 @@ def _run_until_signal(
             loop.add_signal_handler(sig, stop)
         await start()
 
-    asyncio.run(main())
+    serve(main())
 
 
 @ingest_app.command("kafka")
@@ -72,23 +70,9 @@ def ingest_kafka() -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         async with create_pool(settings, name="ingest-kafka") as pool:
-            services = ingest_services(settings, pool, "kafka")
-            _serve_metrics(settings, "kafka", services[0])
-            await run_until(stop, services)
+            await run_until(stop, ingest_services(settings, pool, "kafka"))
 
-    asyncio.run(main())
-
-
-def _serve_metrics(settings: IngestSettings, source: str, consumer: object) -> None:
-    if settings.metrics_port is None:
-        return
-    assert isinstance(consumer, MqttIngest | KafkaIngest)  # the first service is the consumer
-    serve_metrics(
-        settings.metrics_port, IngestCollector([(source, consumer)]), settings.metrics_address
-    )
-    logging.getLogger(__name__).info(
-        "metrics on http://%s:%d/metrics", settings.metrics_address, settings.metrics_port
-    )
+    serve(main())
 
 
 @app.command("migrate")
@@ -114,11 +98,9 @@ def ingest_mqtt() -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         async with create_pool(settings, name="ingest") as pool:
-            services = ingest_services(settings, pool)
-            _serve_metrics(settings, "mqtt", services[0])
-            await run_until(stop, services)
+            await run_until(stop, ingest_services(settings, pool))
 
-    asyncio.run(main())
+    serve(main())
 
 
 @app.command("api")
@@ -137,7 +119,7 @@ def api_command() -> None:
 def run_command() -> None:
     """The whole stack in one process; embedded PostgreSQL and MQTT when none is configured."""
     _logging()
-    asyncio.run(run_stack(RunSettings()))
+    serve(run_stack(RunSettings()))
 
 
 @app.command("simulate")

@@ -12,6 +12,8 @@ from typing import Literal, Protocol
 from psycopg_pool import AsyncConnectionPool
 
 from ingest.kafka import KafkaIngest
+from ingest.metrics import IngestCollector
+from ingest.monitor import Monitor
 from ingest.mqtt import MqttIngest
 from ingest.settings import IngestSettings
 from registry.history import HistorySampler
@@ -35,13 +37,26 @@ def ingest_services(
     else:
         ingest = KafkaIngest(settings, pool, partitions=settings.static_partitions())
         shard = settings.kafka_shard
-    return [
+    services: list[Service] = [
         ingest,
         RegistryWatcher(settings, ingest.registry_changed),
         Sweeper(pool, counter_shard=shard, interval=settings.sweep_interval_seconds),
         HistorySampler(pool, interval=timedelta(seconds=settings.history_interval_seconds)),
         Reconciler(settings, shard=shard, interval=settings.reconcile_interval_seconds),
     ]
+    if settings.metrics_port is not None:
+        ready = ingest.subscribed if isinstance(ingest, MqttIngest) else ingest.assigned
+        collector = IngestCollector([(consumer, ingest)])
+        services.append(
+            Monitor(
+                collector,
+                pool=pool,
+                consumer_ready=ready.is_set,
+                host=settings.metrics_address,
+                port=settings.metrics_port,
+            )
+        )
+    return services
 
 
 async def run_until(stop: asyncio.Event, services: list[Service]) -> None:

@@ -21,6 +21,7 @@ from iiot.embedded import EmbeddedPostgres, embedded_broker
 from iiot.net import free_port, port_is_free
 from iiot.services import ingest_services, run_until
 from iiot.simulator import Simulator
+from ingest.mqtt import MqttIngest
 from ingest.settings import IngestSettings
 from registry.access import replace_admin_key
 from registry.migrate import migrate
@@ -75,8 +76,12 @@ async def run_stack(settings: RunSettings) -> None:
             interval=settings.simulate_interval_seconds,
             topic_root=settings.mqtt_topic_root,
         )
-        api = ApiServer(create_app(settings), host=settings.api_host, port=settings.api_port)
-        services = [*ingest_services(settings, pool), api]
+        consumers = ingest_services(settings, pool)
+        ingest = consumers[0]
+        assert isinstance(ingest, MqttIngest)  # the first service is the consumer
+        app = create_app(settings, consumers=[("mqtt ingest", ingest.subscribed.is_set)])
+        api = ApiServer(app, host=settings.api_host, port=settings.api_port)
+        services = [*consumers, api]
         if settings.simulate_devices:
             services.append(simulator)
         _announce(settings, f"http://{settings.api_host}:{settings.api_port}", admin_key)

@@ -2,14 +2,12 @@
 
 Nothing is counted twice on the hot path: the consumers keep plain totals (`IngestStats`,
 Sparkplug session stats, Kafka lag) and this collector turns them into metrics when Prometheus
-asks. `IIOT_METRICS_PORT` makes `iiot ingest ...` serve them on `/metrics`.
+asks. `IIOT_METRICS_PORT` makes `iiot ingest ...` serve them on `/metrics` (ingest/monitor.py).
 """
 
 from collections.abc import Iterable, Iterator
 from typing import Protocol
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -104,18 +102,3 @@ class IngestCollector(Collector):
                         merged.samples += labelled
         yield from (received, stored, duplicates, registered, rejected, queue, lag, gaps, rebirths)
         yield from histograms.values()
-
-
-def serve_metrics(
-    port: int,
-    collector: Collector,
-    address: str = "0.0.0.0",  # noqa: S104 - Prometheus scrapes from other hosts
-) -> WSGIServer:
-    """Serves `/metrics` from a background thread (Prometheus' own small HTTP server).
-
-    Returns the server; `shutdown()` stops it.
-    """
-    registry = CollectorRegistry()
-    registry.register(collector)
-    server, _thread = start_http_server(port, address, registry=registry)
-    return server

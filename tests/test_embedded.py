@@ -93,6 +93,10 @@ def test_iiot_run_brings_up_the_whole_stack_and_stops_cleanly(tmp_path: Path) ->
             try:
                 async with httpx.AsyncClient() as http:
                     assert (await http.get(url)).status_code == 401
+                    # Ready: the store answers and the in-process MQTT consumer is subscribed.
+                    ready = await http.get(f"http://127.0.0.1:{port}/readyz")
+                    if ready.status_code != 200:
+                        return False
                     response = await http.get(
                         url, headers={"Authorization": f"Bearer {printed.group(1)}"}
                     )

@@ -1,5 +1,7 @@
 """Ingest's /metrics after real traffic: counts, rejections by reason, histograms, queue depth."""
 
+import asyncio
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -8,14 +10,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from psycopg_pool import AsyncConnectionPool
 
 from iiot.net import free_port
-from ingest.metrics import IngestCollector, serve_metrics
-from ingest.mqtt import MqttIngest
+from iiot.services import ingest_services, run_until
+from ingest.metrics import IngestCollector
+from ingest.monitor import Monitor
 from ingest.settings import IngestSettings
 from ingest.topics import TopicScheme
 from registry.platforms import Tier, upsert_platform
 from registry.reconcile import Reconciler
 from registry.settings import StoreSettings
-from tests.conftest import eventually, payload, publisher, running, scalar
+from tests.conftest import eventually, payload, publisher, scalar
 from tests.test_connection_state import Feed
 
 
@@ -35,29 +38,42 @@ async def test_ingest_metrics_count_what_was_stored_and_refused(
     mqtt_url: str,
 ) -> None:
     topics = TopicScheme(ingest_settings.mqtt_topic_root)
-    ingest = MqttIngest(ingest_settings, pool)
     port = free_port()
-    server = serve_metrics(port, IngestCollector([("mqtt", ingest)]), "127.0.0.1")
+    settings = ingest_settings.model_copy(update={"metrics_port": port})
+    base = f"http://127.0.0.1:{port}"
+    now = datetime.now(UTC).replace(microsecond=0)
+    stop = asyncio.Event()
+    process = asyncio.create_task(run_until(stop, ingest_services(settings, pool)))
     try:
-        async with running(ingest), publisher(mqtt_url) as client:
-            await client.publish(
-                topics.telemetry(platform, "m-1"),
-                payload({"ts": "2026-11-24T00:00:00Z", "metrics": {"a": 1, "b": 2}}),
-                qos=1,
-            )
-            await client.publish(topics.telemetry(platform, "m-1"), b"{not json", qos=1)
-            await client.publish(
-                topics.telemetry(platform, "m-2"),
-                payload({"ts": "2026-11-24T00:00:01Z", "metrics": {"a": 3}}),
-                qos=1,
-            )
+        async with httpx.AsyncClient(base_url=base) as http:
+
+            async def ready() -> bool:
+                try:
+                    return (await http.get("/readyz")).status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            await eventually(ready)
+            assert (await http.get("/healthz")).json() == {"status": "ok"}
+            async with publisher(mqtt_url) as client:
+                await client.publish(
+                    topics.telemetry(platform, "m-1"),
+                    payload({"ts": now.isoformat(), "metrics": {"a": 1, "b": 2}}),
+                    qos=1,
+                )
+                await client.publish(topics.telemetry(platform, "m-1"), b"{not json", qos=1)
+                await client.publish(
+                    topics.telemetry(platform, "m-2"),
+                    payload({"ts": now.isoformat(), "metrics": {"a": 3}}),
+                    qos=1,
+                )
             await eventually(lambda: scalar(db, "SELECT count(*) = 3 FROM telemetry"))
             await eventually(lambda: scalar(db, "SELECT count(*) = 1 FROM dead_letters"))
-            async with httpx.AsyncClient() as http:
-                response = await http.get(f"http://127.0.0.1:{port}/metrics")
+            response = await http.get("/metrics")
     finally:
-        server.shutdown()
-        server.server_close()
+        stop.set()
+        async with asyncio.timeout(30):
+            await process
 
     assert response.status_code == 200
     got = samples(response.text)
@@ -79,6 +95,23 @@ async def test_ingest_metrics_count_what_was_stored_and_refused(
     assert batches >= 1
     assert got[("iiot_batch_write_seconds_count", mqtt)] == batches
     assert got[("iiot_batch_points_bucket", mqtt | {("le", "+Inf")})] == batches
+
+
+async def test_readyz_says_what_is_not_ready(pool: AsyncConnectionPool) -> None:
+    port = free_port()
+    monitor = Monitor(
+        IngestCollector([]), pool=pool, consumer_ready=lambda: False, host="127.0.0.1", port=port
+    )
+    task = asyncio.create_task(monitor.run())
+    try:
+        await eventually(lambda: asyncio.sleep(0, monitor.started))
+        async with httpx.AsyncClient() as http:
+            response = await http.get(f"http://127.0.0.1:{port}/readyz")
+    finally:
+        monitor.stop()
+        await task
+    assert response.status_code == 503
+    assert response.json()["problems"] == ["the consumer is not connected and subscribed"]
 
 
 async def test_api_metrics_show_counts_per_platform_and_the_drift_reconciliation_fixed(

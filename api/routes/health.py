@@ -1,7 +1,8 @@
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from api.deps import Connection
 from api.models import Health
+from api.problems import Problem
 
 router = APIRouter(tags=["health"])
 
@@ -13,7 +14,11 @@ async def healthz() -> Health:
 
 
 @router.get("/readyz", operation_id="ready", response_model=Health)
-async def readyz(conn: Connection) -> Health:
-    """The process can reach the store."""
+async def readyz(request: Request, conn: Connection) -> Health:
+    """The process can reach the store (else 503), and the consumers running in the same
+    process (`iiot run`) are connected."""
     await conn.execute("SELECT 1")
+    waiting = [name for name, ready in request.app.state.consumers if not ready()]
+    if waiting:
+        raise Problem(503, "Service Unavailable", f"not connected yet: {', '.join(waiting)}")
     return Health(status="ready")

@@ -1,0 +1,99 @@
+"""HTTP load for the API benchmarks: the API in a subprocess, and a lean keep-alive client.
+
+The client speaks just enough HTTP/1.1 over asyncio streams (uvloop) to keep the server, not
+itself, the bottleneck on a 2-core machine: each connection sends a request, reads the status
+line, headers and Content-Length body, and records the time.
+"""
+
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+import httpx
+
+from registry.settings import StoreSettings
+
+
+def start_api(
+    settings: StoreSettings,
+    port: int,
+    *,
+    module: str = "iiot.cli",
+    args: tuple[str, ...] = ("api",),
+) -> subprocess.Popen[bytes]:
+    """`iiot api` (or another server module) on `port`, rate limits lifted for measuring."""
+    env = os.environ | {
+        "IIOT_DATABASE_URL": str(settings.database_url),
+        "IIOT_DATABASE_SCHEMA": settings.database_schema,
+        "IIOT_API_PORT": str(port),
+        "IIOT_API_RATE_PER_SECOND": "1000000000",
+        "IIOT_API_RATE_BURST": "1000000000",
+    }
+    process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+        [sys.executable, "-m", module, *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).raise_for_status()
+        except httpx.HTTPError:
+            time.sleep(0.2)
+        else:
+            return process
+    process.kill()
+    raise RuntimeError("the API did not start")
+
+
+async def _connection(
+    port: int, request: bytes, until: float, samples: list[float], errors: list[int]
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        while time.perf_counter() < until:
+            started = time.perf_counter()
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head[9:12])
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line[:15].lower() == b"content-length:":
+                    length = int(line[15:])
+            await reader.readexactly(length)
+            samples.append(time.perf_counter() - started)
+            if status != 200:
+                errors.append(status)
+    finally:
+        writer.close()
+
+
+async def load(
+    port: int, path: str, *, headers: dict[str, str], connections: int, seconds: float
+) -> dict[str, Any]:
+    """Requests/s and latency of GET `path` from `connections` keep-alive connections."""
+    lines = [f"GET {path} HTTP/1.1", "Host: 127.0.0.1"]
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    request = ("\r\n".join(lines) + "\r\n\r\n").encode()
+    samples: list[float] = []
+    errors: list[int] = []
+    started = time.perf_counter()
+    until = started + seconds
+    await asyncio.gather(
+        *(_connection(port, request, until, samples, errors) for _ in range(connections))
+    )
+    elapsed = time.perf_counter() - started
+    if errors:
+        raise RuntimeError(f"{len(errors)} answers to {path} were not 200 (e.g. {errors[0]})")
+    samples.sort()
+    return {
+        "requests": len(samples),
+        "requests_per_second": round(len(samples) / elapsed),
+        "p50_ms": round(statistics.median(samples) * 1000, 2),
+        "p99_ms": round(samples[int(len(samples) * 0.99) - 1] * 1000, 2),
+    }
