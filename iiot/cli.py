@@ -2,7 +2,7 @@
 environment variables and runs until SIGINT/SIGTERM."""
 
 import asyncio
-import logging
+import os
 import signal
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
@@ -12,6 +12,7 @@ import typer
 from api.app import create_app
 from api.server import ApiServer
 from api.settings import ApiSettings
+from iiot import logs
 from iiot.loop import serve
 from iiot.services import ingest_services, run_until
 from iiot.simulator import Simulator
@@ -36,10 +37,7 @@ app.add_typer(keys_app, name="keys")
 
 
 def _logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-    )
+    logs.configure(verbose=verbose)
 
 
 def _run_until_signal(
@@ -118,7 +116,11 @@ def api_command() -> None:
 @app.command("run")
 def run_command() -> None:
     """The whole stack in one process; embedded PostgreSQL and MQTT when none is configured."""
-    _logging()
+    # Readable lines in a terminal unless IIOT_LOG_FORMAT says otherwise.
+    settings = logs.LogSettings()
+    if "IIOT_LOG_FORMAT" not in os.environ:
+        settings.log_format = "console"
+    logs.configure(settings)
     serve(run_stack(RunSettings()))
 
 

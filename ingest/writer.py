@@ -17,12 +17,14 @@ stored. Store unavailability raises Retryable with nothing committed.
 
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import psycopg
+import structlog
 from psycopg import AsyncConnection
 from psycopg.errors import UniqueViolation
 from psycopg_pool import AsyncConnectionPool
@@ -144,6 +146,8 @@ class TelemetryWriter:
         self._metrics = MetricNames()
         self._partition_days: set[date] = set()
         self._quotas = QuotaGuard()
+        self._id = uuid.uuid4().hex[:8]  # names this writer's batches in the logs
+        self._batches = 0
 
     async def write(
         self,
@@ -158,9 +162,12 @@ class TelemetryWriter:
         dead letters records the outcome on the original rows instead).
         """
         started = time.perf_counter()
+        self._batches += 1
         try:
-            async with self._pool.connection() as conn:
-                report = await self._write(conn, batch, in_transaction, dead_letter)
+            # Every line logged while writing the batch carries its id.
+            with structlog.contextvars.bound_contextvars(batch=f"{self._id}-{self._batches}"):
+                async with self._pool.connection() as conn:
+                    report = await self._write(conn, batch, in_transaction, dead_letter)
         except psycopg.OperationalError as exc:
             raise Retryable(f"store unavailable: {exc}") from exc
         except psycopg.Error as exc:
@@ -179,7 +186,12 @@ class TelemetryWriter:
         """Finds what the store refuses by halving the batch; dead-letters it, stores the rest."""
         if len(batch) == 1:
             (message,) = batch
-            log.error("the store refused a message on %s: %s", message.topic, error)
+            log.error(
+                "the store refused a message on %s: %s",
+                message.topic,
+                error,
+                extra={"topic": message.topic},
+            )
             platform = (
                 None if isinstance(message.outcome, Rejected) else message.outcome[0].platform
             )
@@ -277,7 +289,15 @@ class TelemetryWriter:
         for message, reason in rejected:
             self._stats.rejected[(reason.platform, reason.reason)] += 1
             log.warning(
-                "rejected message on %s: %s (%s)", message.topic, reason.reason, reason.detail[:200]
+                "rejected message on %s: %s (%s)",
+                message.topic,
+                reason.reason,
+                reason.detail[:200],
+                extra={
+                    "platform": reason.platform,
+                    "reason": reason.reason,
+                    "topic": message.topic,
+                },
             )
         return report
 
