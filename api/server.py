@@ -15,9 +15,25 @@ class _OwnedSignalsServer(uvicorn.Server):
 
 
 class ApiServer:
-    def __init__(self, app: Starlette, *, host: str, port: int, access_log: bool = False) -> None:
+    def __init__(
+        self,
+        app: Starlette,
+        *,
+        host: str,
+        port: int,
+        access_log: bool = False,
+        tls_cert_file: str | None = None,
+        tls_key_file: str | None = None,
+    ) -> None:
         config = uvicorn.Config(
-            app, host=host, port=port, lifespan="on", access_log=access_log, log_config=None
+            app,
+            host=host,
+            port=port,
+            lifespan="on",
+            access_log=access_log,
+            log_config=None,
+            ssl_certfile=tls_cert_file,
+            ssl_keyfile=tls_key_file,
         )
         self._server = _OwnedSignalsServer(config)
 

@@ -8,6 +8,9 @@ from ingest.settings import TopicSettings
 class ApiSettings(TopicSettings):
     api_host: str = Field(default="127.0.0.1", description="Bind address; loopback unless told.")
     api_port: int = Field(default=8000, ge=0, le=65535)
+    # HTTPS when both are set (PEM files); otherwise plain HTTP behind a TLS-terminating proxy.
+    api_tls_cert_file: str | None = None
+    api_tls_key_file: str | None = None
     # The counter shard registrations and decommissions made through this API add to.
     api_counter_shard: int = Field(default=0, ge=0, le=63)
     api_key_cache_seconds: float = Field(

@@ -19,7 +19,7 @@ from iiot.simulator import Simulator
 from iiot.stack import RunSettings, run_stack
 from ingest.replay import list_dead_letters, replay
 from ingest.settings import IngestSettings
-from registry.access import Role, create_key, revoke_key
+from registry.access import Role, create_key, import_key, revoke_key
 from registry.migrate import migrate
 from registry.platforms import PlatformType, Tier, upsert_platform
 from registry.settings import StoreSettings
@@ -108,7 +108,12 @@ def api_command() -> None:
     settings = ApiSettings()
     settings.require_database_url()
     server = ApiServer(
-        create_app(settings), host=settings.api_host, port=settings.api_port, access_log=True
+        create_app(settings),
+        host=settings.api_host,
+        port=settings.api_port,
+        access_log=True,
+        tls_cert_file=settings.api_tls_cert_file,
+        tls_key_file=settings.api_tls_key_file,
     )
     _run_until_signal(server.run, server.stop)
 
@@ -162,6 +167,31 @@ def keys_create(
             return key
 
     typer.echo(asyncio.run(main()))
+
+
+@keys_app.command("import")
+def keys_import(
+    role: Annotated[Role, typer.Option()],
+    name: Annotated[str, typer.Option()],
+    from_env: Annotated[
+        str, typer.Option(help="The environment variable holding the key (iiot_<prefix>_...).")
+    ],
+    platform: Annotated[str | None, typer.Option(help="For operator and viewer keys.")] = None,
+) -> None:
+    """Register a pre-shared key (a deployment's broker or Prometheus key from a secret);
+    does nothing when it is registered already."""
+    _logging()
+    key = os.environ.get(from_env, "")
+    settings = StoreSettings()
+
+    async def main() -> bool:
+        async with await connect(settings) as conn:
+            added = await import_key(conn, key, role=role, platform=platform, name=name)
+            await conn.commit()
+            return added
+
+    added = asyncio.run(main())
+    typer.echo(f"{'imported' if added else 'already registered'}: {name} ({role})")
 
 
 @keys_app.command("revoke")

@@ -219,6 +219,7 @@ class MqttIngest:
             identifier=s.mqtt_client_id,
             keepalive=s.mqtt_keepalive_seconds,
             will=will,
+            tls_context=s.mqtt_tls_context(),
             **session,
         )
         # Must happen before connecting: the backlog delivered at connect would otherwise be

@@ -1,5 +1,6 @@
 """Settings of the ingest process role (`iiot ingest mqtt`), from `IIOT_*` environment variables."""
 
+import ssl
 import zlib
 from datetime import timedelta
 from typing import Annotated, Literal
@@ -63,6 +64,10 @@ class IngestSettings(Limits, TopicSettings):
         description="mqtt://[user:password@]host[:port]; unset in `iiot run` means embedded.",
     )
     mqtt_protocol: Literal["5", "3.1.1"] = "5"
+    # TLS (mqtts:// URLs): CA bundle to trust instead of the system's, and a client certificate.
+    mqtt_ca_file: str | None = None
+    mqtt_cert_file: str | None = None
+    mqtt_key_file: str | None = None
     # A stable client id and a persistent session keep what arrives while ingest is down.
     mqtt_client_id: str = "iiot-ingest-0"
     mqtt_session_expiry_seconds: int = Field(default=7 * 86400, ge=1)
@@ -143,8 +148,8 @@ class IngestSettings(Limits, TopicSettings):
     def _mqtt_url_shape(cls, value: str | None) -> str | None:
         if value is not None:
             parts = urlsplit(value)
-            if parts.scheme not in ("mqtt", "tcp") or not parts.hostname:
-                raise ValueError("expected mqtt://[user:password@]host[:port]")
+            if parts.scheme not in ("mqtt", "tcp", "mqtts", "ssl") or not parts.hostname:
+                raise ValueError("expected mqtt[s]://[user:password@]host[:port]")
         return value
 
     def require_kafka_bootstrap(self) -> str:
@@ -158,4 +163,19 @@ class IngestSettings(Limits, TopicSettings):
             raise ValueError("IIOT_MQTT_URL is not set")
         parts = urlsplit(self.mqtt_url)
         assert parts.hostname is not None  # checked by the validator
-        return parts.hostname, parts.port or 1883, parts.username, parts.password
+        port = parts.port or (8883 if self.mqtt_tls else 1883)
+        return parts.hostname, port, parts.username, parts.password
+
+    @property
+    def mqtt_tls(self) -> bool:
+        return self.mqtt_url is not None and urlsplit(self.mqtt_url).scheme in ("mqtts", "ssl")
+
+    def mqtt_tls_context(self) -> ssl.SSLContext | None:
+        """For mqtts:// URLs: the system's CA store, or IIOT_MQTT_CA_FILE; the broker's name
+        is verified. IIOT_MQTT_CERT_FILE/KEY_FILE add a client certificate."""
+        if not self.mqtt_tls:
+            return None
+        context = ssl.create_default_context(cafile=self.mqtt_ca_file)
+        if self.mqtt_cert_file is not None:
+            context.load_cert_chain(self.mqtt_cert_file, self.mqtt_key_file)
+        return context

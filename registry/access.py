@@ -7,6 +7,7 @@ of the whole key proves it.
 
 import hashlib
 import hmac
+import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
@@ -17,7 +18,7 @@ from psycopg import AsyncConnection
 from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 
-from registry.errors import Invalid, NotFound
+from registry.errors import Conflict, Invalid, NotFound
 
 
 class Role(StrEnum):
@@ -134,6 +135,9 @@ class AuditEntry:
     detail: dict[str, Any]
 
 
+KEY_SHAPE = re.compile(r"iiot_([0-9a-f]{12})_([A-Za-z0-9_-]{32,})")
+
+
 async def create_key(
     conn: AsyncConnection[Any],
     *,
@@ -141,8 +145,13 @@ async def create_key(
     platform: str | None,
     name: str,
     created_by: int | None,
+    key: str | None = None,
 ) -> tuple[ApiKey, str]:
-    """A new key and its secret form, which is never stored and cannot be shown again."""
+    """A new key and its secret form, which is never stored and cannot be shown again.
+
+    `key`: register this key instead of making one (a deployment's pre-shared broker or
+    Prometheus key, `iiot keys import`); it must look like one we make.
+    """
     if role in GLOBAL_ROLES and platform is not None:
         raise Invalid(f"a {role.value} key is for all platforms; give no platform")
     if role is Role.OPERATOR and platform is None:
@@ -151,8 +160,13 @@ async def create_key(
         cur = await conn.execute(PLATFORM_EXISTS, (platform,))
         if await cur.fetchone() is None:
             raise NotFound(f"platform {platform!r}")
-    prefix = secrets.token_hex(6)
-    key = f"iiot_{prefix}_{secrets.token_urlsafe(32)}"
+    if key is None:
+        prefix = secrets.token_hex(6)
+        key = f"iiot_{prefix}_{secrets.token_urlsafe(32)}"
+    elif (shape := KEY_SHAPE.fullmatch(key)) is None:
+        raise Invalid("a key reads iiot_{12 hex digits}_{at least 32 URL-safe characters}")
+    else:
+        prefix = shape.group(1)
     args = {
         "prefix": prefix,
         "digest": digest(key),
@@ -174,6 +188,21 @@ async def create_key(
         detail={"role": role.value},
     )
     return created, key
+
+
+async def import_key(
+    conn: AsyncConnection[Any], key: str, *, role: Role, platform: str | None, name: str
+) -> bool:
+    """Registers a pre-shared key unless it is registered already; True when it was added."""
+    shape = KEY_SHAPE.fullmatch(key)
+    if shape is not None:
+        row = await (await conn.execute(FIND_KEY, (shape.group(1),))).fetchone()
+        if row is not None:
+            if not hmac.compare_digest(bytes(row[1]), digest(key)):
+                raise Conflict(f"another key has the prefix {shape.group(1)}")
+            return False
+    await create_key(conn, role=role, platform=platform, name=name, created_by=None, key=key)
+    return True
 
 
 async def verify_key(conn: AsyncConnection[Any], key: str) -> Principal | None:

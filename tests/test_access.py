@@ -13,7 +13,8 @@ from api.app import create_app
 from api.settings import ApiSettings
 from ingest.stats import IngestStats
 from ingest.writer import TelemetryWriter
-from registry.access import Role
+from registry.access import Role, import_key
+from registry.errors import Conflict, Invalid
 from registry.platforms import upsert_platform
 from registry.settings import StoreSettings
 from tests.conftest import ApiAs, KeyMaker, scalar
@@ -305,3 +306,18 @@ async def test_each_key_is_rate_limited_with_retry_after(
             assert 1 <= int(refused.headers["Retry-After"]) <= 2
             # Another key has its own bucket.
             assert (await second.get("/platforms/plant-1")).status_code == 200
+
+
+async def test_a_pre_shared_key_is_imported_once_and_then_works(
+    api_as: ApiAs, db: psycopg.AsyncConnection[Any], two_platforms: None
+) -> None:
+    key = "iiot_0123456789ab_" + "k" * 40
+    assert await import_key(db, key, role=Role.BROKER, platform=None, name="emqx")
+    assert not await import_key(db, key, role=Role.BROKER, platform=None, name="emqx")
+    with pytest.raises(Conflict):
+        await import_key(db, key[:-1] + "x", role=Role.BROKER, platform=None, name="other")
+    with pytest.raises(Invalid):
+        await import_key(db, "not-a-key", role=Role.BROKER, platform=None, name="bad")
+    async with api_as(key) as broker:
+        body = {"username": "plant-1/d-1", "password": "x"}
+        assert (await broker.post("/broker/authenticate", json=body)).status_code == 200
