@@ -62,7 +62,7 @@ async def tls_broker(tmp_path: Path) -> AsyncIterator[int]:
         f"keyfile {tmp_path / 'server.key'}\nallow_anonymous true\nmax_queued_messages 0\n"
         + ("user root\n" if os.geteuid() == 0 else "")
     )
-    broker = subprocess.Popen(  # noqa: S603, ASYNC220 - starting it does not block
+    broker = subprocess.Popen(  # noqa: ASYNC220 - starting it does not block
         [shutil.which("mosquitto") or "mosquitto", "-c", str(conf)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
