@@ -4,7 +4,8 @@ User names name the client: `{platform}/{device}` for a device, `{platform}/gate
 for a gateway or Sparkplug edge node (docs/access.md). A device may publish to its own topics
 only; a gateway to its own, to those of the devices registered behind it, and to its Sparkplug
 topics in the groups mapped to its platform, and may subscribe to its Sparkplug commands and
-the primary host's STATE. Everything else is denied.
+the primary host's STATE. iiot's own ingest processes connect as `iiot-service` with a broker
+key and may do anything (EMQX's superuser). Everything else is denied.
 """
 
 import hmac
@@ -16,7 +17,7 @@ from psycopg import AsyncConnection
 from ingest.errors import Rejected
 from ingest.sparkplug import NAMESPACE, parse_topic
 from ingest.topics import GATEWAYS, TopicScheme
-from registry.access import CredentialKind, digest
+from registry.access import GLOBAL_ROLES, CredentialKind, digest, verify_key
 from registry.ids import is_device_id, is_platform_id
 
 CONNECT = """
@@ -56,6 +57,19 @@ def client_of(username: str) -> Client | None:
             if is_platform_id(platform) and is_device_id(gateway):
                 return Client(platform, CredentialKind.GATEWAY, gateway)
     return None
+
+
+SERVICE_USER = "iiot-service"
+"""The user name iiot's own ingest processes connect with, a broker key as password."""
+
+
+async def is_service(conn: AsyncConnection[Any], username: str, password: str) -> bool:
+    """iiot's own processes (they subscribe to every platform's topics): the service user name
+    with a valid broker or admin key."""
+    if username != SERVICE_USER:
+        return False
+    principal = await verify_key(conn, password)
+    return principal is not None and principal.role in GLOBAL_ROLES
 
 
 async def may_connect(conn: AsyncConnection[Any], username: str, password: str) -> bool:

@@ -154,6 +154,23 @@ async def test_a_device_publishes_to_its_own_topics_a_gateway_to_its_devices(
     assert got == cases
 
 
+async def test_iiot_ingest_connects_as_the_service_user_with_a_broker_key(
+    broker: httpx.AsyncClient, make_key: KeyMaker, db: psycopg.AsyncConnection[Any]
+) -> None:
+    await upsert_platform(db, "plant-1")
+    broker_key = await make_key(Role.BROKER, None)
+    viewer_key = await make_key(Role.VIEWER, "plant-1")
+
+    async def answer(username: str, password: str) -> tuple[str, bool]:
+        body = {"clientid": "iiot-ingest-0", "username": username, "password": password}
+        got = (await broker.post("/broker/authenticate", json=body)).json()
+        return got["result"], got["is_superuser"]
+
+    assert await answer("iiot-service", broker_key) == ("allow", True)
+    assert await answer("iiot-service", viewer_key) == ("deny", False)
+    assert await answer("iiot-service", "iiot_0123456789ab_" + "x" * 40) == ("deny", False)
+
+
 async def test_the_hooks_answer_only_the_brokers_key(
     api_as: ApiAs, make_key: KeyMaker, db: psycopg.AsyncConnection[Any]
 ) -> None:

@@ -4,7 +4,7 @@
 from fastapi import APIRouter, Request
 
 from api.auth import Broker
-from api.broker_access import TopicRules, may_connect
+from api.broker_access import TopicRules, is_service, may_connect
 from api.deps import Connection
 from api.models import BrokerAnswer, BrokerAuthn, BrokerAuthz
 
@@ -18,6 +18,8 @@ def _answer(allowed: bool) -> BrokerAnswer:
 @router.post("/authenticate", operation_id="broker_authenticate", response_model=BrokerAnswer)
 async def authenticate(body: BrokerAuthn, conn: Connection, _: Broker) -> BrokerAnswer:
     """May this client connect with this user name and password?"""
+    if await is_service(conn, body.username, body.password):
+        return BrokerAnswer(result="allow", is_superuser=True)
     return _answer(await may_connect(conn, body.username, body.password))
 
 

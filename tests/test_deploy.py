@@ -1,0 +1,246 @@
+"""The deploy files, checked without a container engine (none runs here): Kubernetes manifests
+against the Kubernetes schemas, and compose, Prometheus, Grafana, EMQX and the Dockerfile
+against the CLI, the settings and the metrics that exist."""
+
+import json
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import typer.main
+import yaml
+
+from api.app import create_app
+from api.settings import ApiSettings
+from iiot.cli import app as cli_app
+from iiot.logs import LogSettings
+from iiot.stack import RunSettings
+
+ROOT = Path(__file__).parent.parent
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+KUBERNETES_VERSION = "1.30.0"
+IMAGE = {"iiot", "iiot:local"}
+
+
+def settings_env() -> set[str]:
+    fields = {*RunSettings.model_fields, *LogSettings.model_fields}
+    return {f"IIOT_{name.upper()}" for name in fields}
+
+
+def manifests() -> list[tuple[str, dict[str, Any]]]:
+    return [
+        (path.name, doc)
+        for path in sorted(K8S.glob("*.yaml"))
+        if path.name != "kustomization.yaml"
+        for doc in yaml.safe_load_all(path.read_text())
+        if doc
+    ]
+
+
+def compose() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load((DEPLOY / "compose" / "compose.yaml").read_text())
+    return loaded
+
+
+def cli_invocations(command: list[str]) -> list[list[str]]:
+    """The `iiot` argument lists a container runs: its args, or each `iiot ...` in `sh -c`."""
+    if command[:2] == ["sh", "-c"] or command[:1] == ["sh"]:
+        script = command[-1]
+        return [shlex.split(part)[1:] for part in script.split("&&") if part.strip()]
+    return [command]
+
+
+def check_cli(args: list[str]) -> None:
+    """Fails unless `iiot <args>` names a real command with options it accepts."""
+    command: Any = typer.main.get_command(cli_app)
+    args = list(args)
+    path = ["iiot"]
+    while hasattr(command, "commands"):  # a group (typer carries its own copy of click)
+        assert args, f"{' '.join(path)} needs a subcommand"
+        name = args.pop(0)
+        ctx = command.make_context(" ".join(path), [], resilient_parsing=True)
+        found = command.get_command(ctx, name)
+        assert found is not None, f"no command `{' '.join([*path, name])}`"
+        command, path = found, [*path, name]
+    command.make_context(" ".join(path), args)  # raises on unknown or missing options
+
+
+def containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = doc.get("spec", {})
+    pod = spec.get("template", {}).get("spec", {}) or spec.get("jobTemplate", {})
+    found: list[dict[str, Any]] = pod.get("containers", []) if pod else []
+    return found
+
+
+def from_env_names(command: list[str]) -> set[str]:
+    return set(re.findall(r"--from-env[ =](\w+)", " ".join(command)))
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["ingest", "mqttx"], ["ingest", "mqtt", "--bogus"], ["keys", "import", "--role", "broker"]],
+)
+def test_the_command_check_refuses_what_the_cli_would(args: list[str]) -> None:
+    with pytest.raises(Exception):  # noqa: B017, PT011 - click's errors, or our assertion
+        check_cli(args)
+
+
+@pytest.mark.parametrize(
+    ("name", "doc"), manifests(), ids=lambda v: v if isinstance(v, str) else ""
+)
+def test_each_kubernetes_manifest_is_valid_for_its_schema(name: str, doc: dict[str, Any]) -> None:
+    kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def test_the_kustomization_lists_every_manifest_and_nothing_else() -> None:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    files = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(kustomization["resources"]) == files
+
+
+def test_kubernetes_workloads_run_real_commands_with_real_settings() -> None:
+    config = {
+        (doc["kind"], doc["metadata"]["name"]): {**doc.get("data", {}), **doc.get("stringData", {})}
+        for _, doc in manifests()
+        if doc["kind"] in ("ConfigMap", "Secret")
+    }
+    known = settings_env()
+    checked = 0
+    for name, doc in manifests():
+        for container in containers(doc):
+            command = [*container.get("command", []), *container.get("args", [])]
+            for invocation in cli_invocations(command):
+                check_cli(invocation)
+            env = {e["name"] for e in container.get("env", [])}
+            for source in container.get("envFrom", []):
+                kind = "ConfigMap" if "configMapRef" in source else "Secret"
+                ref = source.get("configMapRef") or source.get("secretRef")
+                env |= set(config[(kind, ref["name"])])
+            unknown = env - known - from_env_names(command)
+            assert not unknown, f"{name}: no setting reads {sorted(unknown)}"
+            checked += 1
+            if doc["kind"] in ("Deployment", "StatefulSet"):
+                _check_probes_and_grace(name, doc, container, config)
+    assert checked >= 5
+
+
+def _check_probes_and_grace(
+    name: str,
+    doc: dict[str, Any],
+    container: dict[str, Any],
+    config: dict[tuple[str, str], dict[str, str]],
+) -> None:
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    settings = config[("ConfigMap", "iiot")]
+    values = settings | {e["name"]: e.get("value") for e in container.get("env", [])}
+    for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+        get = container[probe]["httpGet"]
+        assert get["path"] == path, name
+        port = ports[get["port"]]
+        expected = values.get("IIOT_API_PORT") if "api" in container["args"] else None
+        expected = expected or values["IIOT_METRICS_PORT"]
+        assert str(port) == str(expected), f"{name}: {probe} on {port}, served on {expected}"
+    grace = doc["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace > float(settings["IIOT_SHUTDOWN_GRACE_SECONDS"]), name
+    assert container["resources"]["requests"], name
+    assert container["resources"]["limits"], name
+    assert doc["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True, name
+
+
+def test_ingest_mqtt_keeps_stable_client_ids_and_one_sparkplug_consumer() -> None:
+    docs = {doc["metadata"]["name"]: doc for _, doc in manifests() if doc["kind"] == "StatefulSet"}
+    assert set(docs) == {"iiot-ingest-mqtt", "iiot-ingest-sparkplug"}
+    for doc in docs.values():
+        (container,) = containers(doc)
+        env = {e["name"]: e for e in container["env"]}
+        assert env["IIOT_MQTT_CLIENT_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert docs["iiot-ingest-sparkplug"]["spec"]["replicas"] == 1
+    groups = {
+        name: {e["name"]: e.get("value") for e in containers(docs[name])[0]["env"]}[
+            "IIOT_SPARKPLUG_GROUPS"
+        ]
+        for name in ("iiot-ingest-mqtt", "iiot-ingest-sparkplug")
+    }
+    assert groups == {"iiot-ingest-mqtt": "", "iiot-ingest-sparkplug": "*"}
+    kinds = {doc["kind"] for _, doc in manifests()}
+    assert {"PodDisruptionBudget", "HorizontalPodAutoscaler", "Job"} <= kinds
+
+
+def test_compose_services_run_real_commands_with_real_settings() -> None:
+    services = compose()["services"]
+    known = settings_env()
+    ours = {name: s for name, s in services.items() if s.get("image") in IMAGE}
+    assert {"migrate", "keys", "api", "ingest-mqtt-0", "ingest-mqtt-1", "ingest-kafka"} <= set(ours)
+    for name, service in ours.items():
+        command = [*service.get("entrypoint", []), *service["command"]]
+        invocations = cli_invocations(command) if command[0] == "sh" else [service["command"]]
+        for invocation in invocations:
+            check_cli(invocation)
+        env = set(service.get("environment", {}))
+        unknown = env - known - from_env_names(command)
+        assert not unknown, f"{name}: no setting reads {sorted(unknown)}"
+    for name, service in services.items():
+        for dependency in service.get("depends_on", {}):
+            assert dependency in services, f"{name} depends on a missing {dependency}"
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (DEPLOY / "compose" / source).resolve().exists(), f"{name}: {source}"
+    # MQTT ingest processes need distinct client ids, and one consumer for Sparkplug.
+    mqtt = [s["environment"] for n, s in ours.items() if n.startswith("ingest-mqtt")]
+    assert len({e["IIOT_MQTT_CLIENT_ID"] for e in mqtt}) == len(mqtt)
+    assert [e["IIOT_SPARKPLUG_GROUPS"] for e in mqtt].count("*") == 1
+
+
+def test_prometheus_scrapes_the_services_on_their_metrics_ports() -> None:
+    services = compose()["services"]
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    api_target = jobs["iiot-api"]["static_configs"][0]["targets"][0]
+    assert api_target == f"api:{services['api']['environment']['IIOT_API_PORT']}"
+    assert jobs["iiot-api"]["authorization"]["credentials_file"].endswith("prometheus_key")
+    for target in jobs["iiot-ingest-mqtt"]["static_configs"][0]["targets"]:
+        host, port = target.split(":")
+        assert services[host]["environment"]["IIOT_METRICS_PORT"] == port
+    kafka = jobs["iiot-ingest-kafka"]["dns_sd_configs"][0]
+    assert str(kafka["port"]) == services["ingest-kafka"]["environment"]["IIOT_METRICS_PORT"]
+
+
+def test_grafana_panels_query_metrics_that_exist() -> None:
+    exported = set()
+    for source in (ROOT / "ingest" / "metrics.py", ROOT / "ingest" / "stats.py"):
+        exported |= set(re.findall(r'"(iiot_[a-z0-9_]+)"', source.read_text()))
+    api_metrics = (ROOT / "api" / "routes" / "metrics.py").read_text()
+    exported |= set(re.findall(r'"(iiot_[a-z0-9_]+)"', api_metrics))
+    exported |= {f"iiot_devices_{name}" for name in re.findall(r'\("(\w+)", "', api_metrics)}
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "iiot.json").read_text())
+    queried = {
+        re.sub(r"_(total|bucket|count|sum)$", "", name)
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"iiot_[a-z0-9_]+", target["expr"])
+    }
+    assert len(queried) >= 8
+    assert queried <= exported, sorted(queried - exported)
+
+
+def test_emqx_calls_hooks_that_exist() -> None:
+    paths = create_app(ApiSettings(database_url="postgresql://unused")).openapi()["paths"]
+    conf = (DEPLOY / "emqx" / "emqx.conf").read_text()
+    urls = re.findall(r'url = "http://api:8000(/[^"]+)"', conf)
+    assert sorted(urls) == ["/broker/authenticate", "/broker/authorize"]
+    assert all("post" in paths[url] for url in urls)
+
+
+def test_the_image_runs_iiot_as_a_non_root_user() -> None:
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert re.search(r"^USER 10001", dockerfile, re.MULTILINE)
+    assert 'ENTRYPOINT ["iiot"]' in dockerfile
+    for source in re.findall(r"^COPY (?!--from)(\S+)", dockerfile, re.MULTILINE):
+        assert (ROOT / source).exists(), source
+    copied = set(re.findall(r"^COPY (api|ingest|registry|iiot) ", dockerfile, re.MULTILINE))
+    assert copied == {"api", "ingest", "registry", "iiot"}  # the packages pyproject installs
