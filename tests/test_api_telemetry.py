@@ -11,6 +11,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from ingest.stats import IngestStats
 from ingest.writer import TelemetryWriter
+from registry.platforms import upsert_platform
 from tests.test_writer import telemetry
 
 T0 = datetime(2026, 11, 23, 8, 0, tzinfo=UTC)
@@ -145,3 +146,16 @@ async def test_devices_are_listed_and_searched_a_page_at_a_time(
     assert (await api.get(url, params={"metadata": "[1]"})).status_code == 422
     assert (await api.get(url, params={"metadata": "{"})).status_code == 422
     assert (await api.get("/platforms/no-such/devices")).status_code == 404
+
+
+async def test_times_without_an_offset_are_refused_not_failed(
+    api: httpx.AsyncClient, db: psycopg.AsyncConnection[Any]
+) -> None:
+    await upsert_platform(db, "plant-9")
+    for path, params in (
+        ("/platforms/plant-9/devices/count/history", {"start": "2026-01-01T00:00:00"}),
+        ("/platforms/plant-9/devices/d/telemetry", {"metric": "v", "start": "2026-01-01T00:00:00"}),
+        ("/platforms/plant-9/devices/d/telemetry.csv", {"start": "2026-01-01T00:00:00"}),
+    ):
+        response = await api.get(path, params=params)
+        assert response.status_code == 422, (path, response.text)

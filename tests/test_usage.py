@@ -160,3 +160,13 @@ async def test_connected_device_days_integrate_the_count_samples(
     assert row.startswith(f"plant-1,{params['start']},0,0,0,0,0,7.0,64800,")
     everyone = await api.get("/usage.csv", params=params)
     assert everyone.text.count("\n") == 2  # plant-2 had no samples and no traffic
+
+
+async def test_usage_ranges_outside_the_calendar_are_refused_not_failed(
+    api: httpx.AsyncClient, plants: None
+) -> None:
+    for params in ({"end": "0001-01-01"}, {"start": "0001-01-01"}, {"end": "1970-01-01"}):
+        for path in ("/platforms/plant-1/usage", "/platforms/plant-1/usage.csv", "/usage.csv"):
+            response = await api.get(path, params=params)
+            assert response.status_code in (200, 422), (path, params, response.text)
+    assert (await api.get("/usage.csv", params={"end": "0001-01-01"})).status_code == 422

@@ -4,6 +4,7 @@ from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Query, Request, Response, status
+from pydantic import AwareDatetime
 
 from api.auth import Caller, PlatformScope, check_read, operator
 from api.deps import (
@@ -75,8 +76,8 @@ async def device_counts(platform: PlatformId, request: Request) -> Response:
 async def count_history(
     platform: PlatformId,
     conn: Connection,
-    start: Annotated[datetime, Query(description="Inclusive, RFC 3339.")],
-    end: Annotated[datetime | None, Query(description="Exclusive; default now.")] = None,
+    start: Annotated[AwareDatetime, Query(description="Inclusive, RFC 3339.")],
+    end: Annotated[AwareDatetime | None, Query(description="Exclusive; default now.")] = None,
     bucket_seconds: Annotated[int, Query(ge=60, le=86400 * 31)] = 3600,
 ) -> CountHistory:
     """Connected devices over time, from samples taken every minute: per bucket the lowest,

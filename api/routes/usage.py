@@ -34,8 +34,17 @@ CSV_COLUMNS = (
     "hard_quota",
     "over_soft_quota",
 )
-Start = Annotated[date | None, Query(description="First UTC day; default 30 days before end.")]
-End = Annotated[date | None, Query(description="Day after the last; default tomorrow (UTC).")]
+# Days from 1970 on: earlier ones hold nothing, and a default start a month before year 1's
+# first days would not be a date.
+FIRST_DAY, LAST_DAY = date(1970, 1, 1), date(9999, 12, 31)
+Start = Annotated[
+    date | None,
+    Query(ge=FIRST_DAY, le=LAST_DAY, description="First UTC day; default 31 days before end."),
+]
+End = Annotated[
+    date | None,
+    Query(ge=FIRST_DAY, le=LAST_DAY, description="Day after the last; default tomorrow (UTC)."),
+]
 
 
 def _range(start: date | None, end: date | None) -> tuple[date, date]:
