@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test lint format bench bench-quick proto clean
+.PHONY: help install run test lint format bench bench-quick loadtest proto clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -46,6 +46,9 @@ bench-quick: $(STAMP) ## The benchmarks at a tenth of their size (a smoke run)
 	$(BIN)/python -m bench.kafka_drain --quick
 	$(BIN)/python -m bench.registry_events --quick
 	$(BIN)/python -m bench.api_requests --quick
+
+loadtest: $(STAMP) ## A bounded load test: 1,000 gateways x 1,000 devices against iiot run, checked (see loadtests/README.md)
+	$(BIN)/python -m loadtests.run $(LOADTEST_ARGS)
 
 proto: ## Regenerate ingest/sparkplug_b_pb2.py(i) from ingest/sparkplug_b.proto (needs network for grpcio-tools)
 	test -x .proto-venv/bin/python || $(PYTHON) -m venv .proto-venv

@@ -1,0 +1,90 @@
+"""The load test itself, in small runs of a few seconds: it must pass on a healthy stack and
+fail, saying why, when devices are refused. Each run is a subprocess (locust patches the
+standard library with gevent, which this test process must not have) that starts `iiot run`
+on the test's schema, broker and topic root."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from iiot.net import free_port
+from registry.platforms import upsert_platform
+from registry.settings import StoreSettings
+
+ROOT = Path(__file__).parent.parent
+
+
+def run_loadtest(
+    store: StoreSettings, mqtt_url: str, unique: str, out: Path, *extra: str
+) -> tuple[int, dict[str, Any], str]:
+    env = os.environ | {
+        "IIOT_DATABASE_URL": str(store.database_url),
+        "IIOT_DATABASE_SCHEMA": store.database_schema,
+        "IIOT_MQTT_URL": mqtt_url,
+        "IIOT_MQTT_TOPIC_ROOT": f"test/{unique}/iiot/v1",
+        "IIOT_MQTT_CLIENT_ID": f"iiot-loadtest-{unique}",
+        "IIOT_API_PORT": str(free_port()),
+        "IIOT_STATE_DIR": str(out / "state"),
+    }
+    args = [
+        "--platform", f"lt-{unique}", "--gateways", "6", "--devices-per-gateway", "25",
+        "--sparkplug-every", "3", "--reading-interval", "2", "--steady-seconds", "3",
+        "--drop", "0.5", "--outage-seconds", "2", "--api-users", "1", "--out", str(out),
+        *extra,
+    ]  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "loadtests.run", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    report = json.loads((out / "report.json").read_text())
+    return done.returncode, report, done.stdout + done.stderr
+
+
+def test_a_small_fleet_is_counted_exactly_through_storm_disconnect_and_rebirth(
+    store: StoreSettings, mqtt_url: str, unique: str, tmp_path: Path
+) -> None:
+    code, report, output = run_loadtest(store, mqtt_url, unique, tmp_path, "--timeout", "60")
+    assert code == 0, output[-3000:]
+    assert report["ok"] is True
+    assert [(c["phase"], c["expected"], c["reported"]) for c in report["checks"]] == [
+        ("storm", 150, 150),
+        ("mass disconnect", 75, 75),
+        ("rebirth", 150, 150),
+    ]
+    # Both kinds of gateway went down and came back (gw-00002 and gw-00005 speak Sparkplug).
+    dropped = report["dropped_gateways"]
+    assert len(dropped) == 3
+    assert {"gw-00002", "gw-00005"} & set(dropped)
+    assert set(dropped) - {"gw-00002", "gw-00005"}
+    assert report["points_stored"] == report["points_sent"] > 150
+    assert report["historical_points_sent"] > 0  # the back-fill after the outage
+    assert (tmp_path / "locust.html").stat().st_size > 10_000
+    assert "Result: PASS" in (tmp_path / "report.md").read_text()
+    assert any(name.startswith("GET ") for name in report["requests"])  # the operator's reads
+
+
+async def test_the_run_fails_and_says_why_when_devices_are_refused(
+    store: StoreSettings, mqtt_url: str, unique: str, tmp_path: Path
+) -> None:
+    async with await psycopg.AsyncConnection.connect(
+        str(store.database_url), autocommit=True, options=f"-c search_path={store.database_schema}"
+    ) as conn:
+        # The platform refuses unknown devices: nothing is stored, nobody is connected.
+        await upsert_platform(conn, f"lt-{unique}", auto_provision=False)
+    code, report, _ = run_loadtest(store, mqtt_url, unique, tmp_path, "--timeout", "4")
+    assert code == 1
+    assert report["ok"] is False
+    assert report["points_stored"] == 0
+    assert report["points_sent"] > 0
+    assert [c["ok"] for c in report["checks"]] == [False, False, False]
+    assert "Result: FAIL" in (tmp_path / "report.md").read_text()
