@@ -89,7 +89,7 @@ class IngestCollector(Collector):
                 spb = consumer.sparkplug.sessions.stats
                 gaps.add_metric([source], spb.gaps)
                 rebirths.add_metric([source], spb.rebirth_requests)
-            for histogram in (s.batch_points, s.write_seconds):
+            for histogram in (s.batch_points, s.write_seconds, s.delay_seconds):
                 for family in histogram.collect():
                     merged = histograms.setdefault(family.name, family)
                     labelled = [

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from prometheus_client import Histogram
 
 _POINT_BUCKETS = (1, 10, 100, 1_000, 5_000, 10_000, 25_000, 50_000, 100_000)
+_DELAY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0)
 _SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -26,6 +27,14 @@ class IngestStats:
     batch_points: Histogram = field(
         default_factory=lambda: _histogram(
             "iiot_batch_points", "Rows per committed batch.", _POINT_BUCKETS
+        )
+    )
+    delay_seconds: Histogram = field(
+        default_factory=lambda: _histogram(
+            "iiot_ingest_delay_seconds",
+            "From the receipt of a batch's oldest message to the batch's commit: how far "
+            "behind ingest is.",
+            _DELAY_BUCKETS,
         )
     )
     write_seconds: Histogram = field(

@@ -174,6 +174,9 @@ class TelemetryWriter:
             return await self._isolate(batch, in_transaction, dead_letter, exc)
         self._count(report)
         self._stats.write_seconds.observe(time.perf_counter() - started)
+        if batch:
+            oldest = min(m.received_at for m in batch)
+            self._stats.delay_seconds.observe((datetime.now(UTC) - oldest).total_seconds())
         return report
 
     async def _isolate(

@@ -5,8 +5,9 @@ Ids are deterministic, so a run can be checked afterwards: gateway `g` of a plan
 that speak Sparkplug B (every `sparkplug_every`-th), edge node `gw-{g:05d}` with devices
 `d{d:04d}`, registered by iiot as `gw-{g:05d}:d{d:04d}` (docs/contract.md).
 
-`Gateway` is plain paho-mqtt (blocking calls, its own network thread), so it runs the same under
-locust's gevent and in a plain script. It counts what it sent in a `Tally`.
+`Gateway` speaks MQTT through `mqtt_wire.MqttConnection` (blocking calls on one socket), so it
+runs the same under locust's gevent and in a plain script. It counts what it sent in a
+`Tally`.
 """
 
 import threading
@@ -14,10 +15,9 @@ import time
 from dataclasses import dataclass, field
 
 import orjson
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 
 from ingest.sparkplug import INT64, MetricIn, encode_payload, node_topic
+from loadtests.mqtt_wire import MqttConnection
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,37 +87,26 @@ class Gateway:
         self._next = 0  # index of the next device due
         self._last_tick = 0.0
         self._down_since: float | None = None
-        self._client: mqtt.Client | None = None
+        self._client: MqttConnection | None = None
 
     # -- connection ----------------------------------------------------------------------
 
     def connect(self) -> None:
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=f"load-{self.plan.platform}-{self.id}",
-            protocol=mqtt.MQTTv311,
-            clean_session=True,
-        )
         topic, payload = self._will()
-        client.will_set(topic, payload, qos=1, retain=not self.sparkplug)
-        client.max_queued_messages_set(0)
-        client.connect(self.host, self.port, keepalive=30)
-        client.loop_start()
-        self._client = client
-        self._wait_connected()
+        self._client = MqttConnection(
+            self.host,
+            self.port,
+            f"load-{self.plan.platform}-{self.id}",
+            will=(topic, payload, not self.sparkplug),
+        )
         self._announce()
         self.online = True
         self._last_tick = time.monotonic()
 
     def drop(self) -> None:
         """The network goes away: no DISCONNECT, the broker publishes the Will."""
-        client = self._client
-        if client is None:
-            return
-        client.loop_stop()
-        sock = client.socket()
-        if sock is not None:
-            sock.close()
+        if self._client is not None:
+            self._client.drop()
         self._client = None
         self.online = False
         self._down_since = time.time()
@@ -129,7 +118,6 @@ class Gateway:
         topic, payload = self._will()
         self._publish(topic, payload, retain=not self.sparkplug)
         self._client.disconnect()
-        self._client.loop_stop()
         self._client = None
         self.online = False
 
@@ -234,16 +222,6 @@ class Gateway:
         return f"{self.plan.topic_root}/{self.plan.platform}/gateways/{self.id}/telemetry"
 
     def _publish(self, topic: str, body: bytes, *, retain: bool = False) -> None:
-        assert self._client is not None, "not connected"
-        info = self._client.publish(topic, body, qos=1, retain=retain)
-        info.wait_for_publish(timeout=60)
-        if not info.is_published():
-            raise RuntimeError(f"{self.id}: the broker did not acknowledge a message on {topic}")
-
-    def _wait_connected(self) -> None:
-        assert self._client is not None
-        deadline = time.monotonic() + 30
-        while not self._client.is_connected():
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.id}: could not connect to {self.host}:{self.port}")
-            time.sleep(0.01)
+        if self._client is None or not self._client.connected:
+            raise RuntimeError(f"{self.id}: not connected")
+        self._client.publish(topic, body, retain=retain)

@@ -94,6 +94,8 @@ async def test_ingest_metrics_count_what_was_stored_and_refused(
     batches = got[("iiot_batch_points_count", mqtt)]
     assert batches >= 1
     assert got[("iiot_batch_write_seconds_count", mqtt)] == batches
+    assert got[("iiot_ingest_delay_seconds_count", mqtt)] == batches
+    assert 0 < got[("iiot_ingest_delay_seconds_sum", mqtt)] < 10 * batches
     assert got[("iiot_batch_points_bucket", mqtt | {("le", "+Inf")})] == batches
 
 
