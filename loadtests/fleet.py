@@ -171,8 +171,7 @@ class Gateway:
                 metric = MetricIn(None, float(ms % 100_000), alias=1, historical=historical)
                 body = encode_payload([metric], seq=self._next_seq(), timestamp_ms=ms)
                 self._publish(node_topic(self.plan.platform, "DDATA", self.id, self.names[i]), body)
-            count = len(indices)
-            self.tally.add(count, count, count if historical else 0)
+                self.tally.add(1, 1, 1 if historical else 0)  # counted as acknowledged
             return
         reading: dict[str, object] = {"ts": ms, "metrics": {"v": float(ms % 100_000)}}
         if historical:

@@ -43,6 +43,8 @@ class Control:
     first_gateway: int = int(os.environ.get("IIOT_LOADTEST_FIRST_GATEWAY", "0"))
     dropped: set[int] = field(default_factory=set)  # gateways whose network is down
     race: bool = False  # after a rebirth, also publish the old session's Will, late
+    paused: bool = False  # no more sending: the run is about to stop the users
+    busy: int = 0  # gateways in the middle of sending
     online: set[int] = field(default_factory=set)
     errors: list[str] = field(default_factory=list)
     tally: Tally = field(default_factory=Tally)
@@ -78,6 +80,15 @@ class GatewayUser(User):
 
     @task
     def tick(self) -> None:
+        if CONTROL.paused:
+            return
+        CONTROL.busy += 1
+        try:
+            self._tick()
+        finally:
+            CONTROL.busy -= 1
+
+    def _tick(self) -> None:
         gateway, number = self.gateway, self.number
         if number in CONTROL.dropped:
             if gateway.online:

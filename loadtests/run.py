@@ -37,6 +37,8 @@ import gevent  # noqa: E402
 import requests  # noqa: E402
 from locust.env import Environment  # noqa: E402
 from locust.html import get_html_report  # noqa: E402
+from requests.adapters import HTTPAdapter  # noqa: E402
+from urllib3.util.retry import Retry  # noqa: E402
 
 from loadtests.fleet import FleetPlan  # noqa: E402
 from loadtests.locustfile import CONTROL, ApiUser, GatewayUser  # noqa: E402
@@ -133,6 +135,9 @@ class Api:
         self.base, self.platform = base, platform
         self.http = requests.Session()
         self.http.headers["Authorization"] = f"Bearer {key}"
+        # A busy server closes idle keep-alive connections: retry reads on a fresh one.
+        retry = Retry(total=5, backoff_factor=0.5, allowed_methods=None, status_forcelist=[503])
+        self.http.mount("http://", HTTPAdapter(max_retries=retry))
 
     def ensure_platform(self, liveness_seconds: int) -> None:
         body = {
@@ -227,6 +232,9 @@ def run(args: argparse.Namespace) -> Report:
               f"= {plan.devices:,} devices on {stack.api}", flush=True)  # fmt: skip
         scenario(args, plan, api, runner, report)
     finally:
+        # Let every gateway finish the message in hand, so what was sent is what was counted.
+        CONTROL.paused = True
+        wait_for(lambda: CONTROL.busy == 0, 60)
         runner.stop()
         runner.quit()
         try:
