@@ -13,6 +13,7 @@ from api.routes import (
     broker,
     counts,
     credentials,
+    dashboard,
     devices,
     health,
     ingest,
@@ -78,6 +79,7 @@ def create_app(
         usage,
         keys,
         broker,
+        dashboard,
     ):
         if module is devices:
             app.include_router(devices.count_router)

@@ -29,7 +29,18 @@ from registry.access import GLOBAL_ROLES, Principal, Role, verify_key
 from registry.errors import NotFound
 
 PUBLIC_PATHS = frozenset(
-    {"/healthz", "/readyz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+    {
+        "/healthz",
+        "/readyz",
+        "/openapi.json",
+        "/docs",
+        "/docs/oauth2-redirect",
+        "/redoc",
+        # The dashboard's files hold no data; the page reads the API with the operator's key.
+        "/dashboard",
+        "/dashboard/app.js",
+        "/dashboard/style.css",
+    }
 )
 SECURITY_SCHEMES = {
     "bearer": {"type": "http", "scheme": "bearer", "description": "An API key: `iiot_...`"},

@@ -386,3 +386,31 @@ class QuotaIn(Strict):
 
 class QuotaOut(QuotaIn):
     tier: Tier
+
+
+class MinuteOut(BaseModel):
+    minute: datetime
+    messages: int
+    points: int
+    refused_messages: int
+
+
+class RecentIngest(BaseModel):
+    platform: str
+    minutes: list[MinuteOut] = Field(description="Per minute, oldest first; idle minutes absent.")
+
+
+class DeviceEventOut(BaseModel):
+    time: datetime
+    subject: Literal["device", "gateway"] = Field(
+        description="The device's own event, or its gateway's (which reached every device "
+        "behind it)."
+    )
+    state: str
+    cause: str
+
+
+class DeviceEvents(BaseModel):
+    platform: str
+    device: str
+    events: list[DeviceEventOut] = Field(description="Newest first.")

@@ -93,6 +93,7 @@ def _announce(settings: RunSettings, base: str, admin_key: str) -> None:
     lines = [
         "",
         f"  iiot is running. API:   {base}  (OpenAPI docs: {base}/docs)",
+        f"  Dashboard:              {base}/dashboard#key={admin_key}",
         f"  Admin API key:          {admin_key}",
         "                          (new each run, the previous one revoked; keep it secret)",
         f"  Device count:           curl -H 'Authorization: Bearer {admin_key}' \\",

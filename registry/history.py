@@ -42,6 +42,35 @@ GROUP BY 1 ORDER BY 1
 """
 
 
+# A device's own connection events and those of the gateway it sits behind (a gateway's death
+# is one event for all its devices), newest first.
+DEVICE_EVENTS = """
+SELECT e.time, e.subject, e.state, e.cause FROM connection_events e
+JOIN devices d ON d.platform_id = %(platform)s AND d.device_id = %(device)s
+WHERE (e.subject = 'device' AND e.subject_id = d.id)
+   OR (e.subject = 'gateway' AND e.subject_id = d.via_gateway)
+ORDER BY e.time DESC, e.id DESC
+LIMIT %(limit)s
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceEvent:
+    time: datetime
+    subject: str
+    state: str
+    cause: str
+
+
+async def device_events(
+    conn: AsyncConnection[Any], platform: str, device: str, limit: int
+) -> list[DeviceEvent]:
+    cur = await conn.execute(
+        DEVICE_EVENTS, {"platform": platform, "device": device, "limit": limit}
+    )
+    return [DeviceEvent(*row) for row in await cur.fetchall()]
+
+
 @dataclass(frozen=True, slots=True)
 class HistoryBucket:
     start: datetime

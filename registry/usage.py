@@ -8,7 +8,7 @@ seconds it stands for.
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, datetime, timedelta
 from typing import Any
 
 from psycopg import AsyncConnection
@@ -79,6 +79,23 @@ JOIN platforms p ON p.id = platform_id
 LEFT JOIN usage_quotas q ON q.tier = p.tier
 ORDER BY platform_id, day
 """
+
+
+RECENT = """
+SELECT date_bin('1 minute', recorded_at, timestamptz '2000-01-01') AS minute,
+       sum(messages)::bigint, sum(points)::bigint, sum(refused_messages)::bigint
+FROM usage_ledger
+WHERE platform_id = %(platform)s AND recorded_at >= now() - %(window)s
+GROUP BY 1 ORDER BY 1
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Minute:
+    minute: datetime
+    messages: int
+    points: int
+    refused_messages: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +177,15 @@ async def set_quota(conn: AsyncConnection[Any], quota: Quota) -> None:
         "hard": quota.hard_points_per_day,
     }
     await conn.execute(SET_QUOTA, args)
+
+
+async def recent_minutes(
+    conn: AsyncConnection[Any], platform: str, window: timedelta
+) -> list[Minute]:
+    """Per minute of the last `window`: messages accepted, points stored, messages refused,
+    as committed (the ledger's time is its batch's commit)."""
+    cur = await conn.execute(RECENT, {"platform": platform, "window": window})
+    return [Minute(*row) for row in await cur.fetchall()]
 
 
 async def usage_days(

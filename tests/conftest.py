@@ -1,9 +1,11 @@
 """Fixtures on real services: each test gets its own schema and its own MQTT topic root."""
 
 import asyncio
+import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +18,10 @@ from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
 from api.app import create_app
+from api.server import ApiServer
 from api.settings import ApiSettings
 from iiot.kafka_mock import MockKafkaCluster
+from iiot.net import free_port
 from ingest.mqtt import MqttIngest
 from ingest.settings import IngestSettings
 from registry.access import Role, create_key
@@ -175,6 +179,26 @@ async def publisher(mqtt_url: str, protocol: str = "5") -> AsyncIterator[aiomqtt
     version = aiomqtt.ProtocolVersion.V5 if protocol == "5" else aiomqtt.ProtocolVersion.V311
     async with aiomqtt.Client(host, int(port), protocol=version) as client:
         yield client
+
+
+@contextmanager
+def served_api(settings: ApiSettings) -> Iterator[str]:
+    """The API under uvicorn in a thread of its own (for clients outside this process: a
+    browser, schemathesis); yields its base URL."""
+    port = free_port()
+    server = ApiServer(create_app(settings), host="127.0.0.1", port=port)
+    thread = threading.Thread(target=asyncio.run, args=(server.run(),), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert thread.is_alive(), "the API server stopped"
+        assert time.monotonic() < deadline, "the API server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+        thread.join(10)
 
 
 def payload(document: Any) -> bytes:

@@ -6,8 +6,6 @@ operation keeps the whole run to well under a minute.
 """
 
 import asyncio
-import threading
-import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -24,16 +22,14 @@ from schemathesis.checks import (
     response_schema_conformance,
 )
 
-from api.app import create_app
-from api.server import ApiServer
 from api.settings import ApiSettings
-from iiot.net import free_port
 from ingest.stats import IngestStats
 from ingest.writer import TelemetryWriter
 from registry.access import Role, create_key
 from registry.migrate import migrate
 from registry.platforms import upsert_platform
 from registry.store import connect, create_pool
+from tests.conftest import served_api
 from tests.test_writer import telemetry
 
 EXAMPLES_PER_OPERATION = 40
@@ -68,20 +64,10 @@ def served(database_url: str) -> Iterator[tuple[str, str]]:
         api_key_cache_seconds=0,
     )
     key = asyncio.run(_seed(settings))
-    port = free_port()
-    server = ApiServer(create_app(settings), host="127.0.0.1", port=port)
-    thread = threading.Thread(target=asyncio.run, args=(server.run(),), daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive(), "the API server stopped"
-        assert time.monotonic() < deadline, "the API server did not start"
-        time.sleep(0.05)
     try:
-        yield f"http://127.0.0.1:{port}", key
+        with served_api(settings) as base:
+            yield base, key
     finally:
-        server.stop()
-        thread.join(10)
 
         async def drop() -> None:
             async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as c:

@@ -19,6 +19,8 @@ from api.models import (
     Affected,
     CountHistory,
     DeviceCounts,
+    DeviceEventOut,
+    DeviceEvents,
     DeviceIds,
     DeviceOut,
     DeviceRegistration,
@@ -28,6 +30,7 @@ from api.models import (
     LatestValue,
     Page,
 )
+from registry import history as history_store
 from registry import registration, telemetry
 from registry.access import audit
 from registry.counts import platform_counts
@@ -191,6 +194,24 @@ async def get_device(platform: PlatformId, device: DeviceId, conn: Connection) -
     row = await telemetry.device_row(conn, platform, device)
     latest = [LatestValue(**asdict(v)) for v in await telemetry.latest(conn, row)]
     return DeviceView(**asdict(found), latest=latest)
+
+
+@router.get("/{device}/events", operation_id="device_events", response_model=DeviceEvents)
+async def device_events(
+    platform: PlatformId,
+    device: DeviceId,
+    conn: Connection,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> DeviceEvents:
+    """The device's connection state history, newest first: its own events and its gateway's
+    (a gateway's death or rebirth is one event for all the devices behind it)."""
+    await registration.get_device(conn, platform, device)
+    events = await history_store.device_events(conn, platform, device, limit)
+    return DeviceEvents(
+        platform=platform,
+        device=device,
+        events=[DeviceEventOut(**asdict(e)) for e in events],
+    )
 
 
 @router.patch("/{device}", operation_id="update_device", response_model=DeviceOut)

@@ -12,7 +12,7 @@ from fastapi.responses import Response
 
 from api.auth import Caller, PlatformScope, check_admin, check_national
 from api.deps import Connection, PlatformId
-from api.models import QuotaIn, QuotaOut, UsageDayOut, UsageDays
+from api.models import MinuteOut, QuotaIn, QuotaOut, RecentIngest, UsageDayOut, UsageDays
 from registry import usage
 from registry.access import audit
 from registry.errors import Invalid
@@ -104,6 +104,24 @@ async def platform_usage(
     first, stop = _range(start, end)
     days = await usage.usage_days(conn, platform=platform, start=first, end=stop)
     return UsageDays(platform=platform, start=first, end=stop, days=[_out(d) for d in days])
+
+
+@router.get(
+    "/platforms/{platform}/ingest/recent",
+    operation_id="recent_ingest",
+    response_model=RecentIngest,
+    dependencies=[PlatformScope],
+)
+async def recent_ingest(
+    platform: PlatformId,
+    conn: Connection,
+    minutes: Annotated[int, Query(ge=1, le=1440)] = 60,
+) -> RecentIngest:
+    """The platform's ingest per minute over the last `minutes`: messages accepted, points
+    stored and messages refused (dead-lettered), from the usage ledger."""
+    await get_platform(conn, platform)
+    rows = await usage.recent_minutes(conn, platform, timedelta(minutes=minutes))
+    return RecentIngest(platform=platform, minutes=[MinuteOut(**asdict(m)) for m in rows])
 
 
 @router.get(
