@@ -3,6 +3,8 @@ fail, saying why, when devices are refused. Each run is a subprocess (locust pat
 standard library with gevent, which this test process must not have) that starts `iiot run`
 on the test's schema, broker and topic root."""
 
+import asyncio
+import csv
 import json
 import os
 import subprocess
@@ -10,11 +12,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import orjson
 import psycopg
+from aiokafka import AIOKafkaConsumer
+from psycopg_pool import AsyncConnectionPool
 
 from iiot.net import free_port
+from ingest.kafka import KafkaIngest
+from ingest.settings import IngestSettings
 from registry.platforms import upsert_platform
 from registry.settings import StoreSettings
+from tests.conftest import eventually, scalar
 
 ROOT = Path(__file__).parent.parent
 
@@ -88,3 +96,70 @@ async def test_the_run_fails_and_says_why_when_devices_are_refused(
     assert report["points_sent"] > 0
     assert [c["ok"] for c in report["checks"]] == [False, False, False]
     assert "Result: FAIL" in (tmp_path / "report.md").read_text()
+
+
+async def test_the_kafka_gateway_user_feeds_kafka_ingest_and_nothing_is_lost(
+    kafka: str,
+    ingest_settings: IngestSettings,
+    pool: AsyncConnectionPool,
+    db: psycopg.AsyncConnection[Any],
+    unique: str,
+    tmp_path: Path,
+) -> None:
+    platform, topic = f"lk-{unique}", f"load-{unique}"
+    await upsert_platform(db, platform)
+    env = os.environ | {
+        "IIOT_LOADTEST_KAFKA": kafka,
+        "IIOT_LOADTEST_KAFKA_TOPIC": topic,
+        "IIOT_LOADTEST_PLATFORM": platform,
+        "IIOT_LOADTEST_DEVICES_PER_GATEWAY": "10",
+        "IIOT_LOADTEST_READING_INTERVAL": "1",
+    }
+    locust = [
+        sys.executable, "-m", "locust", "-f", "loadtests/locustfile.py", "--headless",
+        "-u", "2", "-r", "2", "--run-time", "4s", "--csv", str(tmp_path / "kafka"),
+        "KafkaGatewayUser",
+    ]  # fmt: skip
+    done = subprocess.run(  # noqa: ASYNC221 - our own interpreter; nothing else runs yet
+        locust, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    with (tmp_path / "kafka_stats.csv").open() as table:
+        stats = {row["Name"]: row for row in csv.DictReader(table)}
+    sent = int(stats["gateway record"]["Request Count"])
+    assert sent >= 4  # two gateways: their first records and at least one tick each
+    assert stats["gateway record"]["Failure Count"] == "0"
+
+    # Every reading in the topic, counted by reading it back, ends up stored once.
+    records: list[Any] = []
+    batches: dict[Any, Any] = {}
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=kafka, auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        async with asyncio.timeout(20):
+            while len(records) < sent or batches:  # until the topic has nothing more
+                batches = await consumer.getmany(timeout_ms=1000)
+                records += [r for part in batches.values() for r in part]
+    finally:
+        await consumer.stop()
+    readings = sum(len(orjson.loads(r.value)["devices"]) for r in records)
+    assert len(records) >= sent  # locust's CSV may miss the last record of the shutdown
+    settings = ingest_settings.model_copy(
+        update={
+            "kafka_bootstrap": kafka,
+            "kafka_topics": [topic],
+            "kafka_group_id": f"iiot-{unique}",
+            "kafka_client_id": f"iiot-test-{unique}",
+        }
+    )
+    ingest = KafkaIngest(settings, pool)
+    task = asyncio.create_task(ingest.run())
+    try:
+        await eventually(lambda: scalar(db, "SELECT count(*) FROM telemetry"), timeout=30)
+        await eventually(
+            lambda: scalar(db, "SELECT count(*) = %s FROM telemetry", readings), timeout=30
+        )
+    finally:
+        ingest.stop()
+        await asyncio.wait_for(task, 30)
+    assert await scalar(db, "SELECT count(*) FROM devices") == 20
