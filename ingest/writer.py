@@ -19,7 +19,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -128,6 +128,8 @@ class _Resolved:
     rejected: list[tuple[Received[Any], Rejected]]
     metric_ids: dict[str, int]
     platforms: set[str]
+    # Accepted messages are metered where they are accepted; refusals once the batch is split.
+    meter: BatchMeter = field(default_factory=BatchMeter)
 
 
 class TelemetryWriter:
@@ -233,7 +235,7 @@ class TelemetryWriter:
         resolved = await self._resolve(conn, batch, report)
         accepted, rejected, metric_ids = resolved.telemetry, resolved.rejected, resolved.metric_ids
         rows: list[Row] = []
-        meter = _meter(batch, resolved)
+        meter = _meter_refusals(resolved)
         live_devices: set[int] = set()
         gateways: set[int] = set()
         via: dict[int, int] = {}
@@ -364,6 +366,7 @@ class TelemetryWriter:
                 resolved.rejected.append((message, reason))
                 continue
             key = meter_key(platform, message.received_at, message.source)
+            resolved.meter.accepted(key, len(message.payload))
             _sort_items(
                 resolved, message, items, key, device_ids=device_ids, gateway_ids=gateway_ids
             )
@@ -439,18 +442,13 @@ def _sort_items(
         )
 
 
-def _meter(batch: Sequence[Received[Any]], resolved: _Resolved) -> BatchMeter:
-    """A meter holding the batch's accepted and refused messages (points are added later)."""
-    meter = BatchMeter()
-    refused = {id(message): reason for message, reason in resolved.rejected}
-    for message in batch:
-        reason = refused.get(id(message))
-        if reason is None and not isinstance(message.outcome, Rejected):
-            key = meter_key(message.outcome[0].platform, message.received_at, message.source)
-            meter.accepted(key, len(message.payload))
-        elif reason is not None and reason.platform in resolved.platforms:
-            meter.refused(meter_key(reason.platform, message.received_at, message.source))
-    return meter
+def _meter_refusals(resolved: _Resolved) -> BatchMeter:
+    """The batch's meter, with its refused messages of platforms that exist added."""
+    for message, reason in resolved.rejected:
+        if reason.platform in resolved.platforms:
+            key = meter_key(reason.platform, message.received_at, message.source)
+            resolved.meter.refused(key)
+    return resolved.meter
 
 
 def _has_points(items: Decoded) -> bool:

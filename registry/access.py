@@ -67,9 +67,6 @@ ON CONFLICT (platform_id, kind, subject)
 DO UPDATE SET digest = excluded.digest, rotated_at = now()
 RETURNING created_at, rotated_at
 """
-FIND_CREDENTIAL = """
-SELECT digest FROM credentials WHERE platform_id = %s AND kind = %s AND subject = %s
-"""
 DELETE_CREDENTIAL = """
 DELETE FROM credentials WHERE platform_id = %s AND kind = %s AND subject = %s RETURNING 1
 """
@@ -281,17 +278,6 @@ async def revoke_credential(
     if await cur.fetchone() is None:
         raise NotFound(f"credential of {kind.value} {subject!r} on platform {platform!r}")
     await audit(conn, "credential.revoke", f"{kind.value}:{subject}", key_id=by, platform=platform)
-
-
-async def credential_matches(
-    conn: AsyncConnection[Any], platform: str, kind: CredentialKind, subject: str, secret: str
-) -> bool | None:
-    """Whether `secret` is the subject's; None when the subject has no credential."""
-    cur = await conn.execute(FIND_CREDENTIAL, (platform, kind.value, subject))
-    row = await cur.fetchone()
-    if row is None:
-        return None
-    return hmac.compare_digest(bytes(row[0]), digest(secret))
 
 
 async def audit(

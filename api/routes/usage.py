@@ -58,20 +58,7 @@ def _range(start: date | None, end: date | None) -> tuple[date, date]:
 
 
 def _out(day: usage.UsageDay) -> UsageDayOut:
-    return UsageDayOut(
-        platform=day.platform,
-        day=day.day,
-        messages=day.messages,
-        bytes=day.bytes,
-        points=day.points,
-        duplicate_points=day.duplicate_points,
-        refused_messages=day.refused_messages,
-        connected_device_days=day.connected_device_days,
-        sampled_seconds=day.sampled_seconds,
-        soft_quota=day.soft_quota,
-        hard_quota=day.hard_quota,
-        over_soft_quota=day.over_soft_quota,
-    )
+    return UsageDayOut(**asdict(day), over_soft_quota=day.over_soft_quota)
 
 
 def _csv(days: list[usage.UsageDay], filename: str) -> Response:
