@@ -1,0 +1,115 @@
+"""Runs an ingest consumer until a backlog is stored: shared by the drain benchmarks."""
+
+import asyncio
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from ingest.stats import IngestStats
+from registry.settings import StoreSettings
+from registry.store import connect
+
+
+class Consumer(Protocol):
+    stats: IngestStats
+
+    async def run(self) -> None: ...
+    def stop(self) -> None: ...
+
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _process_cpu(pid: str) -> float:
+    """CPU seconds (user + system) a process has used so far; 0 if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def _cpu_by_program() -> dict[str, float]:
+    """CPU seconds used so far by every process, summed by program name, plus the machine's
+    busy seconds (all cores) under "machine"."""
+    used: dict[str, float] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                name = (entry / "comm").read_text().strip()
+            except OSError:
+                continue
+            used[name] = used.get(name, 0.0) + _process_cpu(entry.name)
+    # librdkafka's threads (the Kafka mock cluster runs inside the benchmark's process).
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            if (task / "comm").read_text().startswith("rdk:"):
+                used["rdkafka"] = used.get("rdkafka", 0.0) + _process_cpu(f"self/task/{task.name}")
+        except OSError:
+            continue
+    cpu = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    idle = int(cpu[3]) + int(cpu[4])
+    used["machine"] = (sum(int(v) for v in cpu[:8]) - idle) / _TICKS
+    return used
+
+
+@dataclass
+class CpuSplit:
+    """Where the machine's CPU went while a drain ran (every process on the machine counts:
+    the machine is shared, so other tenants show up under "machine" too)."""
+
+    seconds: float
+    machine: float
+    postgres: float
+    broker: float
+
+    def per_million(self, points: int) -> dict[str, float]:
+        scale = 1e6 / points
+        return {
+            "machine_cores_busy": round(self.machine / self.seconds, 2),
+            "postgres_cpu_s_per_million_points": round(self.postgres * scale, 2),
+            "broker_cpu_s_per_million_points": round(self.broker * scale, 2),
+        }
+
+
+def cpu_since(before: dict[str, float], seconds: float, *, broker: str) -> CpuSplit:
+    after = _cpu_by_program()
+    return CpuSplit(
+        seconds,
+        after["machine"] - before["machine"],
+        after.get("postgres", 0.0) - before.get("postgres", 0.0),
+        after.get(broker, 0.0) - before.get(broker, 0.0),
+    )
+
+
+async def until_stored(
+    consumer: Consumer, settings: StoreSettings, expected: int, *, broker: str
+) -> tuple[float, float, CpuSplit]:
+    """Runs `consumer` until `expected` points are committed; returns the seconds, this
+    process's CPU seconds and the machine's CPU split (`broker`: the broker's program name).
+
+    Progress comes from the consumer's own count of committed points: polling
+    `count(*)` of the growing table instead cost PostgreSQL up to 150 ms a time, on the same
+    two cores as the consumer. The table is counted once at the end.
+    """
+    machine = _cpu_by_program()
+    started, cpu = time.perf_counter(), time.process_time()
+    task = asyncio.create_task(consumer.run())
+    stats = consumer.stats
+    while stats.points_written + stats.duplicates_skipped < expected:
+        if task.done():
+            task.result()
+            raise RuntimeError("the consumer stopped before the backlog was stored")
+        await asyncio.sleep(0.05)
+    elapsed, used = time.perf_counter() - started, time.process_time() - cpu
+    split = cpu_since(machine, elapsed, broker=broker)
+    consumer.stop()
+    await task
+    async with await connect(settings, autocommit=True) as conn:
+        row = await (await conn.execute("SELECT count(*) FROM telemetry")).fetchone()
+    stored = row[0] if row else 0
+    if stored != expected:
+        raise RuntimeError(f"{stored:,} points stored, {expected:,} expected")
+    return elapsed, used, split
