@@ -28,16 +28,16 @@ from paho.mqtt.properties import Properties
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from ingest.batching import END, EndOfStream, Received, collect
+from ingest.batching import END, EndOfStream, Received, prepare_ahead
 from ingest.decoding import MessageDecoder
 from ingest.errors import Retryable
-from ingest.paho_speedups import share_property_tables
+from ingest.paho_speedups import read_in_bulk, share_property_tables
 from ingest.settings import IngestSettings
 from ingest.sparkplug import NAMESPACE, state_payload, state_topic
 from ingest.sparkplug_host import SparkplugHost
 from ingest.stats import IngestStats
 from ingest.topics import TopicScheme
-from ingest.writer import Refusals, TelemetryWriter
+from ingest.writer import PreparedBatch, Refusals, TelemetryWriter
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ MqttAck = tuple[int, int]
 """(packet id, QoS) of a received message; QoS 0 needs no acknowledgement."""
 
 _RETRY_FIRST, _RETRY_MAX = 0.5, 10.0
+_YIELD_EVERY = 50  # messages the receiver decodes before it lets other tasks run
 
 
 class MqttIngest:
@@ -60,7 +61,12 @@ class MqttIngest:
         share_property_tables()
         self._settings = settings
         self.stats = stats or IngestStats()
-        self._writer = TelemetryWriter(pool, stats=self.stats, counter_shard=settings.shard)
+        self._writer = TelemetryWriter(
+            pool,
+            stats=self.stats,
+            counter_shard=settings.shard,
+            renew_seconds=settings.activity_renew_seconds,
+        )
         self._topics = TopicScheme(settings.mqtt_topic_root)
         self._decode = MessageDecoder(self._topics, settings)
         groups = settings.sparkplug_platforms()
@@ -225,6 +231,7 @@ class MqttIngest:
         # Must happen before connecting: the backlog delivered at connect would otherwise be
         # acknowledged automatically (docs/adr/0002).
         _paho(client).manual_ack_set(True)
+        read_in_bulk(_paho(client))
         return client
 
     async def _receive(
@@ -235,6 +242,7 @@ class MqttIngest:
         # aiomqtt's iterator creates a task per message; take what is already queued directly.
         # (Its queue is private: see docs/adr/0002.)
         backlog: asyncio.Queue[aiomqtt.Message] = client._queue
+        taken = 0
         async for first in client.messages:
             message = first
             while True:
@@ -252,6 +260,11 @@ class MqttIngest:
                 ack = (message.mid, message.qos)
                 await queue.put(Received("mqtt", topic, payload, received_at, outcome, ack))
                 self.stats.messages += 1
+                taken += 1
+                if taken % _YIELD_EVERY == 0:
+                    # Let the writer go on as soon as the store answers a statement: decoding
+                    # a backlog in one go would leave PostgreSQL idle meanwhile.
+                    await asyncio.sleep(0)
                 try:
                     message = backlog.get_nowait()
                 except asyncio.QueueEmpty:
@@ -262,23 +275,29 @@ class MqttIngest:
     ) -> None:
         s = self._settings
         paho = _paho(client)
-        ended = False
-        while not ended:
-            batch, ended = await collect(
-                queue, max_points=s.batch_max_points, max_delay=s.batch_max_delay_seconds
+        ready: asyncio.Queue[PreparedBatch | EndOfStream] = asyncio.Queue(1)
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(
+                prepare_ahead(
+                    queue,
+                    ready,
+                    self._writer,
+                    max_points=s.batch_max_points,
+                    max_delay=s.batch_max_delay_seconds,
+                )
             )
-            if not batch:
-                continue
-            await self._write_until_committed(batch)
-            for message in batch:
-                mid, qos = message.ack
-                if qos > 0 and paho.ack(mid, qos) != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                    # Connection gone: the broker redelivers in the next session; the writer
-                    # stores the redelivered points once.
-                    raise aiomqtt.MqttError("acknowledgement failed: not connected")
+            while not isinstance(prepared := await ready.get(), EndOfStream):
+                await self._commit_until_done(prepared)
+                for message in prepared.collected:
+                    mid, qos = message.ack
+                    if qos > 0 and paho.ack(mid, qos) != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                        # Connection gone: the broker redelivers in the next session; the
+                        # writer stores the redelivered points once.
+                        raise aiomqtt.MqttError("acknowledgement failed: not connected")
 
-    async def _write_until_committed(self, batch: list[Received[MqttAck]]) -> None:
+    async def _commit_until_done(self, prepared: PreparedBatch) -> None:
         delay = _RETRY_FIRST
+        batch = prepared.batch
         keep_births = SparkplugHost.keep_births if self.sparkplug is not None else None
 
         async def in_transaction(conn: AsyncConnection[Any], _: Refusals) -> None:
@@ -287,7 +306,7 @@ class MqttIngest:
 
         while True:
             try:
-                await self._writer.write(batch, in_transaction=in_transaction)
+                await self._writer.commit(prepared, in_transaction=in_transaction)
             except Retryable as exc:
                 log.warning(
                     "batch of %d messages not written (%s); retrying in %.1fs",

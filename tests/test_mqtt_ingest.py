@@ -100,6 +100,34 @@ async def test_bad_messages_are_dead_lettered_while_the_stream_goes_on(
     assert ingest.stats.rejected[("no-such-platform", "unknown_platform")] == 1
 
 
+async def test_large_and_small_messages_read_in_bulk_arrive_whole(
+    ingest_settings: IngestSettings,
+    pool: AsyncConnectionPool,
+    db: psycopg.AsyncConnection[Any],
+    platform: str,
+    mqtt_url: str,
+) -> None:
+    """ingest reads the socket 64 KiB at a time (ingest/paho_speedups.py): a message of 7 MiB
+    spans more reads than paho makes for one packet in one go, and the small messages after it
+    wait in the read buffer, not on the socket."""
+    topics = TopicScheme(ingest_settings.mqtt_topic_root)
+    huge = payload({"metrics": {"v": 1}, "pad": "x" * (7 * 1024 * 1024)})
+    async with running(MqttIngest(ingest_settings, pool)):
+        pass  # creates the persistent session: what follows is queued, then sent in bursts
+    async with publisher(mqtt_url) as client:
+        for n in range(3):
+            await client.publish(topics.telemetry(platform, f"big{n}"), huge, qos=1)
+            for k in range(200):
+                body = payload({"metrics": {"v": k}})
+                await client.publish(topics.telemetry(platform, f"d{n}-{k}"), body, qos=1)
+    async with running(MqttIngest(ingest_settings, pool)):
+        await eventually(lambda: scalar(db, "SELECT count(*) = 600 FROM telemetry"))
+        await eventually(lambda: scalar(db, "SELECT count(*) = 3 FROM dead_letters"))
+    cur = await db.execute("SELECT reason, length(payload) FROM dead_letters")
+    assert await cur.fetchall() == [("payload_too_large", len(huge))] * 3
+    assert await scalar(db, "SELECT sum(value) FROM telemetry") == 3 * sum(range(200))
+
+
 async def test_messages_are_acknowledged_only_after_their_batch_commits(
     ingest_settings: IngestSettings,
     pool: AsyncConnectionPool,
