@@ -40,7 +40,12 @@ def ingest_services(
     services: list[Service] = [
         ingest,
         RegistryWatcher(settings, ingest.registry_changed),
-        Sweeper(pool, counter_shard=shard, interval=settings.sweep_interval_seconds),
+        Sweeper(
+            pool,
+            counter_shard=shard,
+            interval=settings.sweep_interval_seconds,
+            grace=timedelta(seconds=settings.activity_renew_seconds),
+        ),
         HistorySampler(pool, interval=timedelta(seconds=settings.history_interval_seconds)),
         Reconciler(settings, shard=shard, interval=settings.reconcile_interval_seconds),
     ]

@@ -128,7 +128,12 @@ class KafkaIngest:
         self._settings = settings
         self._pool = pool
         self.stats = stats or IngestStats()
-        self._writer = TelemetryWriter(pool, stats=self.stats, counter_shard=settings.kafka_shard)
+        self._writer = TelemetryWriter(
+            pool,
+            stats=self.stats,
+            counter_shard=settings.kafka_shard,
+            renew_seconds=settings.activity_renew_seconds,
+        )
         self._topics = TopicScheme(settings.mqtt_topic_root)
         self._decode = MessageDecoder(self._topics, settings)
         groups = settings.sparkplug_platforms()

@@ -109,6 +109,15 @@ class IngestSettings(Limits, TopicSettings):
     # use distinct shards. Unset: derived from the client id.
     counter_shard: int | None = Field(default=None, ge=0, le=63)
     sweep_interval_seconds: float = Field(default=1.0, gt=0)
+    activity_renew_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        le=60,
+        description="Live data renews a device's activity session in the store at most once per "
+        "this many seconds (each renewal rewrites the device's row); the sweeper waits as long "
+        "past a stored expiry, so an activity session ends between the liveness window and the "
+        "window plus this after the device's last data. 0 renews with every batch.",
+    )
     history_interval_seconds: int = Field(default=60, ge=1, le=3600)
     reconcile_interval_seconds: float = Field(default=300.0, gt=0)
 

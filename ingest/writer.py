@@ -16,6 +16,8 @@ stored. Store unavailability raises Retryable with nothing committed.
 """
 
 import logging
+import math
+import struct
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -88,6 +90,17 @@ DEAD_LETTER_TYPES = (
 )
 
 Row = tuple[datetime, int, int, float]
+"""(time, device id, metric id, value): a row of `telemetry`."""
+
+# Binary COPY (PostgreSQL's "COPY ... FORMAT BINARY" file layout), packed here rather than by
+# psycopg's row writer: one struct call per point instead of a row tuple and four dumpers.
+_COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\0" + bytes(8)  # signature, flags, header extension
+_COPY_TRAILER = b"\xff\xff"
+# Field count, then (length, value) for time (µs since 2000), device_id, metric_id, value.
+_PACK_ROW = struct.Struct("!hiqiqiiid").pack
+_PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+_RENEWALS_KEPT = 2_000_000
+_MICROSECOND = timedelta(microseconds=1)
 Refusals = list[tuple[Received[Any], Rejected]]
 InTransaction = Callable[[AsyncConnection[Any], Refusals], Awaitable[None]]
 """Statements a caller runs in the batch's transaction (for example, storing Kafka offsets),
@@ -132,6 +145,39 @@ class _Resolved:
     meter: BatchMeter = field(default_factory=BatchMeter)
 
 
+@dataclass(slots=True)
+class PreparedBatch:
+    """A batch resolved and encoded by `TelemetryWriter.prepare`, ready to commit."""
+
+    batch: Sequence[Received[Any]]
+    name: str  # the batch's id in the logs
+    started: float
+    report: WriteReport = field(default_factory=WriteReport)
+    # None: not resolved yet (the store was unavailable); commit resolves it.
+    resolved: _Resolved | None = None
+    # A refusal of the store while resolving: commit isolates the message it refuses.
+    failure: psycopg.Error | None = None
+    points: bytes = b""  # the points as binary COPY data
+    rows: int = 0
+    days: tuple[date, date] | None = None  # first and last UTC day of the points
+    gateways: set[int] = field(default_factory=set)  # gateways that sent data
+    live_devices: set[int] = field(default_factory=set)  # devices that sent live data
+    via: dict[int, int] = field(default_factory=dict)  # device -> the gateway it came through
+    # What the consumer collected (batch may be a part of it): what it acknowledges.
+    collected: Sequence[Received[Any]] = ()
+
+
+def encode_rows(rows: Sequence[Row]) -> bytes:
+    """Rows as binary COPY data (the benchmarks' baseline encodes its rows with this)."""
+    parts = [_COPY_SIGNATURE]
+    parts += [
+        _PACK_ROW(4, 8, (ts - _PG_EPOCH) // _MICROSECOND, 8, device, 4, metric, 8, value)
+        for ts, device, metric, value in rows
+    ]
+    parts.append(_COPY_TRAILER)
+    return b"".join(parts)
+
+
 class TelemetryWriter:
     def __init__(
         self,
@@ -140,6 +186,7 @@ class TelemetryWriter:
         stats: IngestStats,
         counter_shard: int = 0,
         directory: DeviceDirectory | None = None,
+        renew_seconds: float = 0.0,
     ) -> None:
         self._pool = pool
         self._stats = stats
@@ -150,6 +197,10 @@ class TelemetryWriter:
         self._quotas = QuotaGuard()
         self._id = uuid.uuid4().hex[:8]  # names this writer's batches in the logs
         self._batches = 0
+        # Devices' activity renewals are written at most once per renew_seconds: when each
+        # device's expiry was last renewed by this writer (the sweeper allows for the lag).
+        self._renew = renew_seconds
+        self._renewed: dict[int, float] = {}
 
     async def write(
         self,
@@ -163,19 +214,54 @@ class TelemetryWriter:
         `dead_letter=False` leaves refused messages out of the dead-letter table (a replay of
         dead letters records the outcome on the original rows instead).
         """
-        started = time.perf_counter()
+        prepared = await self.prepare(batch)
+        return await self.commit(prepared, in_transaction=in_transaction, dead_letter=dead_letter)
+
+    async def prepare(self, batch: Sequence[Received[Any]]) -> PreparedBatch:
+        """The first half of `write`, which a consumer runs for the next batch while the
+        previous one commits: resolves platforms, gateways, devices (registering new ones) and
+        metric names, and encodes the points for COPY. Never raises for the store: a batch
+        that could not be prepared is prepared again by `commit`."""
         self._batches += 1
-        try:
-            # Every line logged while writing the batch carries its id.
-            with structlog.contextvars.bound_contextvars(batch=f"{self._id}-{self._batches}"):
+        prepared = PreparedBatch(batch, f"{self._id}-{self._batches}", time.perf_counter())
+        with structlog.contextvars.bound_contextvars(batch=prepared.name):
+            try:
                 async with self._pool.connection() as conn:
-                    report = await self._write(conn, batch, in_transaction, dead_letter)
+                    resolved = await self._resolve(conn, batch, prepared.report)
+            except psycopg.OperationalError:
+                return prepared  # the commit tries again, and reports the store's state
+            except psycopg.Error as exc:
+                prepared.failure = exc
+                return prepared
+        prepared.resolved = resolved
+        _encode(prepared, resolved)
+        return prepared
+
+    async def commit(
+        self,
+        prepared: PreparedBatch,
+        *,
+        in_transaction: InTransaction | None = None,
+        dead_letter: bool = True,
+    ) -> WriteReport:
+        """Writes a prepared batch in one transaction (see `write`); may be called again with
+        the same batch after it raised Retryable."""
+        batch = prepared.batch
+        if prepared.failure is not None:
+            return await self._isolate(batch, in_transaction, dead_letter, prepared.failure)
+        try:
+            with structlog.contextvars.bound_contextvars(batch=prepared.name):
+                async with self._pool.connection() as conn:
+                    if prepared.resolved is None:
+                        prepared.resolved = await self._resolve(conn, batch, prepared.report)
+                        _encode(prepared, prepared.resolved)
+                    report = await self._commit(conn, prepared, in_transaction, dead_letter)
         except psycopg.OperationalError as exc:
             raise Retryable(f"store unavailable: {exc}") from exc
         except psycopg.Error as exc:
             return await self._isolate(batch, in_transaction, dead_letter, exc)
         self._count(report)
-        self._stats.write_seconds.observe(time.perf_counter() - started)
+        self._stats.write_seconds.observe(time.perf_counter() - prepared.started)
         if batch:
             oldest = min(m.received_at for m in batch)
             self._stats.delay_seconds.observe((datetime.now(UTC) - oldest).total_seconds())
@@ -224,47 +310,31 @@ class TelemetryWriter:
         )
         return first.add(second)
 
-    async def _write(
+    async def _commit(
         self,
         conn: AsyncConnection[Any],
-        batch: Sequence[Received[Any]],
+        prepared: PreparedBatch,
         in_transaction: InTransaction | None,
         dead_letter: bool,
     ) -> WriteReport:
-        report = WriteReport()
-        resolved = await self._resolve(conn, batch, report)
-        accepted, rejected, metric_ids = resolved.telemetry, resolved.rejected, resolved.metric_ids
-        rows: list[Row] = []
-        meter = _meter_refusals(resolved)
-        live_devices: set[int] = set()
-        gateways: set[int] = set()
-        via: dict[int, int] = {}
-        if accepted:
-            first = min(a.telemetry.first for a in accepted)
-            last = max(a.telemetry.last for a in accepted)
-            await self._ensure_partitions(conn, _utc_day(first), _utc_day(last))
-            for a in accepted:
-                device = a.device
-                rows += [(ts, device, metric_ids[name], v) for ts, name, v in a.telemetry.points]
-                meter.points(a.key, device, len(a.telemetry.points))
-                if a.gateway is not None:
-                    # A gateway that sends anything, even back-filled data, is alive now.
-                    gateways.add(a.gateway)
-                    via[a.device] = a.gateway
-                if not a.telemetry.historical:
-                    live_devices.add(a.device)
+        batch, resolved, report = prepared.batch, prepared.resolved, prepared.report
+        assert resolved is not None  # prepared, or resolved again by commit
+        rejected = resolved.rejected
+        if prepared.days is not None:
+            await self._ensure_partitions(conn, *prepared.days)
         seen = max((m.received_at for m in batch), default=datetime.now(UTC))
-        moved = self.directory.moved(via)
+        moved = self.directory.moved(prepared.via)
         counters = Counters(self._shard)
+        gateways, live_devices = prepared.gateways, self._due(prepared.live_devices, seen)
         async with conn.transaction():
             new_by_device = None
-            if rows:
-                new_by_device = await self._copy_points(conn, rows)
+            if prepared.rows:
+                new_by_device = await self._copy_points(conn, prepared.points)
                 report.points_written = (
-                    len(rows) if new_by_device is None else sum(new_by_device.values())
+                    prepared.rows if new_by_device is None else sum(new_by_device.values())
                 )
-                report.duplicates_skipped = len(rows) - report.points_written
-            await record_usage(conn, meter.usage(new_by_device), shard=self._shard)
+                report.duplicates_skipped = prepared.rows - report.points_written
+            await record_usage(conn, resolved.meter.usage(new_by_device), shard=self._shard)
             # State last: the gateway locks it takes are held only until the commit.
             await lock_gateways(
                 conn,
@@ -290,6 +360,7 @@ class TelemetryWriter:
                 await in_transaction(conn, rejected)
             await counters.flush(conn)
         self.directory.remember_via(moved)
+        self._renewed_at(live_devices, seen)
         report.dead_letters = len(rejected)
         for message, reason in rejected:
             self._stats.rejected[(reason.platform, reason.reason)] += 1
@@ -383,27 +454,41 @@ class TelemetryWriter:
         self._partition_days |= days
 
     async def _copy_points(
-        self, conn: AsyncConnection[Any], rows: list[Row]
+        self, conn: AsyncConnection[Any], points: bytes
     ) -> dict[int, int] | None:
-        """COPYs the rows; returns None when all were new, else how many points each device
-        newly stored (the rest were already stored)."""
+        """COPYs the encoded points; returns None when all were new, else how many points each
+        device newly stored (the rest were already stored)."""
         try:
             async with conn.transaction(), conn.cursor() as cur, cur.copy(COPY_TELEMETRY) as copy:
-                copy.set_types(TELEMETRY_TYPES)
-                for row in rows:
-                    await copy.write_row(row)
+                await copy.write(points)
         except UniqueViolation:
-            log.info("batch of %d points holds duplicates: writing through staging", len(rows))
+            log.info("batch holds points stored already: writing through staging")
         else:
             return None
         async with conn.cursor() as cur:
             await cur.execute(CREATE_STAGING)
             async with cur.copy(COPY_STAGING) as copy:
-                copy.set_types(TELEMETRY_TYPES)
-                for row in rows:
-                    await copy.write_row(row)
+                await copy.write(points)
             await cur.execute(MERGE_STAGING)
             return {device: int(count) for device, count in await cur.fetchall()}
+
+    def _due(self, devices: set[int], seen: datetime) -> set[int]:
+        """The devices whose activity renewal is due (all of them when renewals are not
+        coalesced). A device renewed less than renew_seconds ago is online in the store: the
+        sweeper ends no session before its stored expiry is renew_seconds old."""
+        if self._renew <= 0 or not devices:
+            return devices
+        cutoff = seen.timestamp() - self._renew
+        renewed = self._renewed
+        return {d for d in devices if renewed.get(d, -math.inf) <= cutoff}
+
+    def _renewed_at(self, devices: set[int], seen: datetime) -> None:
+        if self._renew <= 0 or not devices:
+            return
+        if len(self._renewed) > _RENEWALS_KEPT:
+            self._renewed.clear()  # bounded memory: those devices renew again once
+        at = seen.timestamp()
+        self._renewed.update(dict.fromkeys(devices, at))
 
     def _count(self, report: WriteReport) -> None:
         stats = self._stats
@@ -442,13 +527,41 @@ def _sort_items(
         )
 
 
-def _meter_refusals(resolved: _Resolved) -> BatchMeter:
-    """The batch's meter, with its refused messages of platforms that exist added."""
+def _encode(prepared: PreparedBatch, resolved: _Resolved) -> None:
+    """Encodes the accepted points for COPY and meters them; notes the gateways and devices
+    they came from, and meters the refused messages of platforms that exist."""
+    metric_ids, meter = resolved.metric_ids, resolved.meter
+    parts = [_COPY_SIGNATURE]
+    pack, epoch, microsecond = _PACK_ROW, _PG_EPOCH, _MICROSECOND
+    first: datetime | None = None
+    last: datetime | None = None
+    for accepted in resolved.telemetry:
+        device, telemetry = accepted.device, accepted.telemetry
+        # The points of one reading share their time: convert it once.
+        stamp: datetime | None = None
+        micros = 0
+        for ts, name, value in telemetry.points:
+            if ts is not stamp:
+                stamp, micros = ts, (ts - epoch) // microsecond
+            parts.append(pack(4, 8, micros, 8, device, 4, metric_ids[name], 8, value))
+        meter.points(accepted.key, device, len(telemetry.points))
+        first = telemetry.first if first is None else min(first, telemetry.first)
+        last = telemetry.last if last is None else max(last, telemetry.last)
+        if accepted.gateway is not None:
+            # A gateway that sends anything, even back-filled data, is alive now.
+            prepared.gateways.add(accepted.gateway)
+            prepared.via[device] = accepted.gateway
+        if not telemetry.historical:
+            prepared.live_devices.add(device)
+    parts.append(_COPY_TRAILER)
+    prepared.rows = len(parts) - 2
+    if prepared.rows:
+        prepared.points = b"".join(parts)
+    if first is not None and last is not None:
+        prepared.days = (_utc_day(first), _utc_day(last))
     for message, reason in resolved.rejected:
         if reason.platform in resolved.platforms:
-            key = meter_key(reason.platform, message.received_at, message.source)
-            resolved.meter.refused(key)
-    return resolved.meter
+            meter.refused(meter_key(reason.platform, message.received_at, message.source))
 
 
 def _has_points(items: Decoded) -> bool:

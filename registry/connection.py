@@ -17,7 +17,7 @@ device's change reads its gateway's state under that lock, so the counters canno
 """
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Final
 
 from psycopg import AsyncConnection
@@ -214,8 +214,18 @@ async def record_activity(
             counters.add(platform, connected=connected, ever=ever)
 
 
-async def sweep(conn: AsyncConnection[Any], counters: Counters, now: datetime, limit: int) -> int:
-    """Turns expired activity sessions offline; returns how many rows changed."""
+async def sweep(
+    conn: AsyncConnection[Any],
+    counters: Counters,
+    now: datetime,
+    limit: int,
+    *,
+    device_grace: timedelta = timedelta(0),
+) -> int:
+    """Turns expired activity sessions offline; returns how many rows changed.
+
+    `device_grace`: devices' stored expiries may lag their last data by this much (ingest
+    renews them at most that often), so a device's session ends that long after it."""
     args = {"now": now, "limit": limit}
     cur = await conn.execute(EXPIRED_GATEWAYS, args)
     expired = [row[0] for row in await cur.fetchall()]
@@ -228,6 +238,7 @@ async def sweep(conn: AsyncConnection[Any], counters: Counters, now: datetime, l
             await _gateways_flipped(
                 conn, counters, [(gateway, platform, "offline")], at, cause="liveness expired"
             )
+    args = {"now": now - device_grace, "limit": limit}
     cur = await conn.execute(EXPIRED_DEVICES, args)
     candidates = await cur.fetchall()
     if candidates:
@@ -235,7 +246,8 @@ async def sweep(conn: AsyncConnection[Any], counters: Counters, now: datetime, l
         gateways = sorted({g for _, g in candidates if g is not None})
         if gateways:
             await conn.execute(LOCK_GATEWAYS_SHARED, (gateways,))
-        cur = await conn.execute(EXPIRE_DEVICES, {"ids": [d for d, _ in candidates], "now": now})
+        ids = [d for d, _ in candidates]
+        cur = await conn.execute(EXPIRE_DEVICES, {"ids": ids, "now": now - device_grace})
         for platform, connected, total in await cur.fetchall():
             counters.add(platform, connected=-connected)
             changed += total

@@ -1,14 +1,15 @@
 """The sweeper: ends activity sessions whose liveness window has passed.
 
-Offline detection is late by at most one interval (default 1 s), and the state change is
-stamped with the exact expiry time. Several sweepers (one per ingest process) share the work:
-each takes rows the others have not locked.
+Offline detection is late by at most one interval (default 1 s) plus the grace that ingest's
+coalesced renewals need (`activity_renew_seconds`, default 5 s), and the state change is stamped
+with the stored expiry time (the last renewal's, early by less than that grace). Several
+sweepers (one per ingest process) share the work: each takes rows the others have not locked.
 """
 
 import asyncio
 import contextlib
 import logging
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
@@ -26,11 +27,15 @@ class Sweeper:
         counter_shard: int,
         interval: float = 1.0,
         batch_limit: int = 10_000,
+        grace: timedelta = timedelta(0),
     ) -> None:
         self._pool = pool
         self._shard = counter_shard
         self._interval = interval
         self._limit = batch_limit
+        # Ingest renews a device's stored expiry at most this often (activity_renew_seconds):
+        # a session ends only once its stored expiry is this far in the past.
+        self._grace = grace
         self._stopping = asyncio.Event()
         self.expired = 0
 
@@ -52,7 +57,9 @@ class Sweeper:
         """One pass at `now` (the current time unless given); returns the rows it turned offline."""
         counters = Counters(self._shard)
         async with self._pool.connection() as conn, conn.transaction():
-            changed = await sweep(conn, counters, now or datetime.now(UTC), self._limit)
+            changed = await sweep(
+                conn, counters, now or datetime.now(UTC), self._limit, device_grace=self._grace
+            )
             await counters.flush(conn)
         self.expired += changed
         return changed

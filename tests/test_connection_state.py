@@ -147,6 +147,35 @@ async def test_liveness_expiry_is_stamped_with_the_expiry_time(
     ]
 
 
+async def test_coalesced_renewals_never_end_a_session_before_its_window(
+    db: psycopg.AsyncConnection[Any], platform: str, pool: AsyncConnectionPool
+) -> None:
+    """Ingest renews a device's stored expiry at most every 5 s; the sweeper allows for it."""
+    feed = Feed(pool, platform)
+    feed.writer = TelemetryWriter(pool, stats=IngestStats(), counter_shard=3, renew_seconds=5)
+    sweeper = Sweeper(pool, counter_shard=7, grace=timedelta(seconds=5))
+    sent = datetime.now(UTC).replace(microsecond=0)
+
+    async def last_seen() -> datetime:
+        return await scalar(db, "SELECT last_seen FROM devices WHERE device_id = 'd'")
+
+    await feed.send(feed.data("d"), at=sent)
+    await feed.send(feed.data("d"), at=sent + timedelta(seconds=3))
+    assert await last_seen() == sent  # the second renewal was not written
+    # The stored expiry (sent + 300 s) has passed, the window of the last data (303 s) has not.
+    assert await sweeper.sweep_once(sent + timedelta(seconds=302)) == 0
+    await feed.send(feed.data("d"), at=sent + timedelta(seconds=6))
+    assert await last_seen() == sent + timedelta(seconds=6)
+    assert await sweeper.sweep_once(sent + timedelta(seconds=310)) == 0
+    assert await sweeper.sweep_once(sent + timedelta(seconds=312)) == 1
+    assert await connected(db, platform) == 0
+    cur = await db.execute(
+        "SELECT state, time FROM connection_events WHERE subject = 'device' ORDER BY id"
+    )
+    assert await cur.fetchall() == [("online", sent), ("offline", sent + timedelta(seconds=306))]
+    assert await find_drift(db) == []
+
+
 async def test_a_gateway_death_makes_its_devices_unreachable_in_one_step(
     feed: Feed, db: psycopg.AsyncConnection[Any], platform: str
 ) -> None:
