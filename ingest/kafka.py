@@ -34,14 +34,14 @@ from aiokafka.errors import KafkaError
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from ingest.batching import END, EndOfStream, Origin, Received, collect
+from ingest.batching import END, EndOfStream, Origin, Received, prepare_ahead
 from ingest.decoding import Decoded, MessageDecoder
 from ingest.errors import Rejected, Retryable
 from ingest.settings import IngestSettings
 from ingest.sparkplug_host import SparkplugHost
 from ingest.stats import IngestStats
 from ingest.topics import TopicScheme
-from ingest.writer import Refusals, TelemetryWriter
+from ingest.writer import PreparedBatch, Refusals, TelemetryWriter
 
 log = logging.getLogger(__name__)
 
@@ -357,29 +357,43 @@ class KafkaIngest:
         self, consumer: AIOKafkaConsumer, queue: "asyncio.Queue[Received[KafkaAck] | EndOfStream]"
     ) -> None:
         s = self._settings
-        ended = False
-        while not ended:
-            batch, ended = await collect(
-                queue, max_points=s.batch_max_points, max_delay=s.batch_max_delay_seconds
+        ready: asyncio.Queue[PreparedBatch | EndOfStream] = asyncio.Queue(1)
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(
+                prepare_ahead(
+                    queue,
+                    ready,
+                    self._writer,
+                    max_points=s.batch_max_points,
+                    max_delay=s.batch_max_delay_seconds,
+                    keep=self._current,
+                )
             )
-            if not batch:
-                continue
-            # Records fetched before their partition changed hands are left to the new epoch.
-            current = [m for m in batch if self._epochs.get(m.ack.partition) == m.ack.epoch]
-            if current:
-                advanced = await self._write_until_committed(consumer, current)
-                self._stored.update((tp, n) for tp, n in advanced.items() if tp in self._epochs)
-                with contextlib.suppress(KafkaError):
-                    # Only for lag tools; the database holds the truth.
-                    await consumer.commit({tp: offset for tp, offset in advanced.items()})
-            self._queued -= len(batch)
-            if self._queued == 0:
-                self._idle.set()
+            while not isinstance(prepared := await ready.get(), EndOfStream):
+                current = self._current(prepared.collected)
+                if len(current) != len(prepared.batch):
+                    # A rebalance while the batch was prepared: write what is still ours.
+                    prepared = await self._writer.prepare(current)
+                if current:
+                    advanced = await self._write_until_committed(consumer, prepared)
+                    self._stored.update((tp, n) for tp, n in advanced.items() if tp in self._epochs)
+                    with contextlib.suppress(KafkaError):
+                        # Only for lag tools; the database holds the truth.
+                        await consumer.commit({tp: offset for tp, offset in advanced.items()})
+                self._queued -= len(prepared.collected)
+                if self._queued == 0:
+                    self._idle.set()
+
+    def _current(self, batch: Sequence[Received[KafkaAck]]) -> list[Received[KafkaAck]]:
+        """The records of partitions still owned in the epoch they were fetched in (records
+        fetched before their partition changed hands are left to the new epoch)."""
+        return [m for m in batch if self._epochs.get(m.ack.partition) == m.ack.epoch]
 
     async def _write_until_committed(
-        self, consumer: AIOKafkaConsumer, batch: list[Received[KafkaAck]]
+        self, consumer: AIOKafkaConsumer, prepared: PreparedBatch
     ) -> dict[TopicPartition, int]:
         """Writes the batch and its offsets in one transaction; returns the new offsets."""
+        batch: Sequence[Received[KafkaAck]] = prepared.batch
         advanced: dict[TopicPartition, int] = {}
         for message in batch:
             tp = message.ack.partition
@@ -398,7 +412,7 @@ class KafkaIngest:
         delay = _RETRY_FIRST
         while True:
             try:
-                await self._writer.write(batch, in_transaction=store_offsets)
+                await self._writer.commit(prepared, in_transaction=store_offsets)
             except Retryable as exc:
                 log.warning(
                     "batch of %d records not written (%s); retrying in %.1fs",
