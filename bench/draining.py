@@ -12,6 +12,14 @@ from registry.settings import StoreSettings
 from registry.store import connect
 
 
+@dataclass
+class Drain:
+    seconds: float  # from the start (or `clock_from`) until every point was committed
+    cpu: float  # this process's CPU seconds meanwhile
+    split: "CpuSplit"
+    waited: float  # seconds before the clock started (`clock_from`)
+
+
 class Consumer(Protocol):
     stats: IngestStats
 
@@ -31,10 +39,12 @@ def _process_cpu(pid: str) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
-def _cpu_by_program() -> dict[str, float]:
+def _cpu_by_program(broker: str) -> dict[str, float]:
     """CPU seconds used so far by every process, summed by program name, plus the machine's
-    busy seconds (all cores) under "machine"."""
+    busy seconds (all cores) under "machine" and, for `pid:N`, that process's."""
     used: dict[str, float] = {}
+    if broker.startswith("pid:"):
+        used[broker] = _process_cpu(broker.removeprefix("pid:"))
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
@@ -42,13 +52,6 @@ def _cpu_by_program() -> dict[str, float]:
             except OSError:
                 continue
             used[name] = used.get(name, 0.0) + _process_cpu(entry.name)
-    # librdkafka's threads (the Kafka mock cluster runs inside the benchmark's process).
-    for task in Path("/proc/self/task").iterdir():
-        try:
-            if (task / "comm").read_text().startswith("rdk:"):
-                used["rdkafka"] = used.get("rdkafka", 0.0) + _process_cpu(f"self/task/{task.name}")
-        except OSError:
-            continue
     cpu = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
     idle = int(cpu[3]) + int(cpu[4])
     used["machine"] = (sum(int(v) for v in cpu[:8]) - idle) / _TICKS
@@ -75,7 +78,8 @@ class CpuSplit:
 
 
 def cpu_since(before: dict[str, float], seconds: float, *, broker: str) -> CpuSplit:
-    after = _cpu_by_program()
+    """`broker`: its program name, or `pid:N` for one process."""
+    after = _cpu_by_program(broker)
     return CpuSplit(
         seconds,
         after["machine"] - before["machine"],
@@ -85,18 +89,28 @@ def cpu_since(before: dict[str, float], seconds: float, *, broker: str) -> CpuSp
 
 
 async def until_stored(
-    consumer: Consumer, settings: StoreSettings, expected: int, *, broker: str
-) -> tuple[float, float, CpuSplit]:
-    """Runs `consumer` until `expected` points are committed; returns the seconds, this
-    process's CPU seconds and the machine's CPU split (`broker`: the broker's program name).
+    consumer: Consumer,
+    settings: StoreSettings,
+    expected: int,
+    *,
+    broker: str,
+    clock_from: asyncio.Event | None = None,
+) -> Drain:
+    """Runs `consumer` until `expected` points are committed (`broker`: the broker's program
+    name, or `pid:N`, for the CPU split). With `clock_from`, the clock starts when that event
+    is set (a Kafka consumer's group join: the broker waits 3 s for more members first).
 
     Progress comes from the consumer's own count of committed points: polling
     `count(*)` of the growing table instead cost PostgreSQL up to 150 ms a time, on the same
     two cores as the consumer. The table is counted once at the end.
     """
-    machine = _cpu_by_program()
-    started, cpu = time.perf_counter(), time.process_time()
+    started = time.perf_counter()
     task = asyncio.create_task(consumer.run())
+    if clock_from is not None:
+        await asyncio.wait_for(clock_from.wait(), 60)
+    waited = time.perf_counter() - started
+    machine = _cpu_by_program(broker)
+    started, cpu = time.perf_counter(), time.process_time()
     stats = consumer.stats
     while stats.points_written + stats.duplicates_skipped < expected:
         if task.done():
@@ -112,4 +126,4 @@ async def until_stored(
     stored = row[0] if row else 0
     if stored != expected:
         raise RuntimeError(f"{stored:,} points stored, {expected:,} expected")
-    return elapsed, used, split
+    return Drain(elapsed, used, split, waited)

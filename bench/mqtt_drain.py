@@ -37,7 +37,7 @@ import psycopg
 from paho.mqtt.enums import CallbackAPIVersion
 from psycopg import sql
 
-from bench.draining import CpuSplit, until_stored
+from bench.draining import Drain, until_stored
 from iiot.embedded import MosquittoBroker
 from ingest.mqtt import MqttIngest
 from ingest.settings import IngestSettings
@@ -161,7 +161,7 @@ def publish(url_port: int, streams: list[list[tuple[str, bytes]]]) -> float:
     return time.perf_counter() - started
 
 
-async def drain(settings: IngestSettings, expected: int) -> tuple[float, float, CpuSplit]:
+async def drain(settings: IngestSettings, expected: int) -> Drain:
     """Runs the consumer until `expected` points are stored; returns (seconds, CPU seconds)."""
     async with create_pool(settings, name="bench") as pool:
         return await until_stored(
@@ -258,11 +258,11 @@ async def main(
             # The benchmark's own data (payloads, streams) is no garbage: keep the collector
             # from walking it again and again while the consumer runs.
             gc.freeze()
-            elapsed, cpu, split = await profiled(drain(settings, expected), enabled=profile)
-            report["drain_seconds"] = round(elapsed, 2)
-            report["drain_points_per_s"] = round(expected / elapsed)
-            report["ingest_cpu_s_per_million_points"] = round(cpu / expected * 1e6, 2)
-            report.update(split.per_million(expected))
+            drained = await profiled(drain(settings, expected), enabled=profile)
+            report["drain_seconds"] = round(drained.seconds, 2)
+            report["drain_points_per_s"] = round(expected / drained.seconds)
+            report["ingest_cpu_s_per_million_points"] = round(drained.cpu / expected * 1e6, 2)
+            report.update(drained.split.per_million(expected))
 
             # The same rows, with the ids ingest gave them, for the baseline.
             async with await connect(settings) as conn:

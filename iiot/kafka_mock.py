@@ -34,6 +34,11 @@ class MockKafkaCluster:
         self.bootstrap = line
         return line
 
+    @property
+    def pid(self) -> int | None:
+        """The helper process running the cluster (benchmarks measure its CPU)."""
+        return self._process.pid if self._process is not None else None
+
     def stop(self) -> None:
         if self._process is not None:
             if self._process.stdin is not None:

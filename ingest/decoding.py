@@ -92,6 +92,7 @@ class TelemetryDecoder:
 
     def __init__(self, limits: Limits) -> None:
         self._limits = limits
+        self._past, self._future = limits.window_past, limits.window_future
 
     def decode(
         self, platform: str, device: str, payload: bytes, received_at: datetime
@@ -153,14 +154,14 @@ class TelemetryDecoder:
         readings = document if isinstance(document, list) else [document]
         if not readings:
             raise Rejected("invalid_shape", "empty list of readings", platform=platform)
-        earliest = received_at - self._limits.window_past
-        latest = received_at + self._limits.window_future
+        earliest = received_at - self._past
+        latest = received_at + self._future
         points: list[Point] = []
         historical: bool | None = None
         first = last = received_at
         for index, reading in enumerate(readings):
             try:
-                ts, metrics, flagged = _reading(reading, received_at)
+                ts, readings_points, flagged = _reading(reading, received_at)
             except Rejected as exc:
                 exc.platform = platform
                 exc.detail = f"{device}, reading {index}: {exc.detail}"
@@ -182,8 +183,8 @@ class TelemetryDecoder:
                     f"{device}: live and historical readings in one message",
                     platform=platform,
                 )
-            budget.take(len(metrics))
-            points += [(ts, name, value) for name, value in metrics]
+            budget.take(len(readings_points))
+            points += readings_points
         if not points:
             raise Rejected("invalid_shape", f"{device}: no metrics", platform=platform)
         return Telemetry(platform, device, points, bool(historical), first, last, gateway)
@@ -206,7 +207,7 @@ class _Budget:
             )
 
 
-def _reading(reading: Any, received_at: datetime) -> tuple[datetime, list[tuple[str, float]], bool]:
+def _reading(reading: Any, received_at: datetime) -> tuple[datetime, list[Point], bool]:
     if not isinstance(reading, dict):
         raise Rejected(
             "invalid_shape", f"a reading must be an object, not {type(reading).__name__}"
@@ -221,18 +222,24 @@ def _reading(reading: Any, received_at: datetime) -> tuple[datetime, list[tuple[
     metrics = reading.get("metrics")
     if not isinstance(metrics, dict):
         raise Rejected("invalid_shape", "'metrics' must be an object of name: number")
-    values = []
-    for name, raw in metrics.items():
-        if name not in _GOOD_NAMES and not known_metric_name(name):
-            raise Rejected(
-                "invalid_metric_name", f"metric name {name[:80]!r} breaks the name rules"
-            )
-        # The common case first: orjson gives finite floats and 64-bit ints only.
-        if type(raw) is float and math.isfinite(raw):
-            values.append((name, raw))
-        else:
-            values.append((name, _value(name, raw)))
-    return ts, values, historical
+    # Per reading, not per point, in the common case: every name known good, and every value
+    # a finite number (fsum refuses what is not a number, overflows on integers beyond a
+    # float, and is not finite if any value is NaN or infinite).
+    if not _GOOD_NAMES.issuperset(metrics):
+        for name in metrics:
+            if not known_metric_name(name):
+                raise Rejected(
+                    "invalid_metric_name", f"metric name {name[:80]!r} breaks the name rules"
+                )
+    try:
+        finite = math.isfinite(math.fsum(metrics.values()))
+    except (TypeError, OverflowError):
+        finite = False
+    if finite:
+        # JSON numbers as orjson gives them: floats and ints (true/false are ints); COPY
+        # stores them as float8.
+        return ts, [(ts, name, value) for name, value in metrics.items()], historical
+    return ts, [(ts, name, _value(name, raw)) for name, raw in metrics.items()], historical
 
 
 # Metric names repeat across messages: remember the valid ones instead of matching each time.

@@ -75,6 +75,7 @@ ORDER BY group_id, topic, partition
 """
 
 _RETRY_FIRST, _RETRY_MAX = 0.5, 10.0
+_YIELD_EVERY = 50  # records the fetcher decodes before it lets other tasks run
 # A record whose header names a Sparkplug topic carries a Sparkplug B payload (docs/contract.md).
 SPARKPLUG_HEADER = "iiot-sparkplug-topic"
 
@@ -352,6 +353,10 @@ class KafkaIngest:
                     self._queued += 1
                     self._idle.clear()
                     self.stats.messages += 1
+                    if self.stats.messages % _YIELD_EVERY == 0:
+                        # Let the writer go on as soon as the store answers a statement:
+                        # decoding a fetch in one go would leave PostgreSQL idle meanwhile.
+                        await asyncio.sleep(0)
 
     async def _write(
         self, consumer: AIOKafkaConsumer, queue: "asyncio.Queue[Received[KafkaAck] | EndOfStream]"

@@ -15,6 +15,7 @@ message it refuses is alone; that message becomes a dead letter (`store_refused`
 stored. Store unavailability raises Retryable with nothing committed.
 """
 
+import asyncio
 import logging
 import math
 import struct
@@ -100,6 +101,7 @@ _COPY_TRAILER = b"\xff\xff"
 _PACK_ROW = struct.Struct("!hiqiqiiid").pack
 _PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 _RENEWALS_KEPT = 2_000_000
+_ENCODE_SLICE = 500
 _MICROSECOND = timedelta(microseconds=1)
 Refusals = list[tuple[Received[Any], Rejected]]
 InTransaction = Callable[[AsyncConnection[Any], Refusals], Awaitable[None]]
@@ -234,7 +236,7 @@ class TelemetryWriter:
                 prepared.failure = exc
                 return prepared
         prepared.resolved = resolved
-        _encode(prepared, resolved)
+        await _encode(prepared, resolved)
         return prepared
 
     async def commit(
@@ -254,7 +256,7 @@ class TelemetryWriter:
                 async with self._pool.connection() as conn:
                     if prepared.resolved is None:
                         prepared.resolved = await self._resolve(conn, batch, prepared.report)
-                        _encode(prepared, prepared.resolved)
+                        await _encode(prepared, prepared.resolved)
                     report = await self._commit(conn, prepared, in_transaction, dead_letter)
         except psycopg.OperationalError as exc:
             raise Retryable(f"store unavailable: {exc}") from exc
@@ -527,15 +529,20 @@ def _sort_items(
         )
 
 
-def _encode(prepared: PreparedBatch, resolved: _Resolved) -> None:
+async def _encode(prepared: PreparedBatch, resolved: _Resolved) -> None:
     """Encodes the accepted points for COPY and meters them; notes the gateways and devices
-    they came from, and meters the refused messages of platforms that exist."""
+    they came from, and meters the refused messages of platforms that exist.
+
+    Yields to the event loop every _ENCODE_SLICE messages: the previous batch's commit is
+    waiting on PostgreSQL meanwhile, and goes on sooner when the store answers."""
     metric_ids, meter = resolved.metric_ids, resolved.meter
     parts = [_COPY_SIGNATURE]
     pack, epoch, microsecond = _PACK_ROW, _PG_EPOCH, _MICROSECOND
     first: datetime | None = None
     last: datetime | None = None
-    for accepted in resolved.telemetry:
+    for n, accepted in enumerate(resolved.telemetry, 1):
+        if n % _ENCODE_SLICE == 0:
+            await asyncio.sleep(0)
         device, telemetry = accepted.device, accepted.telemetry
         # The points of one reading share their time: convert it once.
         stamp: datetime | None = None
