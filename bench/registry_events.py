@@ -33,10 +33,10 @@ from psycopg import sql
 
 from bench.http_load import start_api
 from iiot.net import free_port
-from ingest.batching import Received
+from ingest.batching import END, EndOfStream, Received, prepare_ahead
 from ingest.decoding import Status
 from ingest.stats import IngestStats
-from ingest.writer import TelemetryWriter
+from ingest.writer import PreparedBatch, TelemetryWriter
 from registry.access import Role, create_key
 from registry.activity import refresh_activity
 from registry.counts import platform_counts
@@ -45,6 +45,7 @@ from registry.reconcile import find_drift, reconcile
 from registry.settings import StoreSettings
 from registry.store import connect, create_pool
 
+Queue = asyncio.Queue[Received[None] | EndOfStream]
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -91,19 +92,25 @@ async def drive_events(
         for online, label in ((True, "connect"), (False, "disconnect")):
             now = datetime.now(UTC)
             started, cpu = time.perf_counter(), time.process_time()
-            for first in range(0, devices, batch):
-                messages = [
-                    Received(
-                        "mqtt",
-                        "",
-                        b"",
-                        now,
-                        [Status(f"p{n % platforms:03d}", online, 1, device=f"d{n:07d}")],
-                        None,
-                    )
-                    for n in range(first, min(devices, first + batch))
-                ]
-                await writer.write(messages)
+            # As a consumer runs the writer: each batch is prepared while the one before it
+            # commits (ingest/batching.py, prepare_ahead).
+            queue: Queue = asyncio.Queue(2 * batch)
+            ready: asyncio.Queue[PreparedBatch | EndOfStream] = asyncio.Queue(1)
+            preparing = asyncio.create_task(
+                prepare_ahead(queue, ready, writer, max_points=batch, max_delay=1.0)
+            )
+
+            async def receive(online: bool, now: datetime, queue: Queue) -> None:
+                for n in range(devices):
+                    status = Status(f"p{n % platforms:03d}", online, 1, device=f"d{n:07d}")
+                    await queue.put(Received("mqtt", "", b"", now, [status], None))
+                await queue.put(END)
+
+            receiving = asyncio.create_task(receive(online, now, queue))
+            while not isinstance(prepared := await ready.get(), EndOfStream):
+                await writer.commit(prepared)
+            await preparing
+            await receiving
             elapsed = time.perf_counter() - started
             results[label] = {
                 "events": devices,

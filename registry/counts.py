@@ -11,7 +11,7 @@ from typing import Any, Final
 
 from psycopg import AsyncConnection, sql
 
-DEFINITIONS_VERSION: Final = "2026-11.3"
+DEFINITIONS_VERSION: Final = "2026-11.4"
 DEFINITIONS: Final = {
     "registered": (
         "Devices in the platform's registry, registered by an operator or on their first "
@@ -21,7 +21,9 @@ DEFINITIONS: Final = {
         "Registered devices whose connection state is online and, for a device behind a "
         "gateway, whose gateway is online. A device that never sent a status or birth message "
         "is online while its newest live (not back-filled) data arrived within the platform's "
-        "liveness window, by the backend's clock; one that did follows those messages only."
+        "liveness window, by the backend's clock, and goes offline at most "
+        "IIOT_ACTIVITY_RENEW_SECONDS (default 5 s) later; one that did follows those messages "
+        "only."
     ),
     "ever_connected": "Registered devices that have been connected at least once.",
     "active_24h": (
