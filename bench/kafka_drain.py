@@ -30,6 +30,7 @@ from psycopg import sql
 from bench.draining import Drain, until_stored
 from bench.mqtt_drain import POINTS_PER_MESSAGE, RESULTS, payloads, raw_copy
 from iiot.kafka_mock import MockKafkaCluster
+from iiot.loop import serve
 from ingest.kafka import KafkaIngest
 from ingest.settings import IngestSettings
 from registry.migrate import migrate
@@ -172,7 +173,7 @@ if __name__ == "__main__":
     parser.add_argument("--devices", type=int, default=5_000)
     parser.add_argument("--quick", action="store_true", help="20,000 records")
     args = parser.parse_args()
-    result = asyncio.run(main(20_000 if args.quick else args.records, args.devices))
+    result = serve(main(20_000 if args.quick else args.records, args.devices))
     result["measured_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "kafka_drain-latest.json").write_text(json.dumps(result, indent=2) + "\n")

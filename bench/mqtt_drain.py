@@ -39,6 +39,7 @@ from psycopg import sql
 
 from bench.draining import Drain, until_stored
 from iiot.embedded import MosquittoBroker
+from iiot.loop import serve
 from ingest.mqtt import MqttIngest
 from ingest.settings import IngestSettings
 from ingest.sparkplug import INT64, MetricIn, encode_payload
@@ -322,7 +323,7 @@ if __name__ == "__main__":
     parser.add_argument("--profile", action="store_true", help="cProfile the drain")
     args = parser.parse_args()
     messages = 20_000 if args.quick else args.messages
-    result = asyncio.run(main(messages, args.devices, args.sparkplug_share, profile=args.profile))
+    result = serve(main(messages, args.devices, args.sparkplug_share, profile=args.profile))
     result["measured_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "mqtt_drain-latest.json").write_text(json.dumps(result, indent=2) + "\n")

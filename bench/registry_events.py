@@ -32,6 +32,7 @@ import psycopg
 from psycopg import sql
 
 from bench.http_load import start_api
+from iiot.loop import serve
 from iiot.net import free_port
 from ingest.batching import END, EndOfStream, Received, prepare_ahead
 from ingest.decoding import Status
@@ -228,7 +229,7 @@ if __name__ == "__main__":
     parser.add_argument("--batch", type=int, default=10_000)
     parser.add_argument("--quick", action="store_true", help="100,000 devices")
     args = parser.parse_args()
-    result = asyncio.run(main(100_000 if args.quick else args.devices, args.batch))
+    result = serve(main(100_000 if args.quick else args.devices, args.batch))
     result["measured_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "registry_events-latest.json").write_text(json.dumps(result, indent=2) + "\n")
