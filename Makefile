@@ -43,12 +43,14 @@ format: $(STAMP) ## Apply ruff's formatting and safe fixes
 
 bench: $(STAMP) ## Benchmarks beside their baselines (several minutes; see docs/benchmarks.md)
 	$(BIN)/python -m bench.mqtt_drain
+	$(BIN)/python -m bench.mqtt_scaleout
 	$(BIN)/python -m bench.kafka_drain
 	$(BIN)/python -m bench.registry_events
 	$(BIN)/python -m bench.api_requests
 
 bench-quick: $(STAMP) ## The benchmarks at a tenth of their size (a smoke run)
 	$(BIN)/python -m bench.mqtt_drain --quick
+	$(BIN)/python -m bench.mqtt_scaleout --quick
 	$(BIN)/python -m bench.kafka_drain --quick
 	$(BIN)/python -m bench.registry_events --quick
 	$(BIN)/python -m bench.api_requests --quick
