@@ -46,6 +46,7 @@ bench: $(STAMP) ## Benchmarks beside their baselines (several minutes; see docs/
 	$(BIN)/python -m bench.mqtt_scaleout
 	$(BIN)/python -m bench.kafka_drain
 	$(BIN)/python -m bench.registry_events
+	$(BIN)/python -m bench.registry_events --writers 3
 	$(BIN)/python -m bench.api_requests
 
 bench-quick: $(STAMP) ## The benchmarks at a tenth of their size (a smoke run)

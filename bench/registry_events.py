@@ -9,6 +9,8 @@ What it does, on the machine's PostgreSQL in a schema of its own (dropped at the
 3. Connection events through ingest's own writer (decoded status messages, the path MQTT status
    and Wills take): every device connects, then every device disconnects, in batches.
    Events/s are reported, and the counters are checked against a full recount afterwards.
+   `--writers N` splits the devices over N writers with a counter shard each, on their own
+   connections, as N ingest processes would (results in registry_events-Nwriters-latest.json).
 4. The writer's process memory (it caches a million device ids).
 
 Baseline in the same run: the same COPY-seeded rows recounted with COUNT(*) (what a count would
@@ -84,37 +86,36 @@ async def seed(settings: StoreSettings, platforms: int, devices: int, start: int
 
 
 async def drive_events(
-    settings: StoreSettings, platforms: int, devices: int, batch: int
+    settings: StoreSettings, platforms: int, devices: int, batch: int, writers: int = 1
 ) -> dict[str, Any]:
-    """Every device connects, then disconnects; through the writer, in batches of `batch`."""
+    """Every device connects, then disconnects; through `writers` writers (as many ingest
+    processes would, each with its own counter shard and its share of the devices), each in
+    batches of `batch`, each batch prepared while the one before it commits."""
     results: dict[str, Any] = {}
     async with create_pool(settings, name="bench") as pool:
-        writer = TelemetryWriter(pool, stats=IngestStats(), counter_shard=1)
+        shards = [
+            TelemetryWriter(pool, stats=IngestStats(), counter_shard=1 + k) for k in range(writers)
+        ]
         for online, label in ((True, "connect"), (False, "disconnect")):
             now = datetime.now(UTC)
             started, cpu = time.perf_counter(), time.process_time()
-            # As a consumer runs the writer: each batch is prepared while the one before it
-            # commits (ingest/batching.py, prepare_ahead).
-            queue: Queue = asyncio.Queue(2 * batch)
-            ready: asyncio.Queue[PreparedBatch | EndOfStream] = asyncio.Queue(1)
-            preparing = asyncio.create_task(
-                prepare_ahead(queue, ready, writer, max_points=batch, max_delay=1.0)
+            await asyncio.gather(
+                *(
+                    _drive(
+                        writer,
+                        range(k, devices, writers),
+                        platforms,
+                        online=online,
+                        now=now,
+                        batch=batch,
+                    )
+                    for k, writer in enumerate(shards)
+                )
             )
-
-            async def receive(online: bool, now: datetime, queue: Queue) -> None:
-                for n in range(devices):
-                    status = Status(f"p{n % platforms:03d}", online, 1, device=f"d{n:07d}")
-                    await queue.put(Received("mqtt", "", b"", now, [status], None))
-                await queue.put(END)
-
-            receiving = asyncio.create_task(receive(online, now, queue))
-            while not isinstance(prepared := await ready.get(), EndOfStream):
-                await writer.commit(prepared)
-            await preparing
-            await receiving
             elapsed = time.perf_counter() - started
             results[label] = {
                 "events": devices,
+                "writers": writers,
                 "seconds": round(elapsed, 2),
                 "events_per_s": round(devices / elapsed),
                 "writer_cpu_s": round(time.process_time() - cpu, 2),
@@ -126,7 +127,33 @@ async def drive_events(
     return results
 
 
-async def main(devices: int, batch: int) -> dict[str, Any]:
+async def _drive(
+    writer: TelemetryWriter,
+    numbers: range,
+    platforms: int,
+    *,
+    online: bool,
+    now: datetime,
+    batch: int,
+) -> None:
+    """One writer's share of the events, run as a consumer runs the writer (prepare_ahead)."""
+    queue: Queue = asyncio.Queue(2 * batch)
+    ready: asyncio.Queue[PreparedBatch | EndOfStream] = asyncio.Queue(1)
+
+    async def receive() -> None:
+        for n in numbers:
+            status = Status(f"p{n % platforms:03d}", online, 1, device=f"d{n:07d}")
+            await queue.put(Received("mqtt", "", b"", now, [status], None))
+        await queue.put(END)
+
+    async with asyncio.TaskGroup() as tasks:
+        tasks.create_task(prepare_ahead(queue, ready, writer, max_points=batch, max_delay=1.0))
+        tasks.create_task(receive())
+        while not isinstance(prepared := await ready.get(), EndOfStream):
+            await writer.commit(prepared)
+
+
+async def main(devices: int, batch: int, writers: int = 1) -> dict[str, Any]:
     base_url = os.environ.get(
         "IIOT_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"
     )
@@ -172,7 +199,7 @@ async def main(devices: int, batch: int) -> dict[str, Any]:
             }
         report[f"count_at_{devices // 1000}k"] = await count_latency(base, "p000", 2000, key)
 
-        report["events"] = await drive_events(settings, platforms, devices, batch)
+        report["events"] = await drive_events(settings, platforms, devices, batch, writers)
         async with await connect(settings, autocommit=True) as conn:
             started = time.perf_counter()
             drift = await find_drift(conn)
@@ -227,10 +254,12 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, default=1_000_000)
     parser.add_argument("--batch", type=int, default=10_000)
+    parser.add_argument("--writers", type=int, default=1, help="writers, one counter shard each")
     parser.add_argument("--quick", action="store_true", help="100,000 devices")
     args = parser.parse_args()
-    result = serve(main(100_000 if args.quick else args.devices, args.batch))
+    result = serve(main(100_000 if args.quick else args.devices, args.batch, args.writers))
     result["measured_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "registry_events-latest.json").write_text(json.dumps(result, indent=2) + "\n")
+    name = "registry_events" if args.writers == 1 else f"registry_events-{args.writers}writers"
+    (RESULTS / f"{name}-latest.json").write_text(json.dumps(result, indent=2) + "\n")
     _print(result)
