@@ -1,7 +1,7 @@
 """Messages on their way from receive to acknowledge, and the collection of them into batches."""
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
@@ -90,29 +90,38 @@ async def collect(
     return batch, False
 
 
-async def prepare_ahead(
+async def write_ahead(
     queue: "asyncio.Queue[Received[AckT] | EndOfStream]",
-    ready: "asyncio.Queue[PreparedBatch | EndOfStream]",
     writer: "TelemetryWriter",
+    commit: Callable[["PreparedBatch"], Awaitable[None]],
     *,
     max_points: int,
     max_delay: float,
     keep: Callable[[list[Received[AckT]]], Sequence[Received[Any]]] | None = None,
 ) -> None:
-    """Collects batches and prepares each while the batch before it commits.
+    """Collects batches from `queue` and prepares each while the batch before it commits;
+    `commit` gets each prepared batch in arrival order, until the end of the stream.
 
     Preparing (resolving ids, encoding the points) is CPU work in this process and committing
     is mostly PostgreSQL's; in sequence, each waited for the other and the two cores were half
-    idle (`make bench`). `ready` holds one prepared batch, so at most three batches are
-    between the queue and the broker's acknowledgement. `keep` filters a batch before it is
-    prepared (Kafka drops records of partitions it no longer owns); the collected batch
-    is put on `ready` either way, as `PreparedBatch.collected`.
+    idle (`make bench`). One prepared batch waits while one commits and the next is prepared,
+    so at most three batches are between the queue and the acknowledgement. `keep` filters a
+    batch before it is prepared (Kafka drops records of partitions it no longer owns); what
+    was collected stays in `PreparedBatch.collected` either way.
     """
-    ended = False
-    while not ended:
-        batch, ended = await collect(queue, max_points=max_points, max_delay=max_delay)
-        if batch:
-            prepared = await writer.prepare(keep(batch) if keep is not None else batch)
-            prepared.collected = batch
-            await ready.put(prepared)
-    await ready.put(END)
+    ready: asyncio.Queue[PreparedBatch | EndOfStream] = asyncio.Queue(1)
+
+    async def prepare_ahead() -> None:
+        ended = False
+        while not ended:
+            batch, ended = await collect(queue, max_points=max_points, max_delay=max_delay)
+            if batch:
+                prepared = await writer.prepare(keep(batch) if keep is not None else batch)
+                prepared.collected = batch
+                await ready.put(prepared)
+        await ready.put(END)
+
+    async with asyncio.TaskGroup() as tasks:
+        tasks.create_task(prepare_ahead())
+        while not isinstance(prepared := await ready.get(), EndOfStream):
+            await commit(prepared)

@@ -34,9 +34,9 @@ from aiokafka.errors import KafkaError
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from ingest.batching import END, EndOfStream, Origin, Received, prepare_ahead
+from ingest.batching import END, EndOfStream, Origin, Received, write_ahead
 from ingest.decoding import Decoded, MessageDecoder
-from ingest.errors import Rejected, Retryable
+from ingest.errors import Rejected
 from ingest.settings import IngestSettings
 from ingest.sparkplug_host import SparkplugHost
 from ingest.stats import IngestStats
@@ -361,33 +361,31 @@ class KafkaIngest:
     async def _write(
         self, consumer: AIOKafkaConsumer, queue: "asyncio.Queue[Received[KafkaAck] | EndOfStream]"
     ) -> None:
+        async def commit(prepared: PreparedBatch) -> None:
+            collected = prepared.collected
+            current = self._current(collected)
+            if len(current) != len(prepared.batch):
+                # A rebalance while the batch was prepared: write what is still ours.
+                prepared = await self._writer.prepare(current)
+            if current:
+                advanced = await self._write_until_committed(consumer, prepared)
+                self._stored.update((tp, n) for tp, n in advanced.items() if tp in self._epochs)
+                with contextlib.suppress(KafkaError):
+                    # Only for lag tools; the database holds the truth.
+                    await consumer.commit({tp: offset for tp, offset in advanced.items()})
+            self._queued -= len(collected)
+            if self._queued == 0:
+                self._idle.set()
+
         s = self._settings
-        ready: asyncio.Queue[PreparedBatch | EndOfStream] = asyncio.Queue(1)
-        async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(
-                prepare_ahead(
-                    queue,
-                    ready,
-                    self._writer,
-                    max_points=s.batch_max_points,
-                    max_delay=s.batch_max_delay_seconds,
-                    keep=self._current,
-                )
-            )
-            while not isinstance(prepared := await ready.get(), EndOfStream):
-                current = self._current(prepared.collected)
-                if len(current) != len(prepared.batch):
-                    # A rebalance while the batch was prepared: write what is still ours.
-                    prepared = await self._writer.prepare(current)
-                if current:
-                    advanced = await self._write_until_committed(consumer, prepared)
-                    self._stored.update((tp, n) for tp, n in advanced.items() if tp in self._epochs)
-                    with contextlib.suppress(KafkaError):
-                        # Only for lag tools; the database holds the truth.
-                        await consumer.commit({tp: offset for tp, offset in advanced.items()})
-                self._queued -= len(prepared.collected)
-                if self._queued == 0:
-                    self._idle.set()
+        await write_ahead(
+            queue,
+            self._writer,
+            commit,
+            max_points=s.batch_max_points,
+            max_delay=s.batch_max_delay_seconds,
+            keep=self._current,
+        )
 
     def _current(self, batch: Sequence[Received[KafkaAck]]) -> list[Received[KafkaAck]]:
         """The records of partitions still owned in the epoch they were fetched in (records
@@ -414,21 +412,8 @@ class KafkaIngest:
                 await keep_births(conn, batch)
             await _advance(conn, group, expected, advanced, ends)
 
-        delay = _RETRY_FIRST
-        while True:
-            try:
-                await self._writer.commit(prepared, in_transaction=store_offsets)
-            except Retryable as exc:
-                log.warning(
-                    "batch of %d records not written (%s); retrying in %.1fs",
-                    len(batch),
-                    exc,
-                    delay,
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, _RETRY_MAX)
-            else:
-                return advanced
+        await self._writer.commit_until_done(prepared, in_transaction=store_offsets, noun="records")
+        return advanced
 
 
 async def _advance(

@@ -28,9 +28,8 @@ from paho.mqtt.properties import Properties
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from ingest.batching import END, EndOfStream, Received, prepare_ahead
+from ingest.batching import END, EndOfStream, Received, write_ahead
 from ingest.decoding import MessageDecoder
-from ingest.errors import Retryable
 from ingest.paho_speedups import read_in_bulk, share_property_tables
 from ingest.settings import IngestSettings
 from ingest.sparkplug import NAMESPACE, state_payload, state_topic
@@ -273,51 +272,30 @@ class MqttIngest:
     async def _write(
         self, client: aiomqtt.Client, queue: "asyncio.Queue[Received[MqttAck] | EndOfStream]"
     ) -> None:
-        s = self._settings
         paho = _paho(client)
-        ready: asyncio.Queue[PreparedBatch | EndOfStream] = asyncio.Queue(1)
-        async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(
-                prepare_ahead(
-                    queue,
-                    ready,
-                    self._writer,
-                    max_points=s.batch_max_points,
-                    max_delay=s.batch_max_delay_seconds,
-                )
-            )
-            while not isinstance(prepared := await ready.get(), EndOfStream):
-                await self._commit_until_done(prepared)
-                for message in prepared.collected:
-                    mid, qos = message.ack
-                    if qos > 0 and paho.ack(mid, qos) != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                        # Connection gone: the broker redelivers in the next session; the
-                        # writer stores the redelivered points once.
-                        raise aiomqtt.MqttError("acknowledgement failed: not connected")
-
-    async def _commit_until_done(self, prepared: PreparedBatch) -> None:
-        delay = _RETRY_FIRST
-        batch = prepared.batch
         keep_births = SparkplugHost.keep_births if self.sparkplug is not None else None
 
-        async def in_transaction(conn: AsyncConnection[Any], _: Refusals) -> None:
-            if keep_births is not None:
-                await keep_births(conn, batch)
+        async def commit(prepared: PreparedBatch) -> None:
+            async def in_transaction(conn: AsyncConnection[Any], _: Refusals) -> None:
+                if keep_births is not None:
+                    await keep_births(conn, prepared.batch)
 
-        while True:
-            try:
-                await self._writer.commit(prepared, in_transaction=in_transaction)
-            except Retryable as exc:
-                log.warning(
-                    "batch of %d messages not written (%s); retrying in %.1fs",
-                    len(batch),
-                    exc,
-                    delay,
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, _RETRY_MAX)
-            else:
-                return
+            await self._writer.commit_until_done(prepared, in_transaction=in_transaction)
+            for message in prepared.collected:
+                mid, qos = message.ack
+                if qos > 0 and paho.ack(mid, qos) != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    # Connection gone: the broker redelivers in the next session; the writer
+                    # stores the redelivered points once.
+                    raise aiomqtt.MqttError("acknowledgement failed: not connected")
+
+        s = self._settings
+        await write_ahead(
+            queue,
+            self._writer,
+            commit,
+            max_points=s.batch_max_points,
+            max_delay=s.batch_max_delay_seconds,
+        )
 
 
 def _paho(client: aiomqtt.Client) -> PahoClient:

@@ -102,6 +102,7 @@ _PACK_ROW = struct.Struct("!hiqiqiiid").pack
 _PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 _RENEWALS_KEPT = 2_000_000
 _ENCODE_SLICE = 500
+_RETRY_FIRST, _RETRY_MAX = 0.5, 10.0  # seconds between attempts while the store is down
 _MICROSECOND = timedelta(microseconds=1)
 Refusals = list[tuple[Received[Any], Rejected]]
 InTransaction = Callable[[AsyncConnection[Any], Refusals], Awaitable[None]]
@@ -268,6 +269,32 @@ class TelemetryWriter:
             oldest = min(m.received_at for m in batch)
             self._stats.delay_seconds.observe((datetime.now(UTC) - oldest).total_seconds())
         return report
+
+    async def commit_until_done(
+        self,
+        prepared: PreparedBatch,
+        *,
+        in_transaction: InTransaction | None = None,
+        noun: str = "messages",
+    ) -> None:
+        """`commit`, again and again while the store is unavailable (backing off from 0.5 s
+        to 10 s), without acknowledging anything meanwhile."""
+        delay = _RETRY_FIRST
+        while True:
+            try:
+                await self.commit(prepared, in_transaction=in_transaction)
+            except Retryable as exc:
+                log.warning(
+                    "batch of %d %s not written (%s); retrying in %.1fs",
+                    len(prepared.batch),
+                    noun,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RETRY_MAX)
+            else:
+                return
 
     async def _isolate(
         self,
