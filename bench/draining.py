@@ -30,7 +30,7 @@ class Consumer(Protocol):
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def _process_cpu(pid: str) -> float:
+def process_cpu(pid: str) -> float:
     """CPU seconds (user + system) a process has used so far; 0 if it is gone."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -39,19 +39,19 @@ def _process_cpu(pid: str) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
-def _cpu_by_program(broker: str) -> dict[str, float]:
+def cpu_by_program(broker: str) -> dict[str, float]:
     """CPU seconds used so far by every process, summed by program name, plus the machine's
     busy seconds (all cores) under "machine" and, for `pid:N`, that process's."""
     used: dict[str, float] = {}
     if broker.startswith("pid:"):
-        used[broker] = _process_cpu(broker.removeprefix("pid:"))
+        used[broker] = process_cpu(broker.removeprefix("pid:"))
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 name = (entry / "comm").read_text().strip()
             except OSError:
                 continue
-            used[name] = used.get(name, 0.0) + _process_cpu(entry.name)
+            used[name] = used.get(name, 0.0) + process_cpu(entry.name)
     cpu = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
     idle = int(cpu[3]) + int(cpu[4])
     used["machine"] = (sum(int(v) for v in cpu[:8]) - idle) / _TICKS
@@ -79,7 +79,7 @@ class CpuSplit:
 
 def cpu_since(before: dict[str, float], seconds: float, *, broker: str) -> CpuSplit:
     """`broker`: its program name, or `pid:N` for one process."""
-    after = _cpu_by_program(broker)
+    after = cpu_by_program(broker)
     return CpuSplit(
         seconds,
         after["machine"] - before["machine"],
@@ -109,7 +109,7 @@ async def until_stored(
     if clock_from is not None:
         await asyncio.wait_for(clock_from.wait(), 60)
     waited = time.perf_counter() - started
-    machine = _cpu_by_program(broker)
+    machine = cpu_by_program(broker)
     started, cpu = time.perf_counter(), time.process_time()
     stats = consumer.stats
     while stats.points_written + stats.duplicates_skipped < expected:

@@ -15,7 +15,6 @@
 
 import argparse
 import asyncio
-import json
 import os
 import resource
 import time
@@ -28,7 +27,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from psycopg import sql
 
 from bench.draining import Drain, until_stored
-from bench.mqtt_drain import POINTS_PER_MESSAGE, RESULTS, payloads, raw_copy
+from bench.figures import Figure, record
+from bench.mqtt_drain import POINTS_PER_MESSAGE, payloads, raw_copy
 from iiot.kafka_mock import MockKafkaCluster
 from iiot.loop import serve
 from ingest.kafka import KafkaIngest
@@ -144,8 +144,8 @@ async def main(records: int, devices: int) -> dict[str, Any]:
     return report
 
 
-def _print(r: dict[str, Any]) -> None:
-    rows = [
+def _figures(r: dict[str, Any]) -> list[Figure]:
+    rows: list[Figure] = [
         (
             "records / points / devices",
             f"{r['records']:,} / {r['points']:,} / {r['devices']:,}",
@@ -162,9 +162,7 @@ def _print(r: dict[str, Any]) -> None:
         ("machine cores busy during the drain (of 2)", f"{r['machine_cores_busy']}", ""),
         ("bench process max RSS (MiB)", f"{r['bench_process_max_rss_mib']}", ""),
     ]
-    width = max(len(row[0]) for row in rows)
-    for name, value, target in rows:
-        print(f"  {name:<{width}}  {value:>26}  {target}")
+    return rows
 
 
 if __name__ == "__main__":
@@ -174,7 +172,4 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true", help="20,000 records")
     args = parser.parse_args()
     result = serve(main(20_000 if args.quick else args.records, args.devices))
-    result["measured_at"] = datetime.now(UTC).isoformat(timespec="seconds")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "kafka_drain-latest.json").write_text(json.dumps(result, indent=2) + "\n")
-    _print(result)
+    record("kafka_drain", result, _figures(result))

@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import cProfile
 import gc
-import json
 import os
 import pstats
 import resource
@@ -38,6 +37,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from psycopg import sql
 
 from bench.draining import Drain, until_stored
+from bench.figures import Figure, record
 from iiot.embedded import MosquittoBroker
 from iiot.loop import serve
 from ingest.mqtt import MqttIngest
@@ -50,7 +50,6 @@ from registry.settings import StoreSettings
 from registry.store import connect, create_pool
 
 T = TypeVar("T")
-RESULTS = Path(__file__).parent / "results"
 POINTS_PER_MESSAGE = 10
 SPARKPLUG_NODES, SPARKPLUG_DEVICES = 50, 20
 
@@ -290,8 +289,8 @@ async def main(
     return report
 
 
-def _print(r: dict[str, Any]) -> None:
-    rows = [
+def _figures(r: dict[str, Any]) -> list[Figure]:
+    rows: list[Figure] = [
         (
             "messages / points / devices",
             f"{r['messages']:,} / {r['points']:,} / {r['devices']:,}",
@@ -309,9 +308,7 @@ def _print(r: dict[str, Any]) -> None:
         ("bench process max RSS (MiB)", f"{r['bench_process_max_rss_mib']}", ""),
         ("dead letters", f"{r['dead_letters']}", "0"),
     ]
-    width = max(len(row[0]) for row in rows)
-    for name, value, target in rows:
-        print(f"  {name:<{width}}  {value:>26}  {target}")
+    return rows
 
 
 if __name__ == "__main__":
@@ -324,7 +321,4 @@ if __name__ == "__main__":
     args = parser.parse_args()
     messages = 20_000 if args.quick else args.messages
     result = serve(main(messages, args.devices, args.sparkplug_share, profile=args.profile))
-    result["measured_at"] = datetime.now(UTC).isoformat(timespec="seconds")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "mqtt_drain-latest.json").write_text(json.dumps(result, indent=2) + "\n")
-    _print(result)
+    record("mqtt_drain", result, _figures(result))

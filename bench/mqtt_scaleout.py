@@ -11,7 +11,6 @@ which each batch's transaction appends to. Baseline, same run: the raw COPY of b
 
 import argparse
 import asyncio
-import json
 import os
 import signal
 import socket
@@ -28,8 +27,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from bench.draining import _cpu_by_program, _process_cpu, cpu_since
-from bench.mqtt_drain import RESULTS, backlog, publish, raw_copy
+from bench.draining import cpu_by_program, cpu_since, process_cpu
+from bench.figures import Figure, record
+from bench.mqtt_drain import backlog, publish, raw_copy
 from iiot.embedded import MosquittoBroker
 from iiot.loop import serve
 from registry.migrate import migrate
@@ -88,7 +88,7 @@ class Consumers:
                 time.sleep(0.2)
 
     def cpu(self) -> float:
-        return sum(_process_cpu(str(p.pid)) for p in self._running)
+        return sum(process_cpu(str(p.pid)) for p in self._running)
 
     def stop(self) -> None:
         for process in self._running:
@@ -161,7 +161,7 @@ async def _drain(
 ) -> list[tuple[Any, ...]]:
     """Starts the consumers on their backlog and times them until every point is committed;
     returns the stored rows (for the baseline)."""
-    machine = _cpu_by_program("mosquitto")
+    machine = cpu_by_program("mosquitto")
     started = time.perf_counter()
     consumers.start()
     async with await connect(settings, autocommit=True) as conn:
@@ -186,8 +186,8 @@ async def _drain(
     return rows
 
 
-def _print(r: dict[str, Any]) -> None:
-    rows = [
+def _figures(r: dict[str, Any]) -> list[Figure]:
+    rows: list[Figure] = [
         ("ingest processes (iiot ingest mqtt, $share)", f"{r['processes']}", ""),
         ("messages / points", f"{r['messages']:,} / {r['points']:,}", ""),
         (
@@ -207,9 +207,7 @@ def _print(r: dict[str, Any]) -> None:
         ("machine cores busy during the drain (of 2)", f"{r['machine_cores_busy']}", ""),
         ("dead letters", f"{r['dead_letters']}", "0"),
     ]
-    width = max(len(row[0]) for row in rows)
-    for name, value, target in rows:
-        print(f"  {name:<{width}}  {value:>22}  {target}")
+    return rows
 
 
 if __name__ == "__main__":
@@ -222,7 +220,4 @@ if __name__ == "__main__":
     args = parser.parse_args()
     messages = 20_000 if args.quick else args.messages
     result = serve(main(args.processes, messages, args.devices, args.sparkplug_share))
-    result["measured_at"] = datetime.now(UTC).isoformat(timespec="seconds")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "mqtt_scaleout-latest.json").write_text(json.dumps(result, indent=2) + "\n")
-    _print(result)
+    record("mqtt_scaleout", result, _figures(result))

@@ -19,24 +19,23 @@ cost without maintained counters).
 
 import argparse
 import asyncio
-import json
 import os
 import resource
 import statistics
 import time
 import uuid
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import httpx
 import psycopg
 from psycopg import sql
 
+from bench.figures import Figure, record
 from bench.http_load import start_api
 from iiot.loop import serve
 from iiot.net import free_port
-from ingest.batching import END, EndOfStream, Received, prepare_ahead
+from ingest.batching import END, EndOfStream, Received, write_ahead
 from ingest.decoding import Status
 from ingest.stats import IngestStats
 from ingest.writer import PreparedBatch, TelemetryWriter
@@ -49,7 +48,6 @@ from registry.settings import StoreSettings
 from registry.store import connect, create_pool
 
 Queue = asyncio.Queue[Received[None] | EndOfStream]
-RESULTS = Path(__file__).parent / "results"
 
 
 async def count_latency(base: str, platform: str, requests: int, key: str) -> dict[str, float]:
@@ -136,9 +134,8 @@ async def _drive(
     now: datetime,
     batch: int,
 ) -> None:
-    """One writer's share of the events, run as a consumer runs the writer (prepare_ahead)."""
+    """One writer's share of the events, run as a consumer runs the writer (write_ahead)."""
     queue: Queue = asyncio.Queue(2 * batch)
-    ready: asyncio.Queue[PreparedBatch | EndOfStream] = asyncio.Queue(1)
 
     async def receive() -> None:
         for n in numbers:
@@ -146,11 +143,12 @@ async def _drive(
             await queue.put(Received("mqtt", "", b"", now, [status], None))
         await queue.put(END)
 
+    async def commit(prepared: PreparedBatch) -> None:
+        await writer.commit(prepared)
+
     async with asyncio.TaskGroup() as tasks:
-        tasks.create_task(prepare_ahead(queue, ready, writer, max_points=batch, max_delay=1.0))
         tasks.create_task(receive())
-        while not isinstance(prepared := await ready.get(), EndOfStream):
-            await writer.commit(prepared)
+        await write_ahead(queue, writer, commit, max_points=batch, max_delay=1.0)
 
 
 async def main(devices: int, batch: int, writers: int = 1) -> dict[str, Any]:
@@ -220,10 +218,10 @@ async def main(devices: int, batch: int, writers: int = 1) -> dict[str, Any]:
     return report
 
 
-def _print(report: dict[str, Any]) -> None:
+def _figures(report: dict[str, Any]) -> list[Figure]:
     big = next(k for k in report if k.startswith("count_at_") and k != "count_at_1k")
     small, large = report["count_at_1k"], report[big]
-    rows = [
+    rows: list[Figure] = [
         ("devices / platforms", f"{report['devices']:,} / {report['platforms']}", ""),
         ("connect events/s", f"{report['events']['connect']['events_per_s']:,}", ">= 50,000"),
         ("disconnect events/s", f"{report['events']['disconnect']['events_per_s']:,}", ">= 50,000"),
@@ -245,9 +243,7 @@ def _print(report: dict[str, Any]) -> None:
         ("drift after the events", f"{report['drift'] or 'none'}", "none"),
         ("writer process max RSS (MiB)", f"{report['bench_process_max_rss_mib']}", ""),
     ]
-    width = max(len(r[0]) for r in rows)
-    for name, value, target in rows:
-        print(f"  {name:<{width}}  {value:>22}  {target}")
+    return rows
 
 
 if __name__ == "__main__":
@@ -258,8 +254,5 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true", help="100,000 devices")
     args = parser.parse_args()
     result = serve(main(100_000 if args.quick else args.devices, args.batch, args.writers))
-    result["measured_at"] = datetime.now(UTC).isoformat(timespec="seconds")
-    RESULTS.mkdir(exist_ok=True)
     name = "registry_events" if args.writers == 1 else f"registry_events-{args.writers}writers"
-    (RESULTS / f"{name}-latest.json").write_text(json.dumps(result, indent=2) + "\n")
-    _print(result)
+    record(name, result, _figures(result))
