@@ -15,7 +15,12 @@ advanced by compare-and-set against the value this consumer last read or wrote, 
 that lost a partition without noticing cannot write it twice: its transaction rolls back
 (`Fenced`) and it starts a new session.
 
-Back-pressure: between fetch and write sits a bounded queue; while it is full the assigned
+Lanes: the owned partitions are spread over `kafka_write_lanes` writers, a partition always to
+the same one (by topic and number), so each partition's records are still written in order and
+its offsets advanced by one writer; the lanes' transactions run side by side on connections of
+their own, each adding to a counter shard of its own.
+
+Back-pressure: between fetch and each lane sits a bounded queue; while one is full the assigned
 partitions are paused, so aiokafka's own prefetch (bounded by its fetch sizes) is all that
 waits in memory.
 """
@@ -23,6 +28,7 @@ waits in memory.
 import asyncio
 import contextlib
 import logging
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -129,12 +135,24 @@ class KafkaIngest:
         self._settings = settings
         self._pool = pool
         self.stats = stats or IngestStats()
-        self._writer = TelemetryWriter(
+        # One writer per lane, sharing what they know of the registry; distinct counter shards,
+        # so that concurrent transactions never wait for each other's counter rows.
+        first = TelemetryWriter(
             pool,
             stats=self.stats,
             counter_shard=settings.kafka_shard,
             renew_seconds=settings.activity_renew_seconds,
         )
+        self._writers = [first] + [
+            TelemetryWriter(
+                pool,
+                stats=self.stats,
+                counter_shard=(settings.kafka_shard + lane) % 64,
+                directory=first.directory,
+                renew_seconds=settings.activity_renew_seconds,
+            )
+            for lane in range(1, settings.kafka_write_lanes)
+        ]
         self._topics = TopicScheme(settings.mqtt_topic_root)
         self._decode = MessageDecoder(self._topics, settings)
         groups = settings.sparkplug_platforms()
@@ -152,7 +170,7 @@ class KafkaIngest:
         self._idle = asyncio.Event()
         self._idle.set()
         self._stopping = asyncio.Event()
-        self._queue: asyncio.Queue[Any] | None = None
+        self._queues: list[asyncio.Queue[Any]] = []
         self.assigned = asyncio.Event()
         """Set while partitions are assigned and positioned (tests and readiness wait on it)."""
         self.skipped_offsets = 0
@@ -164,11 +182,11 @@ class KafkaIngest:
 
     def registry_changed(self, platform: str) -> None:
         """An operator changed the registry: forget what was cached about it."""
-        self._writer.directory.forget()
+        self._writers[0].directory.forget()
 
     def queue_depth(self) -> int:
         """Messages received and not yet written (metrics)."""
-        return self._queue.qsize() if self._queue is not None else 0
+        return sum(queue.qsize() for queue in self._queues)
 
     def partition_lag(self) -> dict[tuple[str, int], int]:
         """Records behind each owned partition's end, as of the last fetch (metrics)."""
@@ -233,17 +251,19 @@ class KafkaIngest:
                 await self._take(consumer, self._static)
             else:
                 consumer.subscribe(s.kafka_topics, listener=_Listener(self, consumer))
-            queue: asyncio.Queue[Received[KafkaAck] | EndOfStream] = asyncio.Queue(
-                s.queue_max_messages
-            )
-            self._queue = queue
+            size = max(1, s.queue_max_messages // len(self._writers))
+            queues: list[asyncio.Queue[Received[KafkaAck] | EndOfStream]] = [
+                asyncio.Queue(size) for _ in self._writers
+            ]
+            self._queues = list(queues)
             async with asyncio.TaskGroup() as tasks:
-                fetching = tasks.create_task(self._fetch(consumer, queue))
-                writing = tasks.create_task(self._write(consumer, queue))
+                fetching = tasks.create_task(self._fetch(consumer, queues))
+                writing = tasks.create_task(self._write(consumer, queues))
                 stopping = tasks.create_task(self._stopping.wait())
                 await asyncio.wait((stopping, writing), return_when=asyncio.FIRST_COMPLETED)
                 fetching.cancel()
-                await queue.put(END)
+                for queue in queues:
+                    await queue.put(END)
                 try:
                     async with asyncio.timeout(s.shutdown_grace_seconds):
                         await writing
@@ -306,7 +326,9 @@ class KafkaIngest:
             return {TopicPartition(t, p): o for t, p, o in await cursor.fetchall()}
 
     async def _fetch(
-        self, consumer: AIOKafkaConsumer, queue: "asyncio.Queue[Received[KafkaAck] | EndOfStream]"
+        self,
+        consumer: AIOKafkaConsumer,
+        queues: "list[asyncio.Queue[Received[KafkaAck] | EndOfStream]]",
     ) -> None:
         decode = self._decode
         root = self._topics.root
@@ -316,6 +338,7 @@ class KafkaIngest:
                 epoch = self._epochs.get(tp)
                 if epoch is None:
                     continue  # revoked meanwhile
+                queue = queues[_lane(tp, len(queues))]
                 highwater = consumer.highwater(tp)
                 if highwater is not None:
                     self.lag[tp] = max(highwater - records[-1].offset - 1, 0)
@@ -359,16 +382,28 @@ class KafkaIngest:
                         await asyncio.sleep(0)
 
     async def _write(
-        self, consumer: AIOKafkaConsumer, queue: "asyncio.Queue[Received[KafkaAck] | EndOfStream]"
+        self,
+        consumer: AIOKafkaConsumer,
+        queues: "list[asyncio.Queue[Received[KafkaAck] | EndOfStream]]",
+    ) -> None:
+        async with asyncio.TaskGroup() as lanes:
+            for queue, writer in zip(queues, self._writers, strict=True):
+                lanes.create_task(self._write_lane(consumer, queue, writer))
+
+    async def _write_lane(
+        self,
+        consumer: AIOKafkaConsumer,
+        queue: "asyncio.Queue[Received[KafkaAck] | EndOfStream]",
+        writer: TelemetryWriter,
     ) -> None:
         async def commit(prepared: PreparedBatch) -> None:
             collected = prepared.collected
             current = self._current(collected)
             if len(current) != len(prepared.batch):
                 # A rebalance while the batch was prepared: write what is still ours.
-                prepared = await self._writer.prepare(current)
+                prepared = await writer.prepare(current)
             if current:
-                advanced = await self._write_until_committed(consumer, prepared)
+                advanced = await self._write_until_committed(consumer, writer, prepared)
                 self._stored.update((tp, n) for tp, n in advanced.items() if tp in self._epochs)
                 with contextlib.suppress(KafkaError):
                     # Only for lag tools; the database holds the truth.
@@ -380,7 +415,7 @@ class KafkaIngest:
         s = self._settings
         await write_ahead(
             queue,
-            self._writer,
+            writer,
             commit,
             max_points=s.batch_max_points,
             max_delay=s.batch_max_delay_seconds,
@@ -393,7 +428,7 @@ class KafkaIngest:
         return [m for m in batch if self._epochs.get(m.ack.partition) == m.ack.epoch]
 
     async def _write_until_committed(
-        self, consumer: AIOKafkaConsumer, prepared: PreparedBatch
+        self, consumer: AIOKafkaConsumer, writer: TelemetryWriter, prepared: PreparedBatch
     ) -> dict[TopicPartition, int]:
         """Writes the batch and its offsets in one transaction; returns the new offsets."""
         batch: Sequence[Received[KafkaAck]] = prepared.batch
@@ -412,7 +447,7 @@ class KafkaIngest:
                 await keep_births(conn, batch)
             await _advance(conn, group, expected, advanced, ends)
 
-        await self._writer.commit_until_done(prepared, in_transaction=store_offsets, noun="records")
+        await writer.commit_until_done(prepared, in_transaction=store_offsets, noun="records")
         return advanced
 
 
@@ -454,6 +489,11 @@ async def _advance(
             )
             if cur.rowcount != len(new):
                 raise Fenced(f"another consumer of group {group!r} stored offsets first")
+
+
+def _lane(tp: TopicPartition, lanes: int) -> int:
+    """The lane that writes a partition: the same for as long as this process runs."""
+    return (zlib.crc32(str(tp.topic).encode()) + int(tp.partition)) % lanes
 
 
 def _received(

@@ -92,6 +92,10 @@ class IngestSettings(Limits, TopicSettings):
     # Records fetched per poll; memory is bounded by this and aiokafka's fetch limits.
     kafka_max_records: int = Field(default=10_000, ge=1)
     kafka_session_timeout_ms: int = Field(default=10_000, ge=1000)
+    # Owned partitions are spread over this many writers (a partition always to the same one),
+    # each committing its batches and their offsets on a connection of its own: with one
+    # transaction at a time, this process and PostgreSQL took turns and a core stood idle.
+    kafka_write_lanes: int = Field(default=2, ge=1, le=16)
     # Static assignment instead of the group's: IIOT_KAFKA_PARTITIONS=topic:0,topic:1
     kafka_partitions: Annotated[list[str], NoDecode] | None = None
 

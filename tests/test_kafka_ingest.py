@@ -248,6 +248,30 @@ async def test_two_consumers_on_the_same_partitions_write_each_record_once(
     assert await scalar(db, "SELECT count(*) FROM telemetry") == 1_980 * 10
 
 
+async def test_the_partitions_are_written_by_two_lanes_each_with_a_counter_shard(
+    settings: IngestSettings, pool: AsyncConnectionPool, db: Any, platform: str
+) -> None:
+    assert settings.kafka_write_lanes == 2  # the default
+    await produce(
+        settings.require_kafka_bootstrap(),
+        settings.kafka_topics[0],
+        stream(platform, 2_000, devices=200),
+    )
+    async with consuming(KafkaIngest(settings, pool)):
+        await eventually(lambda: scalar(db, "SELECT count(*) = 20000 FROM telemetry"))
+    cursor = await db.execute(
+        "SELECT shard, registered FROM platform_counters "
+        "WHERE platform_id = %s AND registered > 0 ORDER BY shard",
+        (platform,),
+    )
+    by_shard = dict(await cursor.fetchall())
+    # Each device's records sit in one partition, so one lane registered it, once.
+    assert len(by_shard) == 2, by_shard
+    assert sum(by_shard.values()) == 200
+    assert await scalar(db, "SELECT sum(next_offset) FROM kafka_offsets") == 2_000
+    assert await scalar(db, "SELECT sum(value)::bigint FROM telemetry") == value_sum(2_000)
+
+
 async def test_a_slow_writer_pauses_fetching_and_loses_nothing(
     settings: IngestSettings, pool: AsyncConnectionPool, db: Any, platform: str
 ) -> None:
