@@ -30,7 +30,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from ingest.batching import END, EndOfStream, Received, write_ahead
 from ingest.decoding import MessageDecoder
-from ingest.paho_speedups import read_in_bulk, share_property_tables
+from ingest.paho_speedups import acknowledge, read_in_bulk, share_property_tables
 from ingest.settings import IngestSettings
 from ingest.sparkplug import NAMESPACE, state_payload, state_topic
 from ingest.sparkplug_host import SparkplugHost
@@ -281,12 +281,11 @@ class MqttIngest:
                     await keep_births(conn, prepared.batch)
 
             await self._writer.commit_until_done(prepared, in_transaction=in_transaction)
-            for message in prepared.collected:
-                mid, qos = message.ack
-                if qos > 0 and paho.ack(mid, qos) != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                    # Connection gone: the broker redelivers in the next session; the writer
-                    # stores the redelivered points once.
-                    raise aiomqtt.MqttError("acknowledgement failed: not connected")
+            acks = [message.ack for message in prepared.collected]
+            if acknowledge(paho, acks) != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                # Connection gone: the broker redelivers in the next session; the writer
+                # stores the redelivered points once.
+                raise aiomqtt.MqttError("acknowledgement failed: not connected")
 
         s = self._settings
         await write_ahead(

@@ -170,6 +170,40 @@ async def test_messages_are_acknowledged_only_after_their_batch_commits(
 
 
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+async def test_acknowledged_messages_are_not_delivered_again(
+    ingest_settings: IngestSettings,
+    pool: AsyncConnectionPool,
+    db: psycopg.AsyncConnection[Any],
+    platform: str,
+    mqtt_url: str,
+    protocol: str,
+) -> None:
+    """The acknowledgements of each batch go out as one write (ingest/paho_speedups.py): if
+    the broker did not take them, it would deliver the 300 messages again to the next session
+    (which would store no duplicate, so only the count of messages received shows it)."""
+    settings = ingest_settings.model_copy(update={"mqtt_protocol": protocol})
+    topics = TopicScheme(settings.mqtt_topic_root)
+    async with running(MqttIngest(settings, pool)), publisher(mqtt_url, protocol) as client:
+        for n in range(300):
+            await client.publish(
+                topics.telemetry(platform, f"d{n % 7}"),
+                payload({"metrics": {"v": n, "w": -n}}),
+                qos=1,
+            )
+        await eventually(lambda: scalar(db, "SELECT count(*) = 600 FROM telemetry"))
+    async with (
+        running(MqttIngest(settings, pool)) as second,
+        publisher(mqtt_url, protocol) as client,
+    ):
+        await client.publish(
+            topics.telemetry(platform, "marker"), payload({"metrics": {"v": 1}}), qos=1
+        )
+        await eventually(lambda: scalar(db, "SELECT count(*) = 601 FROM telemetry"))
+        assert second.stats.messages == 1
+        assert second.stats.duplicates_skipped == 0
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
 async def test_points_published_while_ingest_is_down_arrive_when_it_returns(
     ingest_settings: IngestSettings,
     pool: AsyncConnectionPool,
