@@ -257,7 +257,11 @@ class MqttIngest:
                 else:
                     outcome = decode(topic, payload, received_at)
                 ack = (message.mid, message.qos)
-                await queue.put(Received("mqtt", topic, payload, received_at, outcome, ack))
+                received = Received("mqtt", topic, payload, received_at, outcome, ack)
+                if queue.full():
+                    await queue.put(received)  # the writer is behind: wait (back-pressure)
+                else:
+                    queue.put_nowait(received)
                 self.stats.messages += 1
                 taken += 1
                 if taken % _YIELD_EVERY == 0:
