@@ -334,6 +334,7 @@ class KafkaIngest:
         root = self._topics.root
         while True:
             fetched = await consumer.getmany(timeout_ms=1000)
+            now = datetime.now(UTC)  # once per fetch: the records' times are the producer's
             for tp, records in fetched.items():
                 epoch = self._epochs.get(tp)
                 if epoch is None:
@@ -361,7 +362,9 @@ class KafkaIngest:
                         )
                     next_offset = record.offset + 1
                     self._next[tp] = next_offset
-                    message = _received(record, tp, epoch, root, decode, sparkplug=self.sparkplug)
+                    message = _received(
+                        record, tp, epoch, root, decode, now=now, sparkplug=self.sparkplug
+                    )
                     if queue.full():
                         # The writer is behind: stop fetching until it catches up.
                         paused = consumer.assignment()
@@ -503,11 +506,11 @@ def _received(
     root: str,
     decode: MessageDecoder,
     *,
+    now: datetime,
     sparkplug: SparkplugHost | None,
 ) -> Received[KafkaAck]:
     """Decodes one record: its key names the device (or gateway) as in the MQTT topic, or a
     header names the Sparkplug topic of a Sparkplug payload."""
-    now = datetime.now(UTC)
     # The producer's time, not ours: a backlog read hours later is judged (time window,
     # liveness) by when it was sent. Never later than now.
     sent = datetime.fromtimestamp(record.timestamp / 1000, UTC) if record.timestamp else now

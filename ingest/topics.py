@@ -14,6 +14,8 @@ GATEWAYS = "gateways"
 
 
 KINDS = ("telemetry", "status")
+# Topics parsed, kept: a fleet's topics repeat with every message (bounded; cleared when full).
+_PARSED_MAX = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +35,7 @@ class TopicScheme:
     def __init__(self, root: str) -> None:
         self.root = root
         self._prefix = root + "/"
+        self._parsed: dict[str, Address] = {}
 
     def filters(self, shared_group: str | None = None) -> list[str]:
         """The subscriptions that receive every platform's telemetry and status."""
@@ -54,6 +57,16 @@ class TopicScheme:
         return f"{self.root}/{platform}/{GATEWAYS}/{gateway}/status"
 
     def parse(self, topic: str) -> Address:
+        """What a topic names; raises Rejected for a topic outside the contract."""
+        address = self._parsed.get(topic)
+        if address is None:
+            address = self._parse(topic)
+            if len(self._parsed) >= _PARSED_MAX:
+                self._parsed.clear()
+            self._parsed[topic] = address
+        return address
+
+    def _parse(self, topic: str) -> Address:
         if not topic.startswith(self._prefix):
             raise Rejected("bad_topic", f"topic is not under {self.root}/")
         parts = topic[len(self._prefix) :].split("/")
