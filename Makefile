@@ -45,6 +45,7 @@ bench: $(STAMP) ## Benchmarks beside their baselines (several minutes; see docs/
 	$(BIN)/python -m bench.mqtt_drain
 	$(BIN)/python -m bench.mqtt_scaleout
 	$(BIN)/python -m bench.kafka_drain
+	$(BIN)/python -m bench.kafka_scaleout
 	$(BIN)/python -m bench.registry_events
 	$(BIN)/python -m bench.registry_events --writers 3
 	$(BIN)/python -m bench.api_requests
@@ -53,6 +54,7 @@ bench-quick: $(STAMP) ## The benchmarks at a tenth of their size (a smoke run)
 	$(BIN)/python -m bench.mqtt_drain --quick
 	$(BIN)/python -m bench.mqtt_scaleout --quick
 	$(BIN)/python -m bench.kafka_drain --quick
+	$(BIN)/python -m bench.kafka_scaleout --quick
 	$(BIN)/python -m bench.registry_events --quick
 	$(BIN)/python -m bench.api_requests --quick
 

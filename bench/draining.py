@@ -1,11 +1,17 @@
-"""Runs an ingest consumer until a backlog is stored: shared by the drain benchmarks."""
+"""Runs ingest until a backlog is stored, in this process or as `iiot ingest` processes:
+shared by the drain benchmarks."""
 
 import asyncio
 import os
+import signal
+import socket
+import subprocess
+import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 from ingest.stats import IngestStats
 from registry.settings import StoreSettings
@@ -127,3 +133,82 @@ async def until_stored(
     if stored != expected:
         raise RuntimeError(f"{stored:,} points stored, {expected:,} expected")
     return Drain(elapsed, used, split, waited)
+
+
+# Committed points, read from the usage ledger that each batch's transaction appends to (the
+# points are committed by other processes, whose own counts this process cannot read).
+PROGRESS = "SELECT coalesce(sum(points + duplicate_points), 0) FROM usage_ledger"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class IngestProcesses:
+    """`iiot ingest {transport}` processes, one per environment, started and stopped together;
+    each serves /readyz on a port of its own."""
+
+    def __init__(self, transport: Literal["mqtt", "kafka"], envs: list[dict[str, str]]) -> None:
+        self._command = [sys.executable, "-m", "iiot.cli", "ingest", transport]
+        self._envs = [
+            env | {"IIOT_METRICS_PORT": str(_free_port()), "IIOT_LOG_LEVEL": "WARNING"}
+            for env in envs
+        ]
+        self._running: list[subprocess.Popen[bytes]] = []
+
+    def start(self) -> None:
+        self._running = [subprocess.Popen(self._command, env=e) for e in self._envs]  # noqa: S603
+
+    def ready(self, within: float = 60) -> None:
+        """Waits until every process answers /readyz (subscribed or assigned) with 200."""
+        deadline = time.monotonic() + within
+        for env in self._envs:
+            url = f"http://127.0.0.1:{env['IIOT_METRICS_PORT']}/readyz"
+            while True:
+                try:
+                    with urllib.request.urlopen(url, timeout=1) as answer:
+                        if answer.status == 200:
+                            break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{url} not ready")
+                time.sleep(0.2)
+
+    def cpu(self) -> float:
+        return sum(process_cpu(str(p.pid)) for p in self._running)
+
+    def stop(self) -> None:
+        for process in self._running:
+            process.send_signal(signal.SIGTERM)
+        for process in self._running:
+            if process.wait(60) != 0:
+                raise RuntimeError(f"an ingest process exited with {process.returncode}")
+
+
+async def processes_until_stored(
+    processes: IngestProcesses, settings: StoreSettings, expected: int, *, broker: str
+) -> tuple[Drain, int, list[tuple[object, ...]]]:
+    """Starts the processes on their backlog and times them from their start (imports and
+    connection included) until every point is committed; stops them. Returns the drain, the
+    dead letters and the stored rows (for the baseline)."""
+    machine = cpu_by_program(broker)
+    started = time.perf_counter()
+    processes.start()
+    async with await connect(settings, autocommit=True) as conn:
+        while (await (await conn.execute(PROGRESS)).fetchone() or (0,))[0] < expected:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+        elapsed = time.perf_counter() - started
+        used = processes.cpu()
+        split = cpu_since(machine, elapsed, broker=broker)
+        processes.stop()
+        stored = await (await conn.execute("SELECT count(*) FROM telemetry")).fetchone()
+        if not stored or stored[0] != expected:
+            raise RuntimeError(f"{stored} points stored, {expected:,} expected")
+        cur = await conn.execute("SELECT count(*) FROM dead_letters")
+        dead_letters = (await cur.fetchone() or (0,))[0]
+        cur = await conn.execute("SELECT time, device_id, metric_id, value FROM telemetry")
+        rows = await cur.fetchall()
+    return Drain(elapsed, used, split, 0.0), dead_letters, rows

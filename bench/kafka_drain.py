@@ -38,6 +38,8 @@ from registry.platforms import upsert_platform
 from registry.settings import StoreSettings
 from registry.store import connect, create_pool
 
+PARTITIONS = 4  # the mock cluster's topics have 4 partitions
+
 
 # The mock cluster keeps about 5 MB per partition and deletes older records; compressed batches
 # (as production producers send them) keep the whole backlog.
@@ -62,11 +64,12 @@ async def produce(bootstrap: str, topic: str, records: list[tuple[str, bytes]]) 
     return time.perf_counter() - started
 
 
-async def _log_start(bootstrap: str, topic: str) -> list[int]:
+async def log_start(bootstrap: str, topic: str) -> list[int]:
+    """Each partition's first offset (not 0: the mock deleted records)."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
     await consumer.start()
     try:
-        partitions = [TopicPartition(topic, p) for p in range(4)]
+        partitions = [TopicPartition(topic, p) for p in range(PARTITIONS)]
         return list((await consumer.beginning_offsets(partitions)).values())
     finally:
         await consumer.stop()
@@ -111,7 +114,7 @@ async def main(records: int, devices: int) -> dict[str, Any]:
             seconds = await produce(cluster.bootstrap, settings.kafka_topics[0], bodies)
             report["produce_records_per_s"] = round(records / seconds)
 
-            begin = await _log_start(cluster.bootstrap, settings.kafka_topics[0])
+            begin = await log_start(cluster.bootstrap, settings.kafka_topics[0])
             if any(begin):
                 raise RuntimeError(f"the mock deleted records before the run: {begin}")
             drained = await drain(settings, expected, f"pid:{cluster.pid}")

@@ -12,12 +12,6 @@ which each batch's transaction appends to. Baseline, same run: the raw COPY of b
 import argparse
 import asyncio
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,7 +21,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from bench.draining import cpu_by_program, cpu_since, process_cpu
+from bench.draining import IngestProcesses, processes_until_stored
 from bench.figures import Figure, record
 from bench.mqtt_drain import backlog, publish, raw_copy
 from iiot.embedded import MosquittoBroker
@@ -37,65 +31,21 @@ from registry.platforms import upsert_platform
 from registry.settings import StoreSettings
 from registry.store import connect
 
-PROGRESS = "SELECT coalesce(sum(points + duplicate_points), 0) FROM usage_ledger"
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Consumers:
-    """`processes` x `iiot ingest mqtt`, started and stopped together."""
-
-    def __init__(self, processes: int, env: dict[str, str], tag: str) -> None:
-        self._envs = []
-        for k in range(processes):
-            port = _free_port()
-            self._envs.append(
-                env
-                | {
-                    "IIOT_MQTT_CLIENT_ID": f"bench-{tag}-{k}",
-                    "IIOT_MQTT_SHARED_GROUP": "bench",
-                    # Sparkplug on the first process only; the others take no Sparkplug topics.
-                    "IIOT_SPARKPLUG_GROUPS": "bench=bench" if k == 0 else "",
-                    "IIOT_SPARKPLUG_HOST_ID": "",
-                    "IIOT_METRICS_PORT": str(port),
-                    "IIOT_LOG_LEVEL": "WARNING",
-                }
-            )
-        self._running: list[subprocess.Popen[bytes]] = []
-
-    def start(self) -> None:
-        command = [sys.executable, "-m", "iiot.cli", "ingest", "mqtt"]
-        self._running = [subprocess.Popen(command, env=e) for e in self._envs]  # noqa: S603
-
-    def ready(self, within: float = 60) -> None:
-        """Waits until every process answers /readyz (subscribed) with 200."""
-        deadline = time.monotonic() + within
-        for env in self._envs:
-            url = f"http://127.0.0.1:{env['IIOT_METRICS_PORT']}/readyz"
-            while True:
-                try:
-                    with urllib.request.urlopen(url, timeout=1) as answer:
-                        if answer.status == 200:
-                            break
-                except OSError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{url} not ready")
-                time.sleep(0.2)
-
-    def cpu(self) -> float:
-        return sum(process_cpu(str(p.pid)) for p in self._running)
-
-    def stop(self) -> None:
-        for process in self._running:
-            process.send_signal(signal.SIGTERM)
-        for process in self._running:
-            if process.wait(60) != 0:
-                raise RuntimeError(f"an ingest process exited with {process.returncode}")
+def consumers(processes: int, env: dict[str, str], tag: str) -> IngestProcesses:
+    """`processes` x `iiot ingest mqtt` sharing the JSON topics; Sparkplug on the first only
+    (an edge node's stream must reach one process)."""
+    envs = [
+        env
+        | {
+            "IIOT_MQTT_CLIENT_ID": f"bench-{tag}-{k}",
+            "IIOT_MQTT_SHARED_GROUP": "bench",
+            "IIOT_SPARKPLUG_GROUPS": "bench=bench" if k == 0 else "",
+            "IIOT_SPARKPLUG_HOST_ID": "",
+        }
+        for k in range(processes)
+    ]
+    return IngestProcesses("mqtt", envs)
 
 
 async def main(
@@ -125,10 +75,10 @@ async def main(
                 "IIOT_MQTT_URL": url,
                 "IIOT_MQTT_TOPIC_ROOT": root,
             }
-            consumers = Consumers(processes, env, tag)
-            consumers.start()  # creates the persistent sessions and their subscriptions
-            await asyncio.to_thread(consumers.ready)
-            consumers.stop()
+            running = consumers(processes, env, tag)
+            running.start()  # creates the persistent sessions and their subscriptions
+            await asyncio.to_thread(running.ready)
+            running.stop()
 
             base_ms = int(datetime.now(UTC).timestamp() * 1000) - 3_600_000
             streams, json_messages, expected = backlog(
@@ -139,7 +89,13 @@ async def main(
             report["points"] = expected
             await asyncio.to_thread(publish, broker.port or 1883, streams)
 
-            rows = await _drain(consumers, settings, expected, report)
+            drained, report["dead_letters"], rows = await processes_until_stored(
+                running, settings, expected, broker="mosquitto"
+            )
+            report["drain_seconds"] = round(drained.seconds, 2)
+            report["drain_points_per_s"] = round(expected / drained.seconds)
+            report["ingest_cpu_s_per_million_points"] = round(drained.cpu / expected * 1e6, 2)
+            report |= drained.split.per_million(expected)
             rows.sort(key=lambda r: (r[0], r[1], r[2]))
             copy_seconds = await raw_copy(copy_settings, rows, 50_000)
             report["raw_copy_rows_per_s"] = round(len(rows) / copy_seconds)
@@ -154,36 +110,6 @@ async def main(
                         sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema))
                     )
     return report
-
-
-async def _drain(
-    consumers: Consumers, settings: StoreSettings, expected: int, report: dict[str, Any]
-) -> list[tuple[Any, ...]]:
-    """Starts the consumers on their backlog and times them until every point is committed;
-    returns the stored rows (for the baseline)."""
-    machine = cpu_by_program("mosquitto")
-    started = time.perf_counter()
-    consumers.start()
-    async with await connect(settings, autocommit=True) as conn:
-        # Polling the store: the points are committed by other processes.
-        while (await (await conn.execute(PROGRESS)).fetchone() or (0,))[0] < expected:  # noqa: ASYNC110
-            await asyncio.sleep(0.1)
-        elapsed = time.perf_counter() - started
-        used = consumers.cpu()
-        split = cpu_since(machine, elapsed, broker="mosquitto")
-        consumers.stop()
-        stored = await (await conn.execute("SELECT count(*) FROM telemetry")).fetchone()
-        if not stored or stored[0] != expected:
-            raise RuntimeError(f"{stored} points stored, {expected:,} expected")
-        cur = await conn.execute("SELECT count(*) FROM dead_letters")
-        report["dead_letters"] = (await cur.fetchone() or (0,))[0]
-        cur = await conn.execute("SELECT time, device_id, metric_id, value FROM telemetry")
-        rows = await cur.fetchall()
-    report["drain_seconds"] = round(elapsed, 2)
-    report["drain_points_per_s"] = round(expected / elapsed)
-    report["ingest_cpu_s_per_million_points"] = round(used / expected * 1e6, 2)
-    report |= split.per_million(expected)
-    return rows
 
 
 def _figures(r: dict[str, Any]) -> list[Figure]:
