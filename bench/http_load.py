@@ -51,6 +51,34 @@ def start_api(
     raise RuntimeError("the API did not start")
 
 
+async def _exchange(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes
+) -> int:
+    """Sends one request and reads its answer; returns the status."""
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line[:15].lower() == b"content-length:":
+            length = int(line[15:])
+    await reader.readexactly(length)
+    return int(head[9:12])
+
+
+def _request(path: str, headers: dict[str, str]) -> bytes:
+    lines = [f"GET {path} HTTP/1.1", "Host: 127.0.0.1"]
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def _percentiles(samples: list[float]) -> dict[str, float]:
+    samples.sort()
+    return {
+        "p50_ms": round(statistics.median(samples) * 1000, 3),
+        "p99_ms": round(samples[int(len(samples) * 0.99) - 1] * 1000, 3),
+    }
+
+
 async def _connection(
     port: int, request: bytes, until: float, samples: list[float], errors: list[int]
 ) -> None:
@@ -58,14 +86,7 @@ async def _connection(
     try:
         while time.perf_counter() < until:
             started = time.perf_counter()
-            writer.write(request)
-            head = await reader.readuntil(b"\r\n\r\n")
-            status = int(head[9:12])
-            length = 0
-            for line in head.split(b"\r\n"):
-                if line[:15].lower() == b"content-length:":
-                    length = int(line[15:])
-            await reader.readexactly(length)
+            status = await _exchange(reader, writer, request)
             samples.append(time.perf_counter() - started)
             if status != 200:
                 errors.append(status)
@@ -73,13 +94,31 @@ async def _connection(
         writer.close()
 
 
+async def latency(
+    port: int, path: str, *, headers: dict[str, str], requests: int, warm_up: int = 50
+) -> dict[str, float]:
+    """p50/p99 of GET `path`, `requests` one after another on one keep-alive connection."""
+    request = _request(path, headers)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    samples: list[float] = []
+    try:
+        for n in range(warm_up + requests):
+            started = time.perf_counter()
+            status = await _exchange(reader, writer, request)
+            if n >= warm_up:
+                samples.append(time.perf_counter() - started)
+            if status != 200:
+                raise RuntimeError(f"GET {path} answered {status}")
+    finally:
+        writer.close()
+    return _percentiles(samples)
+
+
 async def load(
     port: int, path: str, *, headers: dict[str, str], connections: int, seconds: float
 ) -> dict[str, Any]:
     """Requests/s and latency of GET `path` from `connections` keep-alive connections."""
-    lines = [f"GET {path} HTTP/1.1", "Host: 127.0.0.1"]
-    lines += [f"{k}: {v}" for k, v in headers.items()]
-    request = ("\r\n".join(lines) + "\r\n\r\n").encode()
+    request = _request(path, headers)
     samples: list[float] = []
     errors: list[int] = []
     started = time.perf_counter()
@@ -90,10 +129,7 @@ async def load(
     elapsed = time.perf_counter() - started
     if errors:
         raise RuntimeError(f"{len(errors)} answers to {path} were not 200 (e.g. {errors[0]})")
-    samples.sort()
     return {
         "requests": len(samples),
         "requests_per_second": round(len(samples) / elapsed),
-        "p50_ms": round(statistics.median(samples) * 1000, 2),
-        "p99_ms": round(samples[int(len(samples) * 0.99) - 1] * 1000, 2),
-    }
+    } | {k: round(v, 2) for k, v in _percentiles(samples).items()}
