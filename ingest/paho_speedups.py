@@ -33,12 +33,16 @@ def share_property_tables() -> None:
     compressed = [name.replace(" ", "") for name in names]
 
     def __init__(self: Any, packetType: int) -> None:
-        self.packetType = packetType
-        self.types, self.names, self.properties = types, names, properties
+        # Past paho's __setattr__, which checks every name it is given (4 calls a packet).
+        self.__dict__.update(packetType=packetType, types=types, names=names, properties=properties)
 
     def clear(self: Any) -> None:
-        for name in compressed:
-            self.__dict__.pop(name, None)
+        # paho clears every Properties it unpacks, nearly always a fresh one holding only the
+        # four attributes above: then there is nothing to pop (27 pops a packet otherwise).
+        attributes = self.__dict__
+        if len(attributes) > 4:
+            for name in compressed:
+                attributes.pop(name, None)
 
     Properties.__init__ = __init__  # type: ignore[method-assign]
     Properties.clear = clear  # type: ignore[method-assign]
