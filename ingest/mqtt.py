@@ -17,8 +17,9 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import aiomqtt
 from paho.mqtt.client import Client as PahoClient
@@ -30,7 +31,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from ingest.batching import END, EndOfStream, Received, write_ahead
 from ingest.decoding import MessageDecoder
-from ingest.paho_speedups import acknowledge, read_in_bulk, share_property_tables
+from ingest.paho_speedups import Publish, acknowledge, read_in_bulk, share_property_tables
 from ingest.settings import IngestSettings
 from ingest.sparkplug import NAMESPACE, state_payload, state_topic
 from ingest.sparkplug_host import SparkplugHost
@@ -229,8 +230,12 @@ class MqttIngest:
         )
         # Must happen before connecting: the backlog delivered at connect would otherwise be
         # acknowledged automatically (docs/adr/0002).
-        _paho(client).manual_ack_set(True)
-        read_in_bulk(_paho(client))
+        paho = _paho(client)
+        paho.manual_ack_set(True)
+        # Received messages reach aiomqtt's queue as (topic, payload, packet id, QoS) tuples,
+        # without aiomqtt's Message objects; `_receive` reads them from there.
+        put = _received(client).put_nowait
+        read_in_bulk(paho, on_publish=lambda *received: put(received))
         return client
 
     async def _receive(
@@ -239,24 +244,20 @@ class MqttIngest:
         decode = self._decode
         sparkplug = self.sparkplug.decode if self.sparkplug is not None else None
         # aiomqtt's iterator creates a task per message; take what is already queued directly.
-        # (Its queue is private: see docs/adr/0002.)
-        backlog: asyncio.Queue[aiomqtt.Message] = client._queue
+        # (Its queue is private, and holds what `_client` puts there: see docs/adr/0002.)
+        backlog = _received(client)
+        messages = cast("AsyncIterator[Publish]", client.messages)
         taken = 0
-        async for first in client.messages:
+        async for first in messages:
             message = first
             while True:
                 received_at = datetime.now(UTC)
-                topic = message.topic.value
-                payload = (
-                    message.payload
-                    if isinstance(message.payload, bytes)
-                    else _as_bytes(message.payload)
-                )
+                topic, payload, mid, qos = message
                 if sparkplug is not None and topic.startswith(NAMESPACE):
                     outcome = sparkplug(topic, payload, received_at)
                 else:
                     outcome = decode(topic, payload, received_at)
-                ack = (message.mid, message.qos)
+                ack = (mid, qos)
                 received = Received("mqtt", topic, payload, received_at, outcome, ack)
                 if queue.full():
                     await queue.put(received)  # the writer is behind: wait (back-pressure)
@@ -301,14 +302,11 @@ class MqttIngest:
         )
 
 
+def _received(client: aiomqtt.Client) -> "asyncio.Queue[Publish]":
+    # aiomqtt's message queue, which `MqttIngest._client` fills with tuples (docs/adr/0002).
+    return cast("asyncio.Queue[Publish]", client._queue)
+
+
 def _paho(client: aiomqtt.Client) -> PahoClient:
     # aiomqtt keeps its paho client private; manual acknowledgement needs it (docs/adr/0002).
     return client._client
-
-
-def _as_bytes(payload: object) -> bytes:
-    if isinstance(payload, bytes | bytearray):
-        return bytes(payload)
-    if isinstance(payload, str):
-        return payload.encode()
-    return str(payload).encode() if payload is not None else b""

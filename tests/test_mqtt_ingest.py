@@ -6,12 +6,9 @@ from typing import Any
 
 import psycopg
 import pytest
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import MQTTException, Properties
 from psycopg_pool import AsyncConnectionPool
 
 from ingest.mqtt import MqttIngest
-from ingest.paho_speedups import share_property_tables
 from ingest.settings import IngestSettings
 from ingest.topics import TopicScheme
 from registry.access import Role
@@ -129,26 +126,6 @@ async def test_large_and_small_messages_read_in_bulk_arrive_whole(
     cur = await db.execute("SELECT reason, length(payload) FROM dead_letters")
     assert await cur.fetchall() == [("payload_too_large", len(huge))] * 3
     assert await scalar(db, "SELECT sum(value) FROM telemetry") == 3 * sum(range(200))
-
-
-def test_shared_property_tables_unpack_what_paho_packs() -> None:
-    share_property_tables()
-    sent = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-    sent.UserProperty = [("site", "a")]
-    sent.MessageExpiryInterval = 60
-    sent.ContentType = "application/json"
-    received = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-    received.unpack(sent.pack())  # type: ignore[no-untyped-call]
-    assert (received.UserProperty, received.MessageExpiryInterval, received.ContentType) == (
-        [("site", "a")],
-        60,
-        "application/json",
-    )
-    # Unpacked again, an object holds only the new packet's properties.
-    received.unpack(Properties(PacketTypes.PUBLISH).pack())  # type: ignore[no-untyped-call]
-    assert not hasattr(received, "ContentType")
-    with pytest.raises(MQTTException):  # names are still checked
-        sent.NoSuchProperty = 1
 
 
 async def test_messages_are_acknowledged_only_after_their_batch_commits(
