@@ -5,8 +5,10 @@ command with its own client id and a share of the topic's 4 partitions. The part
 assigned statically (`IIOT_KAFKA_PARTITIONS`, as one range per StatefulSet replica), because
 librdkafka's mock cluster fails a second group member's SyncGroup (tests/test_kafka_ingest.py);
 with a real broker the group assigns the same shares. The backlog (the same records as
-bench/kafka_drain.py) is produced before the processes start; the clock runs from their start
-(imports and connection included, no group join) until every point is committed. Progress is
+bench/kafka_drain.py) is produced before the processes start; the clock runs from the moment
+every process answers /readyz (assigned, as bench/kafka_drain.py's clock starts at its
+consumer's assignment) until every point is committed; what was committed before that moment
+is left out, and the rate from the processes' start (imports included) is printed too. Progress is
 read from the usage ledger. Baseline, same run: the raw COPY of bench/mqtt_drain.py.
 """
 
@@ -83,13 +85,11 @@ async def main(processes: int, records: int, devices: int) -> dict[str, Any]:
                 "IIOT_KAFKA_GROUP_ID": f"bench-{tag}",
             }
             running = consumers(processes, env, topic, tag)
-            drained, report["dead_letters"], rows = await processes_until_stored(
+            drained = await processes_until_stored(
                 running, settings, expected, broker=f"pid:{cluster.pid}"
             )
-            report["drain_seconds"] = round(drained.seconds, 2)
-            report["drain_points_per_s"] = round(expected / drained.seconds)
-            report["ingest_cpu_s_per_million_points"] = round(drained.cpu / expected * 1e6, 2)
-            report |= drained.split.per_million(expected)
+            report |= drained.report()
+            rows = drained.rows
 
             rows.sort(key=lambda r: (r[0], r[1], r[2]))  # type: ignore[operator]
             copy_seconds = await raw_copy(copy_settings, rows, 50_000)
@@ -111,9 +111,14 @@ def _figures(r: dict[str, Any]) -> list[Figure]:
         ("ingest processes (iiot ingest kafka, 4 partitions)", f"{r['processes']}", ""),
         ("records / points", f"{r['records']:,} / {r['points']:,}", ""),
         (
-            "drain: points stored /s (process start included)",
+            "drain: points stored /s (from every process ready)",
             f"{r['drain_points_per_s']:,}",
             ">= the MQTT drain rate",
+        ),
+        (
+            "points /s from the processes' start (imports included)",
+            f"{r['points_per_s_from_process_start']:,}",
+            "",
         ),
         ("baseline: raw binary COPY rows/s", f"{r['raw_copy_rows_per_s']:,}", ""),
         ("ratio drain / raw COPY", f"{r['ratio_drain_to_copy']}", ">= 0.7"),
