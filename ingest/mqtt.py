@@ -17,6 +17,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -120,7 +121,7 @@ class MqttIngest:
         If the connection drops, whatever was received but not committed is abandoned: it was
         not acknowledged, so the broker delivers it again in the next session.
         """
-        client = self._client()
+        client, arrived = self._client()
         async with client:
             queue: asyncio.Queue[Received[MqttAck] | EndOfStream] = asyncio.Queue(
                 self._settings.queue_max_messages
@@ -140,7 +141,7 @@ class MqttIngest:
                 self._settings.mqtt_client_id,
             )
             async with asyncio.TaskGroup() as tasks:
-                receiving = tasks.create_task(self._receive(client, queue))
+                receiving = tasks.create_task(self._receive(client, arrived, queue))
                 writing = tasks.create_task(self._write(client, queue))
                 stopping = tasks.create_task(self._stopping.wait())
                 commanding = tasks.create_task(self._request_rebirths(client))
@@ -190,7 +191,7 @@ class MqttIngest:
                 await client.publish(topic, payload, qos=0)
             await asyncio.sleep(0.25)
 
-    def _client(self) -> aiomqtt.Client:
+    def _client(self) -> "tuple[aiomqtt.Client, deque[Publish]]":
         s = self._settings
         host, port, username, password = s.mqtt_endpoint()
         # Persistent session either way: MQTT 5 via clean start off and a session expiry,
@@ -232,27 +233,36 @@ class MqttIngest:
         # acknowledged automatically (docs/adr/0002).
         paho = _paho(client)
         paho.manual_ack_set(True)
-        # Received messages reach aiomqtt's queue as (topic, payload, packet id, QoS) tuples,
-        # without aiomqtt's Message objects; `_receive` reads them from there.
-        put = _received(client).put_nowait
-        read_in_bulk(paho, on_publish=lambda *received: put(received))
-        return client
+        # Received messages collect in `arrived` as (topic, payload, packet id, QoS), without
+        # paho's or aiomqtt's message objects. aiomqtt's queue gets one wake-up per burst, so
+        # that its iterator still wakes `_receive` and ends when the connection is lost.
+        arrived: deque[Publish] = deque()
+        wake = _wakeups(client).put_nowait
+
+        def on_publish(topic: str, payload: bytes, mid: int, qos: int) -> None:
+            if not arrived:
+                wake(None)
+            arrived.append((topic, payload, mid, qos))
+
+        read_in_bulk(paho, on_publish=on_publish)
+        return client, arrived
 
     async def _receive(
-        self, client: aiomqtt.Client, queue: "asyncio.Queue[Received[MqttAck] | EndOfStream]"
+        self,
+        client: aiomqtt.Client,
+        arrived: "deque[Publish]",
+        queue: "asyncio.Queue[Received[MqttAck] | EndOfStream]",
     ) -> None:
         decode = self._decode
         sparkplug = self.sparkplug.decode if self.sparkplug is not None else None
-        # aiomqtt's iterator creates a task per message; take what is already queued directly.
-        # (Its queue is private, and holds what `_client` puts there: see docs/adr/0002.)
-        backlog = _received(client)
-        messages = cast("AsyncIterator[Publish]", client.messages)
+        # aiomqtt's iterator yields the wake-ups `_client` puts in its private queue (see
+        # docs/adr/0002); it raises MqttError when the connection is lost.
+        wakeups = cast("AsyncIterator[None]", client.messages)
         taken = 0
-        async for first in messages:
-            message = first
-            while True:
+        async for _ in wakeups:
+            while arrived:
                 received_at = datetime.now(UTC)
-                topic, payload, mid, qos = message
+                topic, payload, mid, qos = arrived.popleft()
                 if sparkplug is not None and topic.startswith(NAMESPACE):
                     outcome = sparkplug(topic, payload, received_at)
                 else:
@@ -269,10 +279,6 @@ class MqttIngest:
                     # Let the writer go on as soon as the store answers a statement: decoding
                     # a backlog in one go would leave PostgreSQL idle meanwhile.
                     await asyncio.sleep(0)
-                try:
-                    message = backlog.get_nowait()
-                except asyncio.QueueEmpty:
-                    break
 
     async def _write(
         self, client: aiomqtt.Client, queue: "asyncio.Queue[Received[MqttAck] | EndOfStream]"
@@ -302,9 +308,9 @@ class MqttIngest:
         )
 
 
-def _received(client: aiomqtt.Client) -> "asyncio.Queue[Publish]":
-    # aiomqtt's message queue, which `MqttIngest._client` fills with tuples (docs/adr/0002).
-    return cast("asyncio.Queue[Publish]", client._queue)
+def _wakeups(client: aiomqtt.Client) -> "asyncio.Queue[None]":
+    # aiomqtt's message queue, which `MqttIngest._client` fills with wake-ups (docs/adr/0002).
+    return cast("asyncio.Queue[None]", client._queue)
 
 
 def _paho(client: aiomqtt.Client) -> PahoClient:
