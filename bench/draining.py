@@ -237,5 +237,10 @@ async def processes_until_stored(
         dead_letters = (await cur.fetchone() or (0,))[0]
         cur = await conn.execute("SELECT time, device_id, metric_id, value FROM telemetry")
         rows = await cur.fetchall()
+    if already >= expected:
+        raise RuntimeError(
+            "every point was committed before the processes were ready: the "
+            "backlog is too small to time"
+        )
     drain = Drain(elapsed, used, split, ready - started)
     return ProcessesDrain(drain, expected - already, expected, dead_letters, rows)
