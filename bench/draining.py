@@ -224,6 +224,11 @@ async def processes_until_stored(
     ready, before = time.perf_counter(), processes.cpu()
     async with await connect(settings, autocommit=True) as conn:
         already = int((await (await conn.execute(PROGRESS)).fetchone() or (0,))[0])
+        if already >= expected:
+            raise RuntimeError(
+                "every point was committed before the processes were ready: the "
+                "backlog is too small to time"
+            )
         while (await (await conn.execute(PROGRESS)).fetchone() or (0,))[0] < expected:  # noqa: ASYNC110
             await asyncio.sleep(0.1)
         elapsed = time.perf_counter() - ready
@@ -237,10 +242,5 @@ async def processes_until_stored(
         dead_letters = (await cur.fetchone() or (0,))[0]
         cur = await conn.execute("SELECT time, device_id, metric_id, value FROM telemetry")
         rows = await cur.fetchall()
-    if already >= expected:
-        raise RuntimeError(
-            "every point was committed before the processes were ready: the "
-            "backlog is too small to time"
-        )
     drain = Drain(elapsed, used, split, ready - started)
     return ProcessesDrain(drain, expected - already, expected, dead_letters, rows)

@@ -124,6 +124,7 @@ class _BulkReader:
             self.position = 0
             if not self.data:
                 return b""  # closed by the peer
+            client._last_bytes_received = time.monotonic()  # paho's keepalive reads it
         chunk = self.data[self.position : self.position + bufsize]
         self.position += len(chunk)
         return chunk
@@ -155,14 +156,11 @@ class _BulkReader:
             if client._sock is None:
                 return MQTTErrorCode.MQTT_ERR_NO_CONN
             if on_publish is not None and self.take_publish(on_publish):
-                handled += 1
-                client._last_bytes_received = time.monotonic()  # for paho's keepalive
-                if handled >= _PACKETS_PER_READ and not self.buffered():
-                    return MQTTErrorCode.MQTT_ERR_SUCCESS
-                continue
-            rc = client._packet_read()
-            if rc > 0:
-                return client._loop_rc_handle(rc)
+                rc = MQTTErrorCode.MQTT_ERR_SUCCESS
+            else:
+                rc = client._packet_read()
+                if rc > 0:
+                    return client._loop_rc_handle(rc)
             handled += 1
             # AGAIN with bytes buffered: paho paused inside a large packet; go on with it.
             if not self.buffered() and (
