@@ -21,6 +21,7 @@ from iiot.embedded import EmbeddedPostgres, embedded_broker
 from iiot.net import free_port, port_is_free
 from iiot.services import ingest_services, run_until
 from iiot.simulator import Simulator
+from ingest.kafka import KafkaIngest
 from ingest.mqtt import MqttIngest
 from ingest.settings import IngestSettings
 from registry.access import replace_admin_key
@@ -79,7 +80,14 @@ async def run_stack(settings: RunSettings) -> None:
         consumers = ingest_services(settings, pool)
         ingest = consumers[0]
         assert isinstance(ingest, MqttIngest)  # the first service is the consumer
-        app = create_app(settings, consumers=[("mqtt ingest", ingest.subscribed.is_set)])
+        ready = [("mqtt ingest", ingest.subscribed.is_set)]
+        if settings.kafka_bootstrap:
+            # A Kafka cluster configured: the stack reads its telemetry topics too (the
+            # registry's background work already runs with the MQTT consumer).
+            kafka = KafkaIngest(settings, pool, partitions=settings.static_partitions())
+            consumers.append(kafka)
+            ready.append(("kafka ingest", kafka.assigned.is_set))
+        app = create_app(settings, consumers=ready)
         api = ApiServer(app, host=settings.api_host, port=settings.api_port)
         services = [*consumers, api]
         if settings.simulate_devices:

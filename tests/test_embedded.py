@@ -24,6 +24,7 @@ from registry.migrate import migrate
 from registry.settings import StoreSettings
 from tests.conftest import eventually, payload, publisher, running, scalar
 from tests.services import amqtt_in_thread
+from tests.test_kafka_ingest import produce
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +68,12 @@ def test_embedded_postgres_starts_restarts_and_keeps_data(tmp_path: Path) -> Non
         server.stop()
 
 
-def test_iiot_run_brings_up_the_whole_stack_and_stops_cleanly(tmp_path: Path) -> None:
+def test_iiot_run_brings_up_the_whole_stack_and_stops_cleanly(tmp_path: Path, kafka: str) -> None:
     port = free_port()
+    # With a Kafka cluster configured, the stack reads its topic too: one device sends there.
+    topic = f"iiot-run-{port}"
+    record = payload({"metrics": {"v": 1}})
+    asyncio.run(produce(kafka, topic, [(b"demo/from-kafka", record)]))
     env = {k: v for k, v in os.environ.items() if not k.startswith("IIOT_")}
     env |= {
         "IIOT_STATE_DIR": str(tmp_path / "state"),
@@ -76,6 +81,10 @@ def test_iiot_run_brings_up_the_whole_stack_and_stops_cleanly(tmp_path: Path) ->
         "IIOT_SIMULATE_DEVICES": "7",
         "IIOT_SIMULATE_INTERVAL_SECONDS": "0.5",
         "IIOT_MQTT_CLIENT_ID": f"iiot-run-test-{port}",
+        "IIOT_KAFKA_BOOTSTRAP": kafka,
+        "IIOT_KAFKA_TOPICS": topic,
+        "IIOT_KAFKA_GROUP_ID": f"iiot-run-{port}",
+        "IIOT_KAFKA_CLIENT_ID": f"iiot-run-{port}",
     }
     log = (tmp_path / "run.log").open("w")
     process = subprocess.Popen(
@@ -93,14 +102,16 @@ def test_iiot_run_brings_up_the_whole_stack_and_stops_cleanly(tmp_path: Path) ->
             try:
                 async with httpx.AsyncClient() as http:
                     assert (await http.get(url)).status_code == 401
-                    # Ready: the store answers and the in-process MQTT consumer is subscribed.
+                    # Ready: the store answers, the MQTT consumer is subscribed and the Kafka
+                    # consumer assigned.
                     ready = await http.get(f"http://127.0.0.1:{port}/readyz")
                     if ready.status_code != 200:
                         return False
                     response = await http.get(
                         url, headers={"Authorization": f"Bearer {printed.group(1)}"}
                     )
-                return response.status_code == 200 and response.json()["connected"] == 7
+                # The simulator's 7 devices and the one that sent through Kafka.
+                return response.status_code == 200 and response.json()["connected"] == 8
             except httpx.TransportError:
                 assert process.poll() is None, (tmp_path / "run.log").read_text()
                 return False
