@@ -29,6 +29,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from bench.draining import cpu_by_program, cpu_since
 from bench.figures import Figure, record
 from bench.http_load import latency, start_api
 from iiot.loop import serve
@@ -95,6 +96,7 @@ async def drive_events(
         for online, label in ((True, "connect"), (False, "disconnect")):
             now = datetime.now(UTC)
             started, cpu = time.perf_counter(), time.process_time()
+            machine = cpu_by_program("postgres")
             await asyncio.gather(
                 *(
                     _drive(
@@ -109,12 +111,15 @@ async def drive_events(
                 )
             )
             elapsed = time.perf_counter() - started
+            split = cpu_since(machine, elapsed, broker="postgres")
             results[label] = {
                 "events": devices,
                 "writers": writers,
                 "seconds": round(elapsed, 2),
                 "events_per_s": round(devices / elapsed),
                 "writer_cpu_s": round(time.process_time() - cpu, 2),
+                "postgres_cpu_s": round(split.postgres, 2),
+                "machine_cores_busy": round(split.machine / elapsed, 2),
             }
             async with await connect(settings) as conn:
                 counts = await platform_counts(conn, "p000")
@@ -217,6 +222,11 @@ async def main(devices: int, batch: int, writers: int = 1) -> dict[str, Any]:
     return report
 
 
+def _per_million(report: dict[str, Any], phase: str, key: str) -> float:
+    events = report["events"][phase]
+    return round(events[key] * 1e6 / events["events"], 2)
+
+
 def _figures(report: dict[str, Any]) -> list[Figure]:
     big = next(k for k in report if k.startswith("count_at_") and k != "count_at_1k")
     small, large = report["count_at_1k"], report[big]
@@ -224,6 +234,24 @@ def _figures(report: dict[str, Any]) -> list[Figure]:
         ("devices / platforms", f"{report['devices']:,} / {report['platforms']}", ""),
         ("connect events/s", f"{report['events']['connect']['events_per_s']:,}", ">= 50,000"),
         ("disconnect events/s", f"{report['events']['disconnect']['events_per_s']:,}", ">= 50,000"),
+        (
+            "CPU s per million, writer / PG (connect)",
+            f"{_per_million(report, 'connect', 'writer_cpu_s')} / "
+            f"{_per_million(report, 'connect', 'postgres_cpu_s')}",
+            "",
+        ),
+        (
+            "CPU s per million, writer / PG (disconnect)",
+            f"{_per_million(report, 'disconnect', 'writer_cpu_s')} / "
+            f"{_per_million(report, 'disconnect', 'postgres_cpu_s')}",
+            "",
+        ),
+        (
+            "cores busy (connect / disconnect)",
+            f"{report['events']['connect']['machine_cores_busy']} / "
+            f"{report['events']['disconnect']['machine_cores_busy']}",
+            "of 2",
+        ),
         ("count p50 / p99 at 1k (ms)", f"{small['p50_ms']} / {small['p99_ms']}", "p99 <= 5"),
         (
             f"count p50 / p99 at {big[9:]} (ms)",

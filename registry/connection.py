@@ -22,6 +22,8 @@ from typing import Any, Final
 
 from psycopg import AsyncConnection
 
+from registry.arrays import BigintArray, BoolArray
+
 LOCK_GATEWAYS = """
 SELECT id FROM gateways
 WHERE id = ANY(%(gateways)b)
@@ -188,7 +190,9 @@ async def lock_gateways(
 ) -> None:
     """Locks the gateways a batch touches, directly or behind its devices (always first)."""
     if gateways or devices:
-        await conn.execute(LOCK_GATEWAYS, {"gateways": gateways, "devices": devices})
+        await conn.execute(
+            LOCK_GATEWAYS, {"gateways": BigintArray(gateways), "devices": BigintArray(devices)}
+        )
 
 
 async def record_activity(
@@ -202,13 +206,13 @@ async def record_activity(
     """Live data arrived at `seen` from these gateways and devices (call `lock_gateways` first)."""
     if gateways:
         cur = await conn.execute(
-            GATEWAY_ACTIVITY, {"ids": sorted(gateways), "seen": seen}, binary=True
+            GATEWAY_ACTIVITY, {"ids": BigintArray(sorted(gateways)), "seen": seen}, binary=True
         )
         flipped = await cur.fetchall()
         await _gateways_flipped(conn, counters, flipped, seen, cause="data")
     if devices:
         cur = await conn.execute(
-            DEVICE_ACTIVITY, {"ids": sorted(devices), "seen": seen}, binary=True
+            DEVICE_ACTIVITY, {"ids": BigintArray(sorted(devices)), "seen": seen}, binary=True
         )
         for platform, connected, ever in await cur.fetchall():
             counters.add(platform, connected=connected, ever=ever)
@@ -273,12 +277,13 @@ async def _gateways_flipped(
         await conn.execute(GATEWAY_EVENT, (at, platform, gateway, state, cause, affected))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is made per status message, and frozen ones cost 4x
 class SessionEvent:
     """A session started or ended, for one device or gateway (already resolved to its row).
 
     Events apply in order of (epoch, order): a session number given by the sender, and 1 for
-    its start, 2 for its end. An event without an epoch applies in arrival order.
+    its start, 2 for its end (SESSION_EVENTS computes the same). An event without an epoch
+    applies in arrival order.
     """
 
     subject: int
@@ -294,9 +299,9 @@ class SessionEvent:
 
 SESSION_EVENTS = """
 WITH ev AS (
-    SELECT * FROM unnest(%(ids)b::bigint[], %(online)b::bool[], %(epochs)b::bigint[],
-                         %(orders)b::bigint[], %(times)b::timestamptz[], %(causes)b::text[])
-        AS e(id, online, epoch, ord, at, cause)
+    SELECT e.*, CASE WHEN e.online THEN 1 ELSE 2 END AS ord
+    FROM unnest(%(ids)b::bigint[], %(online)b::bool[], %(epochs)b::bigint[],
+                %(times)b::timestamptz[], %(causes)b::text[]) AS e(id, online, epoch, at, cause)
 ), old AS (
     SELECT t.id, t.state, t.first_seen IS NULL AS first_time FROM {table} t
     WHERE t.id = ANY(%(ids)b) {in_service} ORDER BY t.id FOR UPDATE
@@ -375,10 +380,9 @@ def _session_args(events: list[SessionEvent]) -> dict[str, list[Any]]:
             latest[e.subject] = e
     chosen = [latest[s] for s in sorted(latest)]
     return {
-        "ids": [e.subject for e in chosen],
-        "online": [e.online for e in chosen],
-        "epochs": [e.epoch for e in chosen],
-        "orders": [e.order for e in chosen],
+        "ids": BigintArray([e.subject for e in chosen]),
+        "online": BoolArray([e.online for e in chosen]),
+        "epochs": BigintArray([e.epoch for e in chosen]),
         "times": [e.at for e in chosen],
         "causes": [e.cause for e in chosen],
     }

@@ -5,6 +5,7 @@ from typing import Any
 
 from psycopg import AsyncConnection
 
+from registry.arrays import BigintArray
 from registry.connection import Counters
 from registry.platforms import Platform, fetch_platforms
 
@@ -152,7 +153,8 @@ class DeviceDirectory:
         if moved:
             ids = sorted(moved)
             cur = await conn.execute(
-                ASSIGN_GATEWAYS, {"ids": ids, "gateways": [moved[d] for d in ids]}
+                ASSIGN_GATEWAYS,
+                {"ids": BigintArray(ids), "gateways": BigintArray([moved[d] for d in ids])},
             )
             for platform, connected in await cur.fetchall():
                 counters.add(platform, connected=connected)
