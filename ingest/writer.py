@@ -18,10 +18,11 @@ stored. Store unavailability raises Retryable with nothing committed.
 import asyncio
 import logging
 import math
+import operator
 import struct
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -104,6 +105,7 @@ _RENEWALS_KEPT = 2_000_000
 _ENCODE_SLICE = 500
 _RETRY_FIRST, _RETRY_MAX = 0.5, 10.0  # seconds between attempts while the store is down
 _MICROSECOND = timedelta(microseconds=1)
+_NAME = operator.itemgetter(1)  # of a point (time, name, value)
 Refusals = list[tuple[Received[Any], Rejected]]
 InTransaction = Callable[[AsyncConnection[Any], Refusals], Awaitable[None]]
 """Statements a caller runs in the batch's transaction (for example, storing Kafka offsets),
@@ -437,23 +439,26 @@ class TelemetryWriter:
             today = max(m.received_at for m, _ in decoded).astimezone(UTC).date()
             over_quota = await self._quotas.over_hard_quota(conn, platforms.values(), today)
             known = [item for _, items in decoded for item in items if item.platform in platforms]
-            open_platforms = {p for p, platform in platforms.items() if platform.auto_provision}
+            provision = {p for p, platform in platforms.items() if platform.auto_provision}
             device_keys = {(i.platform, i.device) for i in known if i.device is not None}
             gateway_keys = {(i.platform, i.gateway) for i in known if i.gateway is not None}
-            device_ids, registered = await directory.devices.resolve(
-                conn, device_keys, register={k for k in device_keys if k[0] in open_platforms}
+            device_ids, new_devices, registered = await directory.devices.resolve(
+                conn, device_keys, provision=provision
             )
-            gateway_ids, _ = await directory.gateways.resolve(
-                conn, gateway_keys, register={k for k in gateway_keys if k[0] in open_platforms}
+            gateway_ids, new_gateways, _ = await directory.gateways.resolve(
+                conn, gateway_keys, provision=provision
             )
-            names = {n for i in known if isinstance(i, Telemetry) for _, n, _ in i.points}
+            names: set[str] = set()
+            for item in known:
+                if isinstance(item, Telemetry):
+                    names.update(map(_NAME, item.points))
             resolved.metric_ids = await self._metrics.resolve(conn, names)
             counters = Counters(self._shard)
             for platform, _ in registered:
                 counters.add(platform, registered=1)
             await counters.flush(conn)
-        directory.devices.remember(device_ids)
-        directory.gateways.remember(gateway_ids)
+        directory.devices.remember(new_devices)
+        directory.gateways.remember(new_gateways)
         self._metrics.remember(resolved.metric_ids)
         report.devices_registered = len(registered)
 
@@ -534,8 +539,8 @@ def _sort_items(
     items: Decoded,
     key: MeterKey,
     *,
-    device_ids: dict[Key, int],
-    gateway_ids: dict[Key, int],
+    device_ids: Mapping[Key, int],
+    gateway_ids: Mapping[Key, int],
 ) -> None:
     """Files an accepted message's readings and session changes under their row ids."""
     for item in items:
@@ -605,8 +610,8 @@ def _has_points(items: Decoded) -> bool:
 def _refusal(
     items: Decoded,
     platforms: Any,
-    devices: dict[Key, int],
-    gateways: dict[Key, int],
+    devices: Mapping[Key, int],
+    gateways: Mapping[Key, int],
 ) -> Rejected | None:
     """Why a decoded message cannot be stored whole, if it cannot."""
     platform = items[0].platform

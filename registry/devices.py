@@ -1,6 +1,6 @@
 """Device and gateway registration and liveness bookkeeping, done per batch of messages."""
 
-from collections.abc import Collection, Iterable, Set
+from collections.abc import Collection, Mapping, Set
 from typing import Any
 
 from psycopg import AsyncConnection
@@ -75,33 +75,38 @@ class Identities:
         self._max_cached = max_cached
 
     async def resolve(
-        self, conn: AsyncConnection[Any], keys: Iterable[Key], *, register: Set[Key]
-    ) -> tuple[dict[Key, int], list[Key]]:
-        """Ids of the existing rows among `keys`, registering those in `register` that do not
-        exist yet. Returns the ids and the keys this call registered."""
-        wanted = set(keys)
-        found = {k: self._ids[k] for k in wanted if k in self._ids}
-        missing = sorted(wanted - found.keys())
+        self, conn: AsyncConnection[Any], keys: Set[Key], *, provision: Set[str]
+    ) -> tuple[Mapping[Key, int], dict[Key, int], list[Key]]:
+        """Finds the rows of `keys`, registering those that do not exist yet on the platforms
+        in `provision`. Returns the ids to look the keys up in (keys without a row are missing;
+        other keys may be there too), the ids read from the store (to `remember()` once this
+        transaction committed) and the keys this call registered."""
+        cached = self._ids
+        missing = keys - cached.keys()
+        if not missing:  # the usual case: look up in the cache itself, no copy per batch
+            return cached, {}, []
+        new = await self._run(conn, self._select_sql, sorted(missing))
+        unregistered = sorted(k for k in missing if k not in new and k[0] in provision)
         registered: list[Key] = []
-        if missing:
-            found.update(await self._run(conn, self._select_sql, missing))
-            unregistered = [k for k in missing if k not in found and k in register]
-            if unregistered:
-                new = await self._run(conn, self._register_sql, unregistered)
-                registered = sorted(new)
-                found.update(new)
-                # Another process may have registered some in between: read those back.
-                raced = [k for k in unregistered if k not in found]
-                if raced:
-                    found.update(await self._run(conn, self._select_sql, raced))
-        return found, registered
+        if unregistered:
+            inserted = await self._run(conn, self._register_sql, unregistered)
+            registered = sorted(inserted)
+            new.update(inserted)
+            # Another process may have registered some in between: read those back.
+            raced = [k for k in unregistered if k not in new]
+            if raced:
+                new.update(await self._run(conn, self._select_sql, raced))
+        found = {k: cached[k] for k in keys - missing}
+        found.update(new)
+        return found, new, registered
 
     def forget(self) -> None:
-        self._ids.clear()
+        self._ids = {}
 
     def remember(self, ids: dict[Key, int]) -> None:
+        # A new dict rather than clear(): what resolve() returned stays valid for its caller.
         if len(self._ids) + len(ids) > self._max_cached:
-            self._ids.clear()
+            self._ids = {}
         self._ids.update(ids)
 
     @staticmethod
