@@ -11,7 +11,9 @@ Rules (docs/counts.md):
 - Every change of state adds a row to `connection_events` and its delta to `platform_counters`,
   in the same transaction.
 
-Locking: gateways are always locked before devices, and each in id order. A gateway's change
+Locking: gateways are always locked before devices, and each in id order (a device's session
+event locks its row in the order its UPDATE visits the batch: see DEVICE_SESSION_EVENTS; a
+deadlock there rolls one batch back and it is written again). A gateway's change
 counts the devices behind it in a statement that starts after the gateway lock is held, and a
 device's change reads its gateway's state under that lock, so the counters cannot drift.
 """
@@ -282,8 +284,8 @@ class SessionEvent:
     """A session started or ended, for one device or gateway (already resolved to its row).
 
     Events apply in order of (epoch, order): a session number given by the sender, and 1 for
-    its start, 2 for its end (SESSION_EVENTS computes the same). An event without an epoch
-    applies in arrival order.
+    its start, 2 for its end (the *_SESSION_EVENTS statements compute the same). An event
+    without an epoch applies in arrival order.
     """
 
     subject: int
@@ -297,16 +299,16 @@ class SessionEvent:
         return 1 if self.online else 2
 
 
-SESSION_EVENTS = """
+# Gateways: the old rows are read (and locked, in id order) first, for what the events changed.
+GATEWAY_SESSION_EVENTS = """
 WITH ev AS (
     SELECT e.*, CASE WHEN e.online THEN 1 ELSE 2 END AS ord
     FROM unnest(%(ids)b::bigint[], %(online)b::bool[], %(epochs)b::bigint[],
                 %(times)b::timestamptz[], %(causes)b::text[]) AS e(id, online, epoch, at, cause)
 ), old AS (
-    SELECT t.id, t.state, t.first_seen IS NULL AS first_time FROM {table} t
-    WHERE t.id = ANY(%(ids)b) {in_service} ORDER BY t.id FOR UPDATE
+    SELECT t.id, t.state FROM gateways t WHERE t.id = ANY(%(ids)b) ORDER BY t.id FOR UPDATE
 ), changed AS (
-    UPDATE {table} t SET
+    UPDATE gateways t SET
         session_managed = true,
         session_epoch = coalesce(ev.epoch, t.session_epoch + 1),
         session_order = ev.ord,
@@ -318,34 +320,49 @@ WITH ev AS (
     FROM ev, old
     WHERE t.id = ANY(%(ids)b) AND t.id = ev.id AND old.id = ev.id
       AND (coalesce(ev.epoch, t.session_epoch + 1), ev.ord) > (t.session_epoch, t.session_order)
-    RETURNING t.id, t.platform_id, {via} AS via, old.state AS before, t.state AS after,
-              old.first_time AND t.first_seen IS NOT NULL AS first, ev.at, ev.cause
+    RETURNING t.id, t.platform_id, old.state AS before, t.state AS after, ev.at, ev.cause
 )
+SELECT id, platform_id, after, at, cause FROM changed WHERE before <> after
 """
-DEVICE_SESSION_EVENTS = (
-    SESSION_EVENTS.replace("{table}", "devices")
-    .replace("{via}", "t.via_gateway")
-    .replace("{in_service}", "AND t.decommissioned_at IS NULL")
-    + """, flips AS (
+# Devices: no locking read of the old rows first (gateways keep it, they are few). The UPDATE
+# records in the row what the event changed (session_flipped, session_first: evaluated on the
+# row version it locks, so a concurrent change is seen) and returns it. Rows are locked in the
+# order the plan visits them, which for batches is ascending id as in every other statement
+# (an index scan over the sorted ids, or their hash); a deadlock rolls one batch back, and the
+# writer retries it.
+DEVICE_SESSION_EVENTS = """
+WITH ev AS (
+    SELECT e.*, CASE WHEN e.online THEN 1 ELSE 2 END AS ord,
+           CASE WHEN e.online THEN 'online' ELSE 'offline' END AS state
+    FROM unnest(%(ids)b::bigint[], %(online)b::bool[], %(epochs)b::bigint[],
+                %(times)b::timestamptz[], %(causes)b::text[]) AS e(id, online, epoch, at, cause)
+), changed AS (
+    UPDATE devices t SET
+        session_managed = true,
+        session_epoch = coalesce(ev.epoch, t.session_epoch + 1),
+        session_order = ev.ord,
+        state = ev.state,
+        expires_at = NULL,
+        session_flipped = t.state <> ev.state,
+        session_first = ev.online AND t.first_seen IS NULL,
+        first_seen = CASE WHEN ev.online THEN coalesce(t.first_seen, ev.at) ELSE t.first_seen END,
+        state_changed_at = CASE WHEN t.state = ev.state THEN t.state_changed_at ELSE ev.at END
+    FROM ev
+    WHERE t.id = ANY(%(ids)b) AND t.id = ev.id AND t.decommissioned_at IS NULL
+      AND (coalesce(ev.epoch, t.session_epoch + 1), ev.ord) > (t.session_epoch, t.session_order)
+    RETURNING t.id, t.platform_id, t.via_gateway AS via, t.session_flipped AS flipped,
+              t.state AS after, t.session_first AS first, ev.at, ev.cause
+), flips AS (
     INSERT INTO connection_events (time, platform_id, subject, subject_id, state, cause)
-    SELECT at, platform_id, 'device', id, after, cause FROM changed WHERE before <> after
+    SELECT at, platform_id, 'device', id, after, cause FROM changed WHERE flipped
 )
 SELECT c.platform_id,
-       coalesce(sum(CASE WHEN c.before = c.after OR NOT (g.id IS NULL OR g.state = 'online')
+       coalesce(sum(CASE WHEN NOT c.flipped OR NOT (g.id IS NULL OR g.state = 'online')
                     THEN 0 WHEN c.after = 'online' THEN 1 ELSE -1 END), 0)::bigint,
        count(*) FILTER (WHERE c.first)
 FROM changed c LEFT JOIN gateways g ON g.id = c.via
 GROUP BY c.platform_id
 """
-)
-GATEWAY_SESSION_EVENTS = (
-    SESSION_EVENTS.replace("{table}", "gateways")
-    .replace("{via}", "NULL::bigint")
-    .replace("{in_service}", "")
-    + """
-SELECT id, platform_id, after, at, cause FROM changed WHERE before <> after
-"""
-)
 
 
 async def apply_sessions(

@@ -216,6 +216,37 @@ async def test_a_mass_disconnect_of_10000_devices_counts_exactly(
     assert await connected(db, platform) == 3_000
 
 
+async def test_writers_applying_the_same_devices_at_once_keep_exact_counts(
+    pool: AsyncConnectionPool, db: psycopg.AsyncConnection[Any], platform: str
+) -> None:
+    """Three ingest processes' writers (shards of their own), each with batches that update the
+    same 3,000 devices at the same time, sessions interleaved: every device ends in its latest
+    session's state, and the counters equal a recount. A lock-order deadlock between them
+    would surface here as a batch that is never written (or as an error)."""
+    devices = [f"d{n}" for n in range(3_000)]
+    writers = [Feed(pool, platform) for _ in range(3)]
+    for k, feed in enumerate(writers):
+        feed.writer = TelemetryWriter(pool, stats=IngestStats(), counter_shard=10 + k)
+
+    async def storm(k: int, feed: Feed) -> None:
+        for session in range(1, 7):
+            # Writer k sends session 3s+k's events; sessions decide, whoever commits first.
+            state = "online" if session % 2 else "offline"
+            order = devices if k % 2 else devices[::-1]
+            messages = [feed.status(d, state, session * 3 + k) for d in order]
+            async with asyncio.timeout(60):
+                await feed.send(*messages)
+
+    await asyncio.gather(*(storm(k, feed) for k, feed in enumerate(writers)))
+    # The latest session of every device is 6 * 3 + 2 (writer 2, session 6: offline).
+    assert await scalar(db, "SELECT count(*) FROM devices WHERE session_epoch = 20") == 3_000
+    assert await scalar(db, "SELECT count(*) FROM devices WHERE state = 'online'") == 0
+    assert await connected(db, platform) == 0
+    assert await scalar(
+        db, "SELECT count(*) FROM connection_events WHERE state = 'online'"
+    ) == await scalar(db, "SELECT count(*) FROM connection_events WHERE state = 'offline'")
+
+
 async def test_state_changes_of_newly_registered_devices_are_hot_updates(
     store: StoreSettings, db: psycopg.AsyncConnection[Any], platform: str
 ) -> None:
