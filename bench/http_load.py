@@ -71,7 +71,8 @@ def _request(path: str, headers: dict[str, str]) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
-def _percentiles(samples: list[float]) -> dict[str, float]:
+def percentiles(samples: list[float]) -> dict[str, float]:
+    """p50/p99 in ms of latencies in seconds."""
     samples.sort()
     return {
         "p50_ms": round(statistics.median(samples) * 1000, 3),
@@ -98,6 +99,15 @@ async def latency(
     port: int, path: str, *, headers: dict[str, str], requests: int, warm_up: int = 50
 ) -> dict[str, float]:
     """p50/p99 of GET `path`, `requests` one after another on one keep-alive connection."""
+    return percentiles(
+        await latency_samples(port, path, headers=headers, requests=requests, warm_up=warm_up)
+    )
+
+
+async def latency_samples(
+    port: int, path: str, *, headers: dict[str, str], requests: int, warm_up: int = 50
+) -> list[float]:
+    """Seconds each of `requests` GETs of `path` took, one after another on one connection."""
     request = _request(path, headers)
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     samples: list[float] = []
@@ -111,7 +121,7 @@ async def latency(
                 raise RuntimeError(f"GET {path} answered {status}")
     finally:
         writer.close()
-    return _percentiles(samples)
+    return samples
 
 
 async def load(
@@ -132,4 +142,4 @@ async def load(
     return {
         "requests": len(samples),
         "requests_per_second": round(len(samples) / elapsed),
-    } | {k: round(v, 2) for k, v in _percentiles(samples).items()}
+    } | {k: round(v, 2) for k, v in percentiles(samples).items()}

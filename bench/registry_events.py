@@ -1,10 +1,10 @@
 """Registry benchmark: connection events per second, and the cost of a count, at 1 million devices.
 
-What it does, on the machine's PostgreSQL in a schema of its own (dropped at the end):
-1. 450 platforms; 1,000 devices registered; the count endpoint's latency (p50/p99) measured over
-   HTTP against `iiot api` running in a subprocess.
-2. Devices seeded up to 1,000,000 with COPY (counters set by the reconciler, which is how drift
-   is corrected), and the count endpoint measured again: a count reads maintained counters, so
+What it does, on the machine's PostgreSQL in schemas of its own (dropped at the end):
+1. Two registries of 450 platforms: 1,000 devices in one, 1,000,000 in the other, seeded with
+   COPY (counters set by the reconciler, which is how drift is corrected).
+2. The count endpoint's latency (p50/p99) over HTTP against an `iiot api` subprocess for each,
+   in alternating rounds so both see the same machine: a count reads maintained counters, so
    the two figures should match.
 3. Connection events through ingest's own writer (decoded status messages, the path MQTT status
    and Wills take): every device connects, then every device disconnects, in batches.
@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import os
 import resource
+import subprocess
 import time
 import uuid
 from datetime import UTC, datetime
@@ -31,7 +32,7 @@ from psycopg import sql
 
 from bench.draining import cpu_by_program, cpu_since
 from bench.figures import Figure, record
-from bench.http_load import latency, start_api
+from bench.http_load import latency_samples, percentiles, start_api
 from iiot.loop import serve
 from iiot.net import free_port
 from ingest.batching import END, EndOfStream, Received, write_ahead
@@ -49,16 +50,41 @@ from registry.store import connect, create_pool
 Queue = asyncio.Queue[Received[None] | EndOfStream]
 
 
-async def count_latency(port: int, platform: str, requests: int, key: str) -> dict[str, float]:
-    """p50/p99 in ms of GET /platforms/{platform}/devices/count, sequential, after a warm-up.
-    Through the lean client of bench/http_load.py: httpx spent 1 to 2 ms of this process's CPU
-    on each request, which is the client's latency, not the endpoint's."""
-    return await latency(
-        port,
-        f"/platforms/{platform}/devices/count",
-        headers={"Authorization": f"Bearer {key}"},
-        requests=requests,
-    )
+async def count_latencies(
+    apis: dict[str, tuple[int, str]], *, rounds: int = 10, requests: int = 200
+) -> dict[str, dict[str, float]]:
+    """p50/p99 in ms of GET /platforms/p000/devices/count on each API (name -> port, key),
+    sequential, in alternating rounds: both sizes are measured under the same conditions of
+    a shared machine, not minutes apart. Through the lean client of bench/http_load.py: httpx
+    spent 1 to 2 ms of this process's CPU on each request, the client's latency, not the
+    endpoint's."""
+    samples: dict[str, list[float]] = {name: [] for name in apis}
+    for _ in range(rounds):
+        for name, (port, key) in apis.items():
+            samples[name] += await latency_samples(
+                port,
+                "/platforms/p000/devices/count",
+                headers={"Authorization": f"Bearer {key}"},
+                requests=requests,
+            )
+    return {name: percentiles(taken) for name, taken in samples.items()}
+
+
+async def registry(settings: StoreSettings, platforms: int) -> str:
+    """A migrated schema with `platforms` platforms; returns an admin API key."""
+    await migrate(settings)
+    async with await connect(settings) as conn:
+        async with (
+            conn.cursor() as cur,
+            cur.copy("COPY platforms (id, name) FROM STDIN") as copy,
+        ):
+            for p in range(platforms):
+                await copy.write_row((f"p{p:03d}", f"Platform {p}"))
+        _, key = await create_key(
+            conn, role=Role.ADMIN, platform=None, name="bench", created_by=None
+        )
+        await conn.commit()
+    return key
 
 
 async def seed(settings: StoreSettings, platforms: int, devices: int, start: int) -> None:
@@ -158,38 +184,24 @@ async def main(devices: int, batch: int, writers: int = 1) -> dict[str, Any]:
     base_url = os.environ.get(
         "IIOT_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"
     )
-    schema = f"bench_{uuid.uuid4().hex[:8]}"
-    settings = StoreSettings(database_url=base_url, database_schema=schema)
+    run = uuid.uuid4().hex[:8]
+    settings = StoreSettings(database_url=base_url, database_schema=f"bench_{run}")
+    small = StoreSettings(database_url=base_url, database_schema=f"bench_{run}_1k")
     platforms = 450
     report: dict[str, Any] = {"devices": devices, "platforms": platforms, "batch": batch}
-    await migrate(settings)
-    port = free_port()
-    api = None
+    apis: list[subprocess.Popen[bytes]] = []
     try:
-        async with await connect(settings) as conn:
-            async with (
-                conn.cursor() as cur,
-                cur.copy("COPY platforms (id, name) FROM STDIN") as copy,
-            ):
-                for p in range(platforms):
-                    await copy.write_row((f"p{p:03d}", f"Platform {p}"))
-            _, key = await create_key(
-                conn, role=Role.ADMIN, platform=None, name="bench", created_by=None
-            )
-            await conn.commit()
-        await seed(settings, platforms, 1000, 0)
-        async with await connect(settings, autocommit=True) as conn:
-            await reconcile(conn, shard=0)
-            await settle(conn)
-        api = start_api(settings, port)
-        report["count_at_1k"] = await count_latency(port, "p000", 2000, key)
-
+        small_key = await registry(small, platforms)
+        await seed(small, platforms, 1000, 0)
+        key = await registry(settings, platforms)
         started = time.perf_counter()
-        await seed(settings, platforms, devices, 1000)
+        await seed(settings, platforms, devices, 0)
         report["seed_seconds"] = round(time.perf_counter() - started, 1)
+        for store in (small, settings):
+            async with await connect(store, autocommit=True) as conn:
+                await reconcile(conn, shard=0)
+                await settle(conn)
         async with await connect(settings, autocommit=True) as conn:
-            await reconcile(conn, shard=0)
-            await settle(conn)
             started = time.perf_counter()
             await conn.execute("SELECT count(*) FROM devices WHERE platform_id = 'p000'")
             per_platform = time.perf_counter() - started
@@ -199,7 +211,15 @@ async def main(devices: int, batch: int, writers: int = 1) -> dict[str, Any]:
                 "one_platform": round(per_platform * 1000, 2),
                 "all_devices": round((time.perf_counter() - started) * 1000, 2),
             }
-        report[f"count_at_{devices // 1000}k"] = await count_latency(port, "p000", 2000, key)
+        measured = {
+            "count_at_1k": (small, small_key),
+            f"count_at_{devices // 1000}k": (settings, key),
+        }
+        ports = {name: free_port() for name in measured}
+        apis += [start_api(store, ports[name]) for name, (store, _) in measured.items()]
+        report |= await count_latencies(
+            {name: (ports[name], k) for name, (_, k) in measured.items()}
+        )
 
         report["events"] = await drive_events(settings, platforms, devices, batch, writers)
         async with await connect(settings, autocommit=True) as conn:
@@ -214,11 +234,16 @@ async def main(devices: int, batch: int, writers: int = 1) -> dict[str, Any]:
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         )
     finally:
-        if api is not None:
+        for api in apis:
             api.terminate()
             api.wait(10)
         async with await psycopg.AsyncConnection.connect(base_url, autocommit=True) as conn:
-            await conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+            for store in (settings, small):
+                await conn.execute(
+                    sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(
+                        sql.Identifier(store.database_schema)
+                    )
+                )
     return report
 
 
