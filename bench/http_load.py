@@ -95,15 +95,6 @@ async def _connection(
         writer.close()
 
 
-async def latency(
-    port: int, path: str, *, headers: dict[str, str], requests: int, warm_up: int = 50
-) -> dict[str, float]:
-    """p50/p99 of GET `path`, `requests` one after another on one keep-alive connection."""
-    return percentiles(
-        await latency_samples(port, path, headers=headers, requests=requests, warm_up=warm_up)
-    )
-
-
 async def latency_samples(
     port: int, path: str, *, headers: dict[str, str], requests: int, warm_up: int = 50
 ) -> list[float]:

@@ -12,8 +12,8 @@ Rules (docs/counts.md):
   in the same transaction.
 
 Locking: gateways are always locked before devices, and each in id order (a device's session
-event locks its row in the order its UPDATE visits the batch: see DEVICE_SESSION_EVENTS; a
-deadlock there rolls one batch back and it is written again). A gateway's change
+event locks its row in the order its UPDATE visits the batch: see SESSION_EVENTS; a deadlock
+there rolls one batch back and it is written again). A gateway's change
 counts the devices behind it in a statement that starts after the gateway lock is held, and a
 device's change reads its gateway's state under that lock, so the counters cannot drift.
 """
@@ -284,7 +284,7 @@ class SessionEvent:
     """A session started or ended, for one device or gateway (already resolved to its row).
 
     Events apply in order of (epoch, order): a session number given by the sender, and 1 for
-    its start, 2 for its end (the *_SESSION_EVENTS statements compute the same). An event
+    its start, 2 for its end (SESSION_EVENTS computes the same). An event
     without an epoch applies in arrival order.
     """
 
@@ -299,45 +299,21 @@ class SessionEvent:
         return 1 if self.online else 2
 
 
-# Gateways: the old rows are read (and locked, in id order) first, for what the events changed.
-GATEWAY_SESSION_EVENTS = """
-WITH ev AS (
-    SELECT e.*, CASE WHEN e.online THEN 1 ELSE 2 END AS ord
-    FROM unnest(%(ids)b::bigint[], %(online)b::bool[], %(epochs)b::bigint[],
-                %(times)b::timestamptz[], %(causes)b::text[]) AS e(id, online, epoch, at, cause)
-), old AS (
-    SELECT t.id, t.state FROM gateways t WHERE t.id = ANY(%(ids)b) ORDER BY t.id FOR UPDATE
-), changed AS (
-    UPDATE gateways t SET
-        session_managed = true,
-        session_epoch = coalesce(ev.epoch, t.session_epoch + 1),
-        session_order = ev.ord,
-        state = CASE WHEN ev.online THEN 'online' ELSE 'offline' END,
-        expires_at = NULL,
-        first_seen = CASE WHEN ev.online THEN coalesce(t.first_seen, ev.at) ELSE t.first_seen END,
-        state_changed_at = CASE WHEN t.state = CASE WHEN ev.online THEN 'online' ELSE 'offline' END
-            THEN t.state_changed_at ELSE ev.at END
-    FROM ev, old
-    WHERE t.id = ANY(%(ids)b) AND t.id = ev.id AND old.id = ev.id
-      AND (coalesce(ev.epoch, t.session_epoch + 1), ev.ord) > (t.session_epoch, t.session_order)
-    RETURNING t.id, t.platform_id, old.state AS before, t.state AS after, ev.at, ev.cause
-)
-SELECT id, platform_id, after, at, cause FROM changed WHERE before <> after
-"""
-# Devices: no locking read of the old rows first (gateways keep it, they are few). The UPDATE
-# records in the row what the event changed (session_flipped, session_first: evaluated on the
-# row version it locks, so a concurrent change is seen) and returns it. Rows are locked in the
-# order the plan visits them, which for batches is ascending id as in every other statement
-# (an index scan over the sorted ids, or their hash); a deadlock rolls one batch back, and the
-# writer retries it.
-DEVICE_SESSION_EVENTS = """
+# The UPDATE records in the row what the event changed (session_flipped, session_first:
+# evaluated on the row version it locks, so a concurrent change is seen) and returns it,
+# instead of first reading and locking the old rows (a second index scan and a lock record per
+# row). Gateways are already locked (lock_gateways). Devices are locked in the order the plan
+# visits them, which for batches is ascending id as in every other statement (the sorted ids
+# probe a hash of the rows, or an index scan visits them); a deadlock rolls one batch back, and
+# the writer retries it.
+SESSION_EVENTS = """
 WITH ev AS (
     SELECT e.*, CASE WHEN e.online THEN 1 ELSE 2 END AS ord,
            CASE WHEN e.online THEN 'online' ELSE 'offline' END AS state
     FROM unnest(%(ids)b::bigint[], %(online)b::bool[], %(epochs)b::bigint[],
                 %(times)b::timestamptz[], %(causes)b::text[]) AS e(id, online, epoch, at, cause)
 ), changed AS (
-    UPDATE devices t SET
+    UPDATE {table} t SET
         session_managed = true,
         session_epoch = coalesce(ev.epoch, t.session_epoch + 1),
         session_order = ev.ord,
@@ -348,11 +324,17 @@ WITH ev AS (
         first_seen = CASE WHEN ev.online THEN coalesce(t.first_seen, ev.at) ELSE t.first_seen END,
         state_changed_at = CASE WHEN t.state = ev.state THEN t.state_changed_at ELSE ev.at END
     FROM ev
-    WHERE t.id = ANY(%(ids)b) AND t.id = ev.id AND t.decommissioned_at IS NULL
+    WHERE t.id = ANY(%(ids)b) AND t.id = ev.id {in_service}
       AND (coalesce(ev.epoch, t.session_epoch + 1), ev.ord) > (t.session_epoch, t.session_order)
-    RETURNING t.id, t.platform_id, t.via_gateway AS via, t.session_flipped AS flipped,
+    RETURNING t.id, t.platform_id, {via} AS via, t.session_flipped AS flipped,
               t.state AS after, t.session_first AS first, ev.at, ev.cause
-), flips AS (
+)
+"""
+DEVICE_SESSION_EVENTS = (
+    SESSION_EVENTS.replace("{table}", "devices")
+    .replace("{via}", "t.via_gateway")
+    .replace("{in_service}", "AND t.decommissioned_at IS NULL")
+    + """, flips AS (
     INSERT INTO connection_events (time, platform_id, subject, subject_id, state, cause)
     SELECT at, platform_id, 'device', id, after, cause FROM changed WHERE flipped
 )
@@ -363,6 +345,15 @@ SELECT c.platform_id,
 FROM changed c LEFT JOIN gateways g ON g.id = c.via
 GROUP BY c.platform_id
 """
+)
+GATEWAY_SESSION_EVENTS = (
+    SESSION_EVENTS.replace("{table}", "gateways")
+    .replace("{via}", "NULL::bigint")
+    .replace("{in_service}", "")
+    + """
+SELECT id, platform_id, after, at, cause FROM changed WHERE flipped
+"""
+)
 
 
 async def apply_sessions(
