@@ -4,6 +4,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import psycopg
+import pytest
 
 from registry.migrate import available_migrations, migrate
 from registry.settings import StoreSettings
@@ -55,3 +56,32 @@ async def test_retention_drops_whole_old_days(db: psycopg.AsyncConnection[Any]) 
         db, "SELECT count(*) FROM pg_inherits WHERE inhparent = 'telemetry'::regclass"
     )
     assert remaining == 6
+
+
+async def test_the_store_refuses_device_and_gateway_ids_outside_the_pattern(
+    db: psycopg.AsyncConnection[Any],
+) -> None:
+    """The pattern is a domain's check since migration 0017 (not a table CHECK, which every
+    connection event's UPDATE re-evaluated): it must still hold wherever an id is written."""
+    await db.execute("INSERT INTO platforms (id, name) VALUES ('p1', 'P')")
+    await db.execute("INSERT INTO devices (platform_id, device_id) VALUES ('p1', 'ok-1.a:b_c')")
+    await db.execute("INSERT INTO gateways (platform_id, gateway_id) VALUES ('p1', 'gw-1')")
+    for statement in (
+        "INSERT INTO devices (platform_id, device_id) VALUES ('p1', %s)",
+        "INSERT INTO gateways (platform_id, gateway_id) VALUES ('p1', %s)",
+        "UPDATE devices SET device_id = %s",
+        "UPDATE gateways SET gateway_id = %s",
+    ):
+        for bad in ("-leading-dash", "has space", "x" * 129, ""):
+            with pytest.raises(psycopg.errors.CheckViolation):
+                await db.execute(statement, (bad,))
+    with pytest.raises(psycopg.errors.CheckViolation):  # raised as the COPY ends
+        async with (
+            db.cursor() as cur,
+            cur.copy("COPY devices (platform_id, device_id) FROM STDIN") as copy,
+        ):
+            await copy.write_row(("p1", "bad/id"))
+    assert await scalar(db, "SELECT count(*) FROM devices") == 1
+    # What the session UPDATE writes still passes the row's other checks.
+    with pytest.raises(psycopg.errors.CheckViolation):
+        await db.execute("UPDATE devices SET state = 'maybe'")
