@@ -75,7 +75,7 @@ class Identities:
         self._max_cached = max_cached
 
     async def resolve(
-        self, conn: AsyncConnection[Any], keys: Set[Key], *, provision: Set[str]
+        self, conn: AsyncConnection[Any], keys: set[Key], *, provision: Set[str]
     ) -> tuple[Mapping[Key, int], dict[Key, int], list[Key]]:
         """Finds the rows of `keys`, registering those that do not exist yet on the platforms
         in `provision`. Returns the ids to look the keys up in (keys without a row are missing;
