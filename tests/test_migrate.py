@@ -82,6 +82,6 @@ async def test_the_store_refuses_device_and_gateway_ids_outside_the_pattern(
         ):
             await copy.write_row(("p1", "bad/id"))
     assert await scalar(db, "SELECT count(*) FROM devices") == 1
-    # What the session UPDATE writes still passes the row's other checks.
+    # The rows' other checks are still table CHECKs.
     with pytest.raises(psycopg.errors.CheckViolation):
         await db.execute("UPDATE devices SET state = 'maybe'")
