@@ -9,9 +9,10 @@ What it does, on the machine's PostgreSQL in schemas of its own (dropped at the 
 3. Connection events through ingest's own writer (decoded status messages, the path MQTT status
    and Wills take): every device connects, then every device disconnects, in batches.
    Events/s are reported, and the counters are checked against a full recount afterwards.
-   `--writers N` splits the devices over N writers with a counter shard each, on their own
-   connections, as N ingest processes would (results in registry_events-Nwriters-latest.json).
-4. The writer's process memory (it caches a million device ids).
+   Each writer is a process of its own, as an ingest process is; `--writers N` splits the
+   devices over N of them with a counter shard each (results in
+   registry_events-Nwriters-latest.json).
+4. The writer processes' peak memory (one writer caches a million device ids).
 
 Baseline in the same run: the same COPY-seeded rows recounted with COUNT(*) (what a count would
 cost without maintained counters).
@@ -19,12 +20,15 @@ cost without maintained counters).
 
 import argparse
 import asyncio
+import multiprocessing
 import os
 import resource
 import subprocess
 import time
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from multiprocessing.connection import Connection
 from typing import Any
 
 import psycopg
@@ -111,31 +115,38 @@ async def settle(conn: psycopg.AsyncConnection[Any]) -> None:
 async def drive_events(
     settings: StoreSettings, platforms: int, devices: int, batch: int, writers: int = 1
 ) -> dict[str, Any]:
-    """Every device connects, then disconnects; through `writers` writers (as many ingest
-    processes would, each with its own counter shard and its share of the devices), each in
-    batches of `batch`, each batch prepared while the one before it commits."""
+    """Every device connects, then disconnects; through `writers` writer processes (as many
+    ingest processes would: each with its own counter shard, its share of the devices and its
+    own cache of device ids), each in batches of `batch`, each batch prepared while the one
+    before it commits. The processes start and connect before the clock, then drive each phase
+    on a signal; the clock stops when the last one reports."""
+    spawn = multiprocessing.get_context("spawn")  # a fresh interpreter, as ingest has
+    pipes, processes = [], []
+    for k in range(writers):
+        ours, theirs = spawn.Pipe()
+        share = _Share(
+            settings.require_database_url(),
+            settings.database_schema,
+            shard=1 + k,
+            first=k,
+            step=writers,
+            devices=devices,
+            platforms=platforms,
+            batch=batch,
+        )
+        process = spawn.Process(target=_writer_process, args=(theirs, share), daemon=True)
+        process.start()
+        pipes.append(ours)
+        processes.append(process)
     results: dict[str, Any] = {}
-    async with create_pool(settings, name="bench") as pool:
-        shards = [
-            TelemetryWriter(pool, stats=IngestStats(), counter_shard=1 + k) for k in range(writers)
-        ]
+    try:
+        await _replies(pipes)  # connected
         for online, label in ((True, "connect"), (False, "disconnect")):
-            now = datetime.now(UTC)
-            started, cpu = time.perf_counter(), time.process_time()
             machine = cpu_by_program("postgres")
-            await asyncio.gather(
-                *(
-                    _drive(
-                        writer,
-                        range(k, devices, writers),
-                        platforms,
-                        online=online,
-                        now=now,
-                        batch=batch,
-                    )
-                    for k, writer in enumerate(shards)
-                )
-            )
+            started = time.perf_counter()
+            for pipe in pipes:
+                pipe.send((online, datetime.now(UTC)))
+            writer_cpu = sum(await _replies(pipes))
             elapsed = time.perf_counter() - started
             split = cpu_since(machine, elapsed, broker="postgres")
             results[label] = {
@@ -143,7 +154,7 @@ async def drive_events(
                 "writers": writers,
                 "seconds": round(elapsed, 2),
                 "events_per_s": round(devices / elapsed),
-                "writer_cpu_s": round(time.process_time() - cpu, 2),
+                "writer_cpu_s": round(writer_cpu, 2),
                 "postgres_cpu_s": round(split.postgres, 2),
                 "machine_cores_busy": round(split.machine / elapsed, 2),
             }
@@ -151,24 +162,71 @@ async def drive_events(
                 counts = await platform_counts(conn, "p000")
                 assert counts is not None
                 results[label]["p000_connected"] = counts.connected
+        for pipe in pipes:
+            pipe.send(None)
+        results["writer_max_rss_mib"] = max(await _replies(pipes))
+    finally:
+        for process in processes:
+            process.join(30)
+            if process.is_alive():
+                process.kill()
     return results
 
 
-async def _drive(
-    writer: TelemetryWriter,
-    numbers: range,
-    platforms: int,
-    *,
-    online: bool,
-    now: datetime,
-    batch: int,
-) -> None:
-    """One writer's share of the events, run as a consumer runs the writer (write_ahead)."""
-    queue: Queue = asyncio.Queue(2 * batch)
+async def _replies(pipes: list[Connection]) -> list[Any]:
+    """One reply from each writer process; a process that failed sends its exception."""
+    replies = [await asyncio.to_thread(pipe.recv) for pipe in pipes]
+    for reply in replies:
+        if isinstance(reply, BaseException):
+            raise reply
+    return replies
+
+
+@dataclass(frozen=True)
+class _Share:
+    """What one writer process drives: devices first, first + step, ... below devices."""
+
+    database_url: str
+    schema: str
+    shard: int
+    first: int
+    step: int
+    devices: int
+    platforms: int
+    batch: int
+
+
+def _writer_process(pipe: Connection, share: _Share) -> None:
+    try:
+        serve(_writer_main(pipe, share))
+    except BaseException as exc:
+        pipe.send(exc)
+        raise
+
+
+async def _writer_main(pipe: Connection, share: _Share) -> None:
+    """A writer process: connects, then drives a phase per (online, now) received, replying
+    with the phase's CPU seconds; on None replies with its peak memory in MiB and ends."""
+    settings = StoreSettings(database_url=share.database_url, database_schema=share.schema)
+    async with create_pool(settings, name="bench") as pool:
+        writer = TelemetryWriter(pool, stats=IngestStats(), counter_shard=share.shard)
+        pipe.send("connected")
+        while (phase := await asyncio.to_thread(pipe.recv)) is not None:
+            online, now = phase
+            cpu = time.process_time()
+            await _drive(writer, share, online=online, now=now)
+            pipe.send(time.process_time() - cpu)
+    pipe.send(round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+
+
+async def _drive(writer: TelemetryWriter, share: _Share, *, online: bool, now: datetime) -> None:
+    """One writer's share of the events, run as a consumer runs the writer (write_ahead), with
+    the status messages made as they are received (the decoding's stand-in)."""
+    queue: Queue = asyncio.Queue(2 * share.batch)
 
     async def receive() -> None:
-        for n in numbers:
-            status = Status(f"p{n % platforms:03d}", online, 1, device=f"d{n:07d}")
+        for n in range(share.first, share.devices, share.step):
+            status = Status(f"p{n % share.platforms:03d}", online, 1, device=f"d{n:07d}")
             await queue.put(Received("mqtt", "", b"", now, [status], None))
         await queue.put(END)
 
@@ -177,7 +235,7 @@ async def _drive(
 
     async with asyncio.TaskGroup() as tasks:
         tasks.create_task(receive())
-        await write_ahead(queue, writer, commit, max_points=batch, max_delay=1.0)
+        await write_ahead(queue, writer, commit, max_points=share.batch, max_delay=1.0)
 
 
 async def main(devices: int, batch: int, writers: int = 1) -> dict[str, Any]:
@@ -230,9 +288,6 @@ async def main(devices: int, batch: int, writers: int = 1) -> dict[str, Any]:
             await refresh_activity(conn)
             report["activity_pass_seconds"] = round(time.perf_counter() - started, 2)
         report["drift"] = [d.platform for d in drift]
-        report["bench_process_max_rss_mib"] = round(
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        )
     finally:
         for api in apis:
             api.terminate()
@@ -293,7 +348,7 @@ def _figures(report: dict[str, Any]) -> list[Figure]:
         ("full recount (s)", f"{report['recount_seconds']}", ""),
         ("activity and national distinct pass (s)", f"{report['activity_pass_seconds']}", "< 60"),
         ("drift after the events", f"{report['drift'] or 'none'}", "none"),
-        ("writer process max RSS (MiB)", f"{report['bench_process_max_rss_mib']}", ""),
+        ("writer process max RSS (MiB)", f"{report['events']['writer_max_rss_mib']}", ""),
     ]
     return rows
 
