@@ -24,7 +24,7 @@ from typing import Any, Final
 
 from psycopg import AsyncConnection
 
-from registry.arrays import BigintArray, BoolArray
+from registry.arrays import BigintArray, BoolArray, TextArray, TimestamptzArray
 
 LOCK_GATEWAYS = """
 SELECT id FROM gateways
@@ -391,6 +391,6 @@ def _session_args(events: list[SessionEvent]) -> dict[str, list[Any]]:
         "ids": BigintArray([e.subject for e in chosen]),
         "online": BoolArray([e.online for e in chosen]),
         "epochs": BigintArray([e.epoch for e in chosen]),
-        "times": [e.at for e in chosen],
-        "causes": [e.cause for e in chosen],
+        "times": TimestamptzArray([e.at for e in chosen]),
+        "causes": TextArray([e.cause for e in chosen]),
     }

@@ -14,13 +14,15 @@ from typing import Any
 from psycopg import AsyncConnection
 from psycopg.rows import class_row
 
+from registry.arrays import BigintArray, TextArray
+
 RECORD = """
 WITH entries AS (
     INSERT INTO usage_ledger
         (platform_id, day, source, messages, bytes, points, duplicate_points, refused_messages)
-    SELECT * FROM unnest(%(platforms)s::text[], %(days)s::date[], %(sources)s::text[],
-                         %(messages)s::int8[], %(bytes)s::int8[], %(points)s::int8[],
-                         %(duplicates)s::int8[], %(refused)s::int8[])
+    SELECT * FROM unnest(%(platforms)b::text[], %(days)s::date[], %(sources)b::text[],
+                         %(messages)b::int8[], %(bytes)b::int8[], %(points)b::int8[],
+                         %(duplicates)b::int8[], %(refused)b::int8[])
     RETURNING platform_id, day, messages, bytes, points, duplicate_points, refused_messages
 )
 INSERT INTO usage_daily AS u
@@ -146,14 +148,14 @@ async def record_usage(conn: AsyncConnection[Any], usage: Iterable[Usage], *, sh
     await conn.execute(
         RECORD,
         {
-            "platforms": [u.platform for u in rows],
+            "platforms": TextArray([u.platform for u in rows]),
             "days": [u.day for u in rows],
-            "sources": [u.source for u in rows],
-            "messages": [u.messages for u in rows],
-            "bytes": [u.bytes for u in rows],
-            "points": [u.points for u in rows],
-            "duplicates": [u.duplicate_points for u in rows],
-            "refused": [u.refused_messages for u in rows],
+            "sources": TextArray([u.source for u in rows]),
+            "messages": BigintArray([u.messages for u in rows]),
+            "bytes": BigintArray([u.bytes for u in rows]),
+            "points": BigintArray([u.points for u in rows]),
+            "duplicates": BigintArray([u.duplicate_points for u in rows]),
+            "refused": BigintArray([u.refused_messages for u in rows]),
             "shard": shard,
         },
     )

@@ -1,12 +1,13 @@
 """The array dumpers of registry.arrays, read back by PostgreSQL itself."""
 
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import psycopg
 import pytest
 from psycopg.adapt import PyFormat, Transformer
 
-from registry.arrays import BigintArray, BoolArray
+from registry.arrays import BigintArray, BoolArray, TextArray, TimestamptzArray
 
 BIGINTS = [
     [],
@@ -39,16 +40,74 @@ async def test_bool_arrays_arrive_as_sent(
     assert await cur.fetchone() == (values, "boolean[]", len(values))
 
 
+NOW = datetime(2026, 12, 3, 13, 45, 7, 123456, tzinfo=UTC)
+TIMES = [
+    [],
+    [NOW],
+    [NOW, NOW, NOW + timedelta(microseconds=1), NOW],
+    # Before 2000 (negative), another zone, the extremes Python has, a leap day.
+    [
+        datetime(1999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime(2026, 6, 1, 8, tzinfo=timezone(timedelta(hours=8))),
+        datetime(1, 1, 1, tzinfo=UTC),
+        datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime(2024, 2, 29, 12, tzinfo=UTC),
+    ],
+    [NOW + timedelta(seconds=n) for n in range(3000)],
+]
+
+
+@pytest.mark.parametrize("values", TIMES)
+async def test_timestamptz_arrays_arrive_as_sent(
+    db: psycopg.AsyncConnection[Any], values: list[datetime]
+) -> None:
+    cur = await db.execute(
+        "SELECT %(a)b, pg_typeof(%(a)b)::text, cardinality(%(a)b)",
+        {"a": TimestamptzArray(values)},
+    )
+    assert await cur.fetchone() == (values, "timestamp with time zone[]", len(values))
+
+
+async def test_a_naive_datetime_is_refused_not_read_as_utc(
+    db: psycopg.AsyncConnection[Any],
+) -> None:
+    with pytest.raises(TypeError, match="timezone-aware"):
+        await db.execute("SELECT %b", (TimestamptzArray([NOW, datetime(2026, 12, 3)]),))
+
+
+TEXTS = [
+    [],
+    [""],
+    ["status", "status", "sparkplug NDEATH", "status"],
+    ["p000", "数据", "ünïcode", "tab\tand\nnewline", 'quote " and \\ backslash', "{brace,}"],
+    [f"d{n:07d}" for n in range(5000)],
+]
+
+
+@pytest.mark.parametrize("values", TEXTS)
+async def test_text_arrays_arrive_as_sent(
+    db: psycopg.AsyncConnection[Any], values: list[str]
+) -> None:
+    cur = await db.execute(
+        "SELECT %(a)b, pg_typeof(%(a)b)::text, cardinality(%(a)b)", {"a": TextArray(values)}
+    )
+    assert await cur.fetchone() == (values, "text[]", len(values))
+
+
 async def test_the_store_s_connections_use_these_dumpers(
     db: psycopg.AsyncConnection[Any], database_url: str
 ) -> None:
     """registry.store connects with them; elsewhere they are dumped as plain lists."""
     ids = BigintArray([1, 2, 3])
-    used = Transformer(db).get_dumper(ids, PyFormat.BINARY)
-    assert type(used).__module__ == "registry.arrays"
+    arrays = [ids, BoolArray([True]), TimestamptzArray([NOW]), TextArray(["a"])]
+    for values in arrays:
+        used = Transformer(db).get_dumper(values, PyFormat.BINARY)
+        assert type(used).__module__ == "registry.arrays"
     async with await psycopg.AsyncConnection.connect(database_url) as plain:
         assert type(Transformer(plain).get_dumper(ids, PyFormat.BINARY)).__module__ != (
             "registry.arrays"
         )
-        cur = await plain.execute("SELECT %b::bigint[], %b::bool[]", (ids, BoolArray([True])))
-        assert await cur.fetchone() == ([1, 2, 3], [True])
+        cur = await plain.execute(
+            "SELECT %b::bigint[], %b::bool[], %b::timestamptz[], %b::text[]", arrays
+        )
+        assert await cur.fetchone() == ([1, 2, 3], [True], [NOW], ["a"])
