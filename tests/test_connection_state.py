@@ -18,6 +18,7 @@ from ingest.stats import IngestStats
 from ingest.topics import TopicScheme
 from ingest.writer import TelemetryWriter
 from registry.counts import platform_counts
+from registry.history import DEVICE_EVENTS, device_events
 from registry.reconcile import find_drift, reconcile
 from registry.settings import StoreSettings
 from registry.store import create_pool
@@ -340,3 +341,45 @@ async def test_counters_equal_a_recount_after_any_event_storm(
     if expire:
         await Sweeper(pool, counter_shard=5).sweep_once(datetime.now(UTC) + timedelta(hours=1))
     assert await find_drift(db) == []
+
+
+async def test_a_device_s_history_is_its_own_and_its_gateway_s_events_newest_first(
+    feed: Feed, db: psycopg.AsyncConnection[Any], platform: str
+) -> None:
+    start = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=10)
+    await feed.send(feed.gateway_status("spare", "online", 1), at=start - timedelta(seconds=1))
+    await feed.send(feed.gateway_status("edge", "online", 1), at=start)
+    await feed.send(feed.gateway_data("edge", ["plc"]), at=start + timedelta(seconds=1))
+    await feed.send(feed.status("solo", "online", 1), at=start + timedelta(seconds=2))
+    await feed.send(feed.gateway_status("edge", "offline", 1), at=start + timedelta(seconds=3))
+    await feed.send(feed.status("plc", "offline", 1), at=start + timedelta(seconds=4))
+    plc = await scalar(db, "SELECT id FROM devices WHERE device_id = 'plc'")
+    edge = await scalar(db, "SELECT id FROM gateways WHERE gateway_id = 'edge'")
+    assert plc != edge  # "spare" took a number: plc's number is another gateway's
+    # Events of the other kind of subject that carry plc's or edge's number are someone else's.
+    await db.execute(
+        "INSERT INTO connection_events (time, platform_id, subject, subject_id, state, cause) "
+        "VALUES (now(), %(p)s, 'gateway', %(plc)s, 'offline', 'x'), "
+        "(now(), %(p)s, 'device', %(edge)s, 'offline', 'x')",
+        {"p": platform, "plc": plc, "edge": edge},
+    )
+
+    events = await device_events(db, platform, "plc", limit=10)
+    assert [(e.time - start, e.subject, e.state) for e in events] == [
+        (timedelta(seconds=4), "device", "offline"),
+        (timedelta(seconds=3), "gateway", "offline"),
+        (timedelta(seconds=1), "device", "online"),
+        (timedelta(seconds=0), "gateway", "online"),
+    ]
+    assert [e.time for e in await device_events(db, platform, "plc", limit=2)] == [
+        start + timedelta(seconds=4),
+        start + timedelta(seconds=3),
+    ]
+    # Read through the per-subject indexes, not by scanning every device's events.
+    await db.execute("SET enable_seqscan = off")
+    cur = await db.execute(
+        "EXPLAIN " + DEVICE_EVENTS, {"platform": platform, "device": "plc", "limit": 10}
+    )
+    plan = "\n".join(row[0] for row in await cur.fetchall())
+    assert "connection_events_device" in plan, plan
+    assert "connection_events_gateway" in plan, plan
