@@ -14,6 +14,7 @@ import logging
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -199,8 +200,13 @@ class MosquittoBroker:
     def available() -> bool:
         return shutil.which("mosquitto") is not None
 
+    @property
+    def _pid_file(self) -> Path:
+        return self.state_dir / "mosquitto.pid"
+
     async def start(self) -> str:
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(self._stop_leftover)
         self.port = self.port or free_port()
         conf = self.state_dir / "mosquitto.conf"
         conf.write_text(
@@ -208,11 +214,17 @@ class MosquittoBroker:
                 port=self.port, state=self.state_dir, user="user root" if os.geteuid() == 0 else ""
             )
         )
+        # A session of its own: a terminal's Ctrl+C signals the foreground process group, and
+        # the broker must outlive iiot's shutdown, which stops the consumers (they disconnect)
+        # before it stops the broker. In iiot's group it died under them: the consumer waited
+        # out a 10 s timeout and logged errors.
         self._process = subprocess.Popen(  # noqa: S603, ASYNC220 - starting it does not block
             [shutil.which("mosquitto") or "mosquitto", "-c", str(conf)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
+        self._pid_file.write_text(str(self._process.pid))
         await _wait_for_port(self.port, self._process)
         self.url = f"mqtt://127.0.0.1:{self.port}"
         log.info("embedded Mosquitto at %s", self.url)
@@ -223,12 +235,33 @@ class MosquittoBroker:
             self._process.terminate()
             await asyncio.to_thread(self._process.wait, 10)
         self._process = None
+        self._pid_file.unlink(missing_ok=True)
 
     def kill(self) -> None:
         if self._process is not None:
             self._process.kill()
             self._process.wait(10)
             self._process = None
+        self._pid_file.unlink(missing_ok=True)
+
+    def _stop_leftover(self) -> None:
+        """Stops a broker that an earlier run left running (that run was killed before it
+        could stop it; the broker does not share its signals): it would hold the persistence
+        file this one writes."""
+        try:
+            pid = int(self._pid_file.read_text())
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            return  # no pid file, or that process has ended
+        if str(self.state_dir / "mosquitto.conf").encode() not in command:
+            return  # the number now names another process
+        log.warning("stopping the Mosquitto an earlier run left running (pid %d)", pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while _running(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        self._pid_file.unlink(missing_ok=True)
 
 
 class AmqttBroker:
@@ -265,6 +298,15 @@ class AmqttBroker:
 
 def embedded_broker(state_dir: Path) -> Broker:
     return MosquittoBroker(state_dir) if MosquittoBroker.available() else AmqttBroker()
+
+
+def _running(pid: int) -> bool:
+    """Whether the process exists and has not exited (a zombie waits for its parent)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 async def _wait_for_port(

@@ -15,7 +15,7 @@ import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from iiot.embedded import EmbeddedPostgres
+from iiot.embedded import EmbeddedPostgres, MosquittoBroker
 from iiot.net import free_port
 from ingest.mqtt import MqttIngest
 from ingest.settings import IngestSettings
@@ -129,3 +129,85 @@ def test_iiot_run_brings_up_the_whole_stack_and_stops_cleanly(tmp_path: Path, ka
     assert not (tmp_path / "state" / "postgres" / "postmaster.pid").exists(), (
         "PostgreSQL left running"
     )
+
+
+def test_ctrl_c_on_iiot_run_stops_ingest_before_its_embedded_broker(tmp_path: Path) -> None:
+    """A terminal's Ctrl+C signals the whole foreground process group. The embedded broker
+    must not get it too: it would die under the consumer, which then waited out a timeout and
+    logged errors instead of disconnecting before the broker stops."""
+    if not MosquittoBroker.available():
+        pytest.skip("Mosquitto is not installed: the broker is amqtt, inside iiot's process")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IIOT_")}
+    env |= {
+        "IIOT_STATE_DIR": str(tmp_path / "state"),
+        "IIOT_API_PORT": str(port),
+        "IIOT_SIMULATE_DEVICES": "3",
+        "IIOT_MQTT_CLIENT_ID": f"iiot-run-ctrl-c-{port}",
+    }
+    log = tmp_path / "run.log"
+    with log.open("w") as out:
+        # In a process group of its own, as a shell runs a foreground job.
+        process = subprocess.Popen(
+            [sys.executable, "-m", "iiot.cli", "run"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+
+        async def ready() -> bool:
+            assert process.poll() is None, log.read_text()
+            try:
+                async with httpx.AsyncClient() as http:
+                    return (await http.get(f"http://127.0.0.1:{port}/readyz")).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        asyncio.run(eventually(ready, timeout=60, interval=0.2))
+        os.killpg(process.pid, signal.SIGINT)
+        assert process.wait(30) == 0, log.read_text()
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    output = log.read_text()
+    assert "connection lost" not in output, output
+    assert "[error" not in output, output
+    assert "stopped" in output
+    left = [
+        entry.name
+        for entry in Path("/proc").iterdir()
+        if entry.name.isdigit() and str(tmp_path).encode() in _cmdline(entry)
+    ]
+    assert left == [], "processes left running"
+
+
+def _cmdline(process: Path) -> bytes:
+    try:
+        return (process / "cmdline").read_bytes()
+    except OSError:  # it ended meanwhile
+        return b""
+
+
+async def test_a_broker_an_earlier_run_left_running_is_stopped(tmp_path: Path) -> None:
+    """Its own session keeps the broker out of a Ctrl+C; a run that was killed cannot stop it,
+    so the next run does."""
+    if not MosquittoBroker.available():
+        pytest.skip("Mosquitto is not installed")
+    left = MosquittoBroker(tmp_path / "mosquitto")
+    await left.start()
+    assert left._process is not None
+    orphan = left._process  # the killed run never stopped it
+    broker = MosquittoBroker(tmp_path / "mosquitto")
+    try:
+        await broker.start()
+        assert orphan.wait(5) == 0  # terminated: mosquitto exits 0 on SIGTERM
+        assert broker._process is not None
+        assert broker._process.poll() is None
+        assert (tmp_path / "mosquitto" / "mosquitto.pid").read_text() == str(broker._process.pid)
+    finally:
+        await broker.stop()
+        left.kill()
+    assert not (tmp_path / "mosquitto" / "mosquitto.pid").exists()
