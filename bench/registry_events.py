@@ -22,13 +22,14 @@ import argparse
 import asyncio
 import multiprocessing
 import os
-import resource
 import subprocess
 import time
+import traceback
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -136,6 +137,7 @@ async def drive_events(
         )
         process = spawn.Process(target=_writer_process, args=(theirs, share), daemon=True)
         process.start()
+        theirs.close()  # the child's end: a child that dies then ends our recv with EOFError
         pipes.append(ours)
         processes.append(process)
     results: dict[str, Any] = {}
@@ -166,6 +168,8 @@ async def drive_events(
             pipe.send(None)
         results["writer_max_rss_mib"] = max(await _replies(pipes))
     finally:
+        for pipe in pipes:
+            pipe.close()  # a writer still waiting for a phase ends (EOFError)
         for process in processes:
             process.join(30)
             if process.is_alive():
@@ -174,12 +178,23 @@ async def drive_events(
 
 
 async def _replies(pipes: list[Connection]) -> list[Any]:
-    """One reply from each writer process; a process that failed sends its exception."""
-    replies = [await asyncio.to_thread(pipe.recv) for pipe in pipes]
-    for reply in replies:
-        if isinstance(reply, BaseException):
-            raise reply
+    """One reply from each writer process; one that failed sends its traceback, one that died
+    closes its end."""
+    replies = []
+    for k, pipe in enumerate(pipes):
+        try:
+            reply = await asyncio.to_thread(pipe.recv)
+        except EOFError:
+            raise RuntimeError(f"writer process {k} ended without replying") from None
+        if isinstance(reply, _Failed):
+            raise RuntimeError(f"writer process {k} failed:\n{reply.traceback}")  # noqa: TRY004
+        replies.append(reply)
     return replies
+
+
+@dataclass(frozen=True)
+class _Failed:
+    traceback: str
 
 
 @dataclass(frozen=True)
@@ -199,8 +214,10 @@ class _Share:
 def _writer_process(pipe: Connection, share: _Share) -> None:
     try:
         serve(_writer_main(pipe, share))
-    except BaseException as exc:
-        pipe.send(exc)
+    except EOFError:
+        return  # the benchmark stopped waiting for this writer
+    except BaseException:
+        pipe.send(_Failed(traceback.format_exc()))
         raise
 
 
@@ -208,7 +225,9 @@ async def _writer_main(pipe: Connection, share: _Share) -> None:
     """A writer process: connects, then drives a phase per (online, now) received, replying
     with the phase's CPU seconds; on None replies with its peak memory in MiB and ends."""
     settings = StoreSettings(database_url=share.database_url, database_schema=share.schema)
-    async with create_pool(settings, name="bench") as pool:
+    # Two connections, as the writer uses them: one prepares a batch while the other commits.
+    async with create_pool(settings, name="bench", min_size=2) as pool:
+        await pool.wait()
         writer = TelemetryWriter(pool, stats=IngestStats(), counter_shard=share.shard)
         pipe.send("connected")
         while (phase := await asyncio.to_thread(pipe.recv)) is not None:
@@ -216,7 +235,15 @@ async def _writer_main(pipe: Connection, share: _Share) -> None:
             cpu = time.process_time()
             await _drive(writer, share, online=online, now=now)
             pipe.send(time.process_time() - cpu)
-    pipe.send(round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+    pipe.send(_peak_memory_mib())
+
+
+def _peak_memory_mib() -> int:
+    """This process's peak resident memory. Not getrusage's ru_maxrss: Linux carries the
+    parent's peak into a child it forks, and exec keeps it."""
+    status = Path("/proc/self/status").read_text()
+    kib = next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))
+    return round(int(kib) / 1024)
 
 
 async def _drive(writer: TelemetryWriter, share: _Share, *, online: bool, now: datetime) -> None:
@@ -273,8 +300,13 @@ async def main(devices: int, batch: int, writers: int = 1) -> dict[str, Any]:
             "count_at_1k": (small, small_key),
             f"count_at_{devices // 1000}k": (settings, key),
         }
-        ports = {name: free_port() for name in measured}
-        apis += [start_api(store, ports[name]) for name, (store, _) in measured.items()]
+        ports: dict[str, int] = {}
+        for name, (store, _) in measured.items():
+            # Each port taken once the API before it listens: two free_port() calls in a row
+            # may return the same port, and then one API answers for both registries (a
+            # --quick run failed with 401, as the other registry's key would get).
+            ports[name] = free_port()
+            apis.append(start_api(store, ports[name]))
         report |= await count_latencies(
             {name: (ports[name], k) for name, (_, k) in measured.items()}
         )
