@@ -23,6 +23,7 @@ _INT8, _INT8_ARRAY, _BOOL, _BOOL_ARRAY = 20, 1016, 16, 1000
 _TIMESTAMPTZ, _TIMESTAMPTZ_ARRAY, _TEXT, _TEXT_ARRAY = 1184, 1185, 25, 1009
 _PG_EPOCH: Final = datetime(2000, 1, 1, tzinfo=UTC)
 _LENGTH: Final = struct.Struct("!i")
+_NOTHING: Final = object()  # no element yet
 # ndim, has-nulls flag, element type, then one dimension: its length and lower bound.
 _HEADER: Final = struct.Struct("!iiIii")
 _EMPTY: Final = struct.Struct("!iiI")
@@ -97,11 +98,11 @@ class _TimestamptzArrayDumper(Dumper):
         element = self._element.dump
         raws: list[Buffer | None] = []
         append = raws.append
-        last: datetime | None = None
-        raw: Buffer | None = b""
+        last: object = _NOTHING
+        raw: Buffer | None = None
         for at in obj:
             if at is not last:
-                if at.tzinfo is None:
+                if not isinstance(at, datetime) or at.tzinfo is None:
                     raise TypeError(f"timestamptz[] needs timezone-aware datetimes, got {at!r}")
                 last, raw = at, element(at)
             append(raw)
@@ -112,13 +113,22 @@ class _TextArrayDumper(Dumper):
     format = Format.BINARY
     oid = _TEXT_ARRAY
 
+    def __init__(self, cls: type, context: AdaptContext | None = None) -> None:
+        super().__init__(cls, context)
+        # psycopg's element dumper: the string in the connection's encoding.
+        self._element = Transformer.from_context(context).get_dumper("", PyFormat.BINARY)
+
     def dump(self, obj: list[str]) -> Buffer:
         if not obj:
             return _EMPTY.pack(0, 0, _TEXT)
-        # Each element: its length in bytes as a big-endian int4, then its UTF-8.
+        # Each element: its length in bytes as a big-endian int4, then the bytes; each
+        # distinct string is encoded once.
+        element = self._element.dump
         encoded = {}
         for text in set(obj):
-            raw = text.encode()
+            if not isinstance(text, str):
+                raise TypeError(f"text[] needs strings, got {text!r}")
+            raw = bytes(cast(Buffer, element(text)))
             encoded[text] = _LENGTH.pack(len(raw)) + raw
         return _HEADER.pack(1, 0, _TEXT, len(obj), 1) + b"".join(map(encoded.__getitem__, obj))
 

@@ -61,6 +61,7 @@ TIMES = [
 async def test_timestamptz_arrays_arrive_as_sent(
     db: psycopg.AsyncConnection[Any], values: list[datetime]
 ) -> None:
+    await db.execute("SET TimeZone = 'UTC'")  # year 1 and 9999 read back in any zone
     cur = await db.execute(
         "SELECT %(a)b, pg_typeof(%(a)b)::text, cardinality(%(a)b)",
         {"a": TimestamptzArray(values)},
@@ -68,11 +69,20 @@ async def test_timestamptz_arrays_arrive_as_sent(
     assert await cur.fetchone() == (values, "timestamp with time zone[]", len(values))
 
 
-async def test_a_naive_datetime_is_refused_not_read_as_utc(
-    db: psycopg.AsyncConnection[Any],
+@pytest.mark.parametrize("values", [[NOW, datetime(2026, 12, 3)], [None, NOW], [NOW, None]])
+async def test_naive_datetimes_and_nulls_are_refused_not_guessed(
+    db: psycopg.AsyncConnection[Any], values: list[Any]
 ) -> None:
     with pytest.raises(TypeError, match="timezone-aware"):
-        await db.execute("SELECT %b", (TimestamptzArray([NOW, datetime(2026, 12, 3)]),))
+        await db.execute("SELECT %b", (TimestamptzArray(values),))
+
+
+@pytest.mark.parametrize("values", [[None], ["a", None]])
+async def test_text_arrays_refuse_nulls(
+    db: psycopg.AsyncConnection[Any], values: list[Any]
+) -> None:
+    with pytest.raises(TypeError, match="needs strings"):
+        await db.execute("SELECT %b", (TextArray(values),))
 
 
 TEXTS = [
