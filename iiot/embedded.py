@@ -9,6 +9,7 @@
 
 import asyncio
 import contextlib
+import fcntl
 import importlib.util
 import logging
 import os
@@ -188,6 +189,12 @@ log_type notice
 
 
 class MosquittoBroker:
+    """Mosquitto in a session of its own: a terminal's Ctrl+C signals the foreground process
+    group, and the broker must outlive iiot's shutdown, which stops the consumers (they
+    disconnect) before it stops the broker. In iiot's group it died under them: the consumer
+    waited out a 10 s timeout and logged errors. So a run that is killed cannot stop it; the
+    pid file in the state directory, locked while a run owns it, lets the next run stop it."""
+
     protocol = "5"
 
     def __init__(self, state_dir: Path, *, port: int | None = None) -> None:
@@ -195,37 +202,37 @@ class MosquittoBroker:
         self.port = port
         self.url = ""
         self._process: subprocess.Popen[bytes] | None = None
+        self._pid_file: int | None = None  # its descriptor, holding the lock
 
     @staticmethod
     def available() -> bool:
         return shutil.which("mosquitto") is not None
 
-    @property
-    def _pid_file(self) -> Path:
-        return self.state_dir / "mosquitto.pid"
-
     async def start(self) -> str:
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        await asyncio.to_thread(self._stop_leftover)
-        self.port = self.port or free_port()
-        conf = self.state_dir / "mosquitto.conf"
-        conf.write_text(
-            MOSQUITTO_CONF.format(
-                port=self.port, state=self.state_dir, user="user root" if os.geteuid() == 0 else ""
+        await asyncio.to_thread(self._claim)
+        try:
+            self.port = self.port or free_port()
+            conf = self.state_dir / "mosquitto.conf"
+            conf.write_text(
+                MOSQUITTO_CONF.format(
+                    port=self.port,
+                    state=self.state_dir,
+                    user="user root" if os.geteuid() == 0 else "",
+                )
             )
-        )
-        # A session of its own: a terminal's Ctrl+C signals the foreground process group, and
-        # the broker must outlive iiot's shutdown, which stops the consumers (they disconnect)
-        # before it stops the broker. In iiot's group it died under them: the consumer waited
-        # out a 10 s timeout and logged errors.
-        self._process = subprocess.Popen(  # noqa: S603, ASYNC220 - starting it does not block
-            [shutil.which("mosquitto") or "mosquitto", "-c", str(conf)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        self._pid_file.write_text(str(self._process.pid))
-        await _wait_for_port(self.port, self._process)
+            self._process = subprocess.Popen(  # noqa: S603, ASYNC220 - it does not block
+                [shutil.which("mosquitto") or "mosquitto", "-c", str(conf)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            assert self._pid_file is not None
+            os.pwrite(self._pid_file, str(self._process.pid).encode(), 0)
+            await _wait_for_port(self.port, self._process)
+        except BaseException:
+            self.kill()
+            raise
         self.url = f"mqtt://127.0.0.1:{self.port}"
         log.info("embedded Mosquitto at %s", self.url)
         return self.url
@@ -235,33 +242,55 @@ class MosquittoBroker:
             self._process.terminate()
             await asyncio.to_thread(self._process.wait, 10)
         self._process = None
-        self._pid_file.unlink(missing_ok=True)
+        self._release()
 
     def kill(self) -> None:
         if self._process is not None:
             self._process.kill()
             self._process.wait(10)
             self._process = None
-        self._pid_file.unlink(missing_ok=True)
+        self._release()
 
-    def _stop_leftover(self) -> None:
-        """Stops a broker that an earlier run left running (that run was killed before it
-        could stop it; the broker does not share its signals): it would hold the persistence
-        file this one writes."""
+    def _claim(self) -> None:
+        """Takes the state directory, stopping the broker of an earlier run that was killed;
+        refuses if a running iiot holds it."""
+        fd = os.open(self.state_dir / "mosquitto.pid", os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            pid = int(self._pid_file.read_text())
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RuntimeError(
+                f"{self.state_dir} belongs to the broker of another running iiot: "
+                "give each run its own state directory (IIOT_STATE_DIR)"
+            ) from None
+        self._pid_file = fd
+        left = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        if left.isdigit():
+            self._stop_leftover(int(left))
+        os.ftruncate(fd, 0)
+
+    def _stop_leftover(self, pid: int) -> None:
+        try:
             command = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except (OSError, ValueError):
-            return  # no pid file, or that process has ended
+        except OSError:
+            return  # it has ended
         if str(self.state_dir / "mosquitto.conf").encode() not in command:
             return  # the number now names another process
         log.warning("stopping the Mosquitto an earlier run left running (pid %d)", pid)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
             deadline = time.monotonic() + 10
             while _running(pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
-        self._pid_file.unlink(missing_ok=True)
+            if not _running(pid):
+                return
+
+    def _release(self) -> None:
+        if self._pid_file is not None:
+            os.ftruncate(self._pid_file, 0)
+            os.close(self._pid_file)  # and with it the lock
+            self._pid_file = None
 
 
 class AmqttBroker:

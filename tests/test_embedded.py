@@ -172,16 +172,23 @@ def test_ctrl_c_on_iiot_run_stops_ingest_before_its_embedded_broker(tmp_path: Pa
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+        left = _processes_of(tmp_path)
+        for pid in left:  # the broker, in a session of its own, if iiot did not stop it
+            os.kill(pid, signal.SIGKILL)
     output = log.read_text()
     assert "connection lost" not in output, output
     assert "[error" not in output, output
     assert "stopped" in output
-    left = [
-        entry.name
-        for entry in Path("/proc").iterdir()
-        if entry.name.isdigit() and str(tmp_path).encode() in _cmdline(entry)
-    ]
     assert left == [], "processes left running"
+
+
+def _processes_of(directory: Path) -> list[int]:
+    """The processes whose command line names the directory."""
+    return [
+        int(entry.name)
+        for entry in Path("/proc").iterdir()
+        if entry.name.isdigit() and str(directory).encode() in _cmdline(entry)
+    ]
 
 
 def _cmdline(process: Path) -> bytes:
@@ -191,23 +198,61 @@ def _cmdline(process: Path) -> bytes:
         return b""
 
 
-async def test_a_broker_an_earlier_run_left_running_is_stopped(tmp_path: Path) -> None:
-    """Its own session keeps the broker out of a Ctrl+C; a run that was killed cannot stop it,
-    so the next run does."""
+def test_a_broker_that_a_killed_run_left_running_is_stopped_by_the_next(tmp_path: Path) -> None:
+    """Its own session keeps the broker out of a Ctrl+C, so a run that is killed leaves it
+    running; the next run on the same state directory stops it."""
     if not MosquittoBroker.available():
         pytest.skip("Mosquitto is not installed")
-    left = MosquittoBroker(tmp_path / "mosquitto")
-    await left.start()
-    assert left._process is not None
-    orphan = left._process  # the killed run never stopped it
-    broker = MosquittoBroker(tmp_path / "mosquitto")
-    try:
+    state = tmp_path / "mosquitto"
+    run = subprocess.Popen(
+        [sys.executable, "-c", _RUN_A_BROKER, str(state)], stdout=subprocess.PIPE, text=True
+    )
+    assert run.stdout is not None
+    with run.stdout:
+        orphan = int(run.stdout.readline())
+    run.kill()
+    run.wait()
+    assert _cmdline(Path(f"/proc/{orphan}")), "the broker ended with its run"
+
+    async def next_run() -> None:
+        broker = MosquittoBroker(state)
         await broker.start()
-        assert orphan.wait(5) == 0  # terminated: mosquitto exits 0 on SIGTERM
-        assert broker._process is not None
-        assert broker._process.poll() is None
-        assert (tmp_path / "mosquitto" / "mosquitto.pid").read_text() == str(broker._process.pid)
+        try:
+            assert not _cmdline(Path(f"/proc/{orphan}"))  # ended (a zombie's is empty too)
+        finally:
+            await broker.stop()
+
+    asyncio.run(next_run())
+
+
+async def test_a_running_broker_s_state_directory_is_refused_to_another(tmp_path: Path) -> None:
+    if not MosquittoBroker.available():
+        pytest.skip("Mosquitto is not installed")
+    first = MosquittoBroker(tmp_path / "mosquitto")
+    await first.start()
+    try:
+        with pytest.raises(RuntimeError, match="another running iiot"):
+            await MosquittoBroker(tmp_path / "mosquitto").start()
+        assert first._process is not None
+        assert first._process.poll() is None  # untouched
     finally:
-        await broker.stop()
-        left.kill()
-    assert not (tmp_path / "mosquitto" / "mosquitto.pid").exists()
+        await first.stop()
+    second = MosquittoBroker(tmp_path / "mosquitto")  # free again once stopped
+    await second.start()
+    await second.stop()
+
+
+# A run that starts the broker, prints its pid and waits to be killed.
+_RUN_A_BROKER = """
+import asyncio, sys
+from pathlib import Path
+from iiot.embedded import MosquittoBroker
+
+async def main():
+    broker = MosquittoBroker(Path(sys.argv[1]))
+    await broker.start()
+    print(broker._process.pid, flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
