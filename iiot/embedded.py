@@ -220,7 +220,7 @@ class MosquittoBroker:
 
     async def start(self) -> str:
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        await asyncio.to_thread(self._claim)
+        await asyncio.to_thread(self._take_state_dir)
         try:
             self.port = self.port or free_port()
             conf = self.state_dir / "mosquitto.conf"
@@ -261,7 +261,7 @@ class MosquittoBroker:
             self._process = None
         self._release()
 
-    def _claim(self) -> None:
+    def _take_state_dir(self) -> None:
         """Takes the state directory, stopping the broker of an earlier run that was killed;
         refuses if a running iiot holds it."""
         fd = _claim(self.state_dir / "mosquitto.pid", self.state_dir)

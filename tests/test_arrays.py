@@ -9,6 +9,15 @@ from psycopg.adapt import PyFormat, Transformer
 
 from registry.arrays import BigintArray, BoolArray, TextArray, TimestamptzArray
 
+
+async def sent_and_read(
+    db: psycopg.AsyncConnection[Any], array: list[Any]
+) -> tuple[Any, ...] | None:
+    """The array as PostgreSQL reads it back, its type and its length."""
+    cur = await db.execute("SELECT %(a)b, pg_typeof(%(a)b)::text, cardinality(%(a)b)", {"a": array})
+    return await cur.fetchone()
+
+
 BIGINTS = [
     [],
     [0],
@@ -23,21 +32,14 @@ BIGINTS = [
 async def test_bigint_arrays_arrive_as_sent(
     db: psycopg.AsyncConnection[Any], values: list[int | None]
 ) -> None:
-    cur = await db.execute(
-        "SELECT %(a)b, pg_typeof(%(a)b)::text, cardinality(%(a)b)",
-        {"a": BigintArray(values)},
-    )
-    assert await cur.fetchone() == (values, "bigint[]", len(values))
+    assert await sent_and_read(db, BigintArray(values)) == (values, "bigint[]", len(values))
 
 
 @pytest.mark.parametrize("values", [[], [True], [False], [True, False, False, True] * 1000])
 async def test_bool_arrays_arrive_as_sent(
     db: psycopg.AsyncConnection[Any], values: list[bool]
 ) -> None:
-    cur = await db.execute(
-        "SELECT %(a)b, pg_typeof(%(a)b)::text, cardinality(%(a)b)", {"a": BoolArray(values)}
-    )
-    assert await cur.fetchone() == (values, "boolean[]", len(values))
+    assert await sent_and_read(db, BoolArray(values)) == (values, "boolean[]", len(values))
 
 
 NOW = datetime(2026, 12, 3, 13, 45, 7, 123456, tzinfo=UTC)
@@ -62,11 +64,11 @@ async def test_timestamptz_arrays_arrive_as_sent(
     db: psycopg.AsyncConnection[Any], values: list[datetime]
 ) -> None:
     await db.execute("SET TimeZone = 'UTC'")  # year 1 and 9999 read back in any zone
-    cur = await db.execute(
-        "SELECT %(a)b, pg_typeof(%(a)b)::text, cardinality(%(a)b)",
-        {"a": TimestamptzArray(values)},
+    assert await sent_and_read(db, TimestamptzArray(values)) == (
+        values,
+        "timestamp with time zone[]",
+        len(values),
     )
-    assert await cur.fetchone() == (values, "timestamp with time zone[]", len(values))
 
 
 @pytest.mark.parametrize("values", [[NOW, datetime(2026, 12, 3)], [None, NOW], [NOW, None]])
@@ -98,10 +100,7 @@ TEXTS = [
 async def test_text_arrays_arrive_as_sent(
     db: psycopg.AsyncConnection[Any], values: list[str]
 ) -> None:
-    cur = await db.execute(
-        "SELECT %(a)b, pg_typeof(%(a)b)::text, cardinality(%(a)b)", {"a": TextArray(values)}
-    )
-    assert await cur.fetchone() == (values, "text[]", len(values))
+    assert await sent_and_read(db, TextArray(values)) == (values, "text[]", len(values))
 
 
 async def test_the_store_s_connections_use_these_dumpers(
