@@ -31,6 +31,17 @@ from registry.settings import StoreSettings
 from registry.store import connect, create_pool
 from tests import services
 
+# A test that asks for none of these (directly or through another fixture) and starts no server
+# of its own (those are marked `slow`) needs no services: `make test-fast` runs just those.
+SERVICE_FIXTURES = frozenset({"database_url", "mqtt_url", "kafka"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        needs = SERVICE_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+        if not needs and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.fast)
+
 
 @pytest.fixture(scope="session")
 def services_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -26,6 +26,9 @@ from tests.conftest import eventually, payload, publisher, running, scalar
 from tests.services import amqtt_in_thread
 from tests.test_kafka_ingest import produce
 
+# Every test here starts server processes of its own.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def amqtt_url() -> Iterator[str]:
