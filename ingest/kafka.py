@@ -538,7 +538,7 @@ def _received(
                 platform=outcome.platform,
             )
     ack = KafkaAck(tp, record.offset, epoch)
-    origin = Origin(tp.partition, record.offset, key, sparkplug_topic)
+    origin = Origin(tp.partition, record.offset, record.key, sparkplug_topic, record.headers)
     return Received("kafka", tp.topic, payload, received_at, outcome, ack, origin)
 
 
