@@ -34,3 +34,12 @@ class Retryable(IngestError):
 class Unstorable(IngestError):
     """A refused message whose dead letter the store refuses too. Consuming stops there (never
     a loop, never an acknowledgement of what was not stored); the message names where it is."""
+
+    @staticmethod
+    def first(group: BaseExceptionGroup["Unstorable"]) -> "Unstorable":
+        """The first of a group, however deeply nested task groups wrapped it."""
+        error: BaseException = group
+        while isinstance(error, BaseExceptionGroup):
+            error = error.exceptions[0]
+        assert isinstance(error, Unstorable)
+        return error
