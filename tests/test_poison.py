@@ -5,6 +5,8 @@ in /metrics and /readyz. Producers and publishers here share no code with iiot (
 through confluent-kafka, paho-mqtt)."""
 
 import asyncio
+import os
+import socket
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -21,9 +23,10 @@ from psycopg_pool import AsyncConnectionPool
 
 from iiot.net import free_port
 from iiot.services import ingest_services, run_until
+from ingest.mqtt import MqttIngest
 from ingest.settings import IngestSettings
 from ingest.topics import TopicScheme
-from tests.conftest import eventually, payload, scalar
+from tests.conftest import eventually, payload, running, scalar
 from tests.test_metrics import samples
 
 Headers = list[tuple[str, bytes | None]]
@@ -108,14 +111,15 @@ async def test_kafka_keys_headers_and_payloads_that_are_not_text_are_dead_letter
         (b"plant-1/d1", b'{"ts": 1, "metrics": {"v\x00": 1}}', []),  # NUL in payload
         (b"plant-1/d1", b'{"metrics": {"\xff": 1}}', []),  # payload not UTF-8
         (b"plant-1/d2", ok, [("iiot-sparkplug-topic", b"spBv1.0/g\x00/DDATA/e\xff")]),
+        (b"plant-1/count", ok, []),  # a device id the API cannot address
     ]
     records = [good(n, base) for n in range(10)] + poison
     records += [good(n, base) for n in range(10, 20)]
     await asyncio.to_thread(produce, kafka_settings.require_kafka_bootstrap(), topic, records)
     async with serving(kafka_settings, pool, "kafka") as http:
-        await eventually(lambda: scalar(db, "SELECT count(*) = 5 FROM dead_letters"))
+        await eventually(lambda: scalar(db, "SELECT count(*) = 6 FROM dead_letters"))
         await eventually(lambda: scalar(db, "SELECT count(*) = 20 FROM telemetry"))
-        await eventually(lambda: scalar(db, "SELECT sum(next_offset) = 25 FROM kafka_offsets"))
+        await eventually(lambda: scalar(db, "SELECT sum(next_offset) = 26 FROM kafka_offsets"))
         assert await ready(http)
 
     # Each good record stored once, those after the poison too.
@@ -132,6 +136,7 @@ async def test_kafka_keys_headers_and_payloads_that_are_not_text_are_dead_letter
         (12, "invalid_json"),
         (13, "invalid_json"),
         (14, "sparkplug_off"),
+        (15, "reserved_device_id"),
     ]
     # What arrived, byte for byte.
     assert [(r[2], r[4]) for r in rows] == [(key, value) for key, value, _ in poison]
@@ -230,3 +235,70 @@ def publish(mqtt_url: str, messages: Sequence[tuple[str, bytes]]) -> None:
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+def publish_raw(mqtt_url: str, topic: bytes, body: bytes) -> bytes:
+    """One MQTT 3.1.1 PUBLISH (QoS 0) with a topic of any bytes, over a plain socket (paho
+    encodes topics as UTF-8 itself); returns what the broker sent until it closed."""
+    host, port = mqtt_url.removeprefix("mqtt://").split(":")
+
+    def packet(kind: int, data: bytes) -> bytes:
+        assert len(data) < 128
+        return bytes([kind, len(data)]) + data
+
+    def string(value: bytes) -> bytes:
+        return len(value).to_bytes(2, "big") + value
+
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        connect = (
+            string(b"MQTT") + bytes([4, 2, 0, 60]) + string(b"raw-" + os.urandom(4).hex().encode())
+        )
+        sock.sendall(packet(0x10, connect) + packet(0x30, string(topic) + body))
+        answer = b""
+        while chunk := sock.recv(1024):
+            answer += chunk
+        return answer
+
+
+async def test_mqtt_payloads_that_are_not_text_are_dead_lettered_in_line(
+    ingest_settings: IngestSettings,
+    pool: AsyncConnectionPool,
+    db: psycopg.AsyncConnection[Any],
+    platform: str,
+    mqtt_url: str,
+) -> None:
+    topics = TopicScheme(ingest_settings.mqtt_topic_root)
+    now = int(datetime.now(UTC).timestamp() * 1000)
+    bad = [
+        b'{"metrics": {"v\x00": 1}}',  # a raw NUL: not JSON
+        b'{"metrics": {"\xff\xfe": 1}}',  # not UTF-8
+        b'{"metrics": {"v\\u0000": 1}}',  # a NUL, escaped: JSON, but no metric name
+        b"\x00" * 16,
+    ]
+    messages = [(topics.telemetry(platform, "d1"), payload({"ts": now, "metrics": {"v": 0}}))]
+    messages += [(topics.telemetry(platform, "d1"), body) for body in bad]
+    messages += [(topics.telemetry(platform, "d1"), payload({"ts": now + 1, "metrics": {"v": 1}}))]
+    async with running(MqttIngest(ingest_settings, pool)):
+        await asyncio.to_thread(publish, mqtt_url, messages)
+        # Topics that are not text never get through Mosquitto: it closes the connection
+        # (after its CONNACK) instead of delivering them.
+        for topic in (b"a\x00b", b"a\xffb"):
+            raw = f"{topics.root}/{platform}/".encode() + topic + b"/telemetry"
+            answer = await asyncio.to_thread(publish_raw, mqtt_url, raw, b'{"metrics": {"v": 9}}')
+            assert answer == b"\x20\x02\x00\x00", answer
+        await asyncio.to_thread(
+            publish,
+            mqtt_url,
+            [(topics.telemetry(platform, "d1"), payload({"ts": now + 2, "metrics": {"v": 2}}))],
+        )
+        await eventually(lambda: scalar(db, "SELECT count(*) = 3 FROM telemetry"))
+        await eventually(lambda: scalar(db, "SELECT count(*) = 4 FROM dead_letters"))
+    cur = await db.execute("SELECT reason, payload FROM dead_letters ORDER BY id")
+    assert await cur.fetchall() == [
+        ("invalid_json", bad[0]),
+        ("invalid_json", bad[1]),
+        ("invalid_metric_name", bad[2]),
+        ("invalid_json", bad[3]),
+    ]
+    stored = await (await db.execute("SELECT value FROM telemetry ORDER BY value")).fetchall()
+    assert stored == [(0.0,), (1.0,), (2.0,)]
