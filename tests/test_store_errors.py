@@ -45,6 +45,22 @@ async def test_a_data_error_class_22_isolates_the_message(
     assert detail.startswith("NumericValueOutOfRange")
 
 
+async def test_a_nul_byte_in_text_class_22_isolates_the_message(
+    pool: AsyncConnectionPool, db: psycopg.AsyncConnection[Any], platform: str
+) -> None:
+    # Decoding refuses such a metric name; a message that got past it is refused when its name
+    # is registered: text cannot hold a NUL, and psycopg raises DataError before sending it
+    # (no SQLSTATE: classified by the exception's class).
+    messages = batch(platform)
+    messages[4] = telemetry(platform, "d4", (NOW, "v\x00", 4.0))
+    report = await TelemetryWriter(pool, stats=IngestStats()).write(messages)
+    assert (report.points_written, report.dead_letters) == (5, 1)
+    cur = await db.execute("SELECT reason, topic, detail FROM dead_letters")
+    reason, topic, detail = await cur.fetchone() or ((),) * 3
+    assert (reason, topic) == ("store_refused", messages[4].topic)
+    assert "0x00" in detail
+
+
 @pytest.fixture
 async def limited_role(
     store: StoreSettings, db: psycopg.AsyncConnection[Any], database_url: str, unique: str
