@@ -34,15 +34,8 @@ PARTITIONS = 4
 
 
 @pytest.fixture
-def settings(ingest_settings: IngestSettings, kafka: str, unique: str) -> IngestSettings:
-    return ingest_settings.model_copy(
-        update={
-            "kafka_bootstrap": kafka,
-            "kafka_topics": [f"telemetry-{unique}"],
-            "kafka_group_id": f"iiot-{unique}",
-            "kafka_client_id": f"iiot-test-{unique}",
-        }
-    )
+def settings(kafka_settings: IngestSettings) -> IngestSettings:
+    return kafka_settings
 
 
 @asynccontextmanager

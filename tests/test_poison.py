@@ -45,17 +45,9 @@ def good(n: int, base_ms: int) -> tuple[bytes, bytes, Headers]:
 
 
 @pytest.fixture
-def kafka_settings(ingest_settings: IngestSettings, kafka: str, unique: str) -> IngestSettings:
-    return ingest_settings.model_copy(
-        update={
-            "kafka_bootstrap": kafka,
-            "kafka_topics": [f"poison-{unique}"],
-            "kafka_group_id": f"iiot-{unique}",
-            "kafka_client_id": f"iiot-test-{unique}",
-            "metrics_port": free_port(),
-            "stall_seconds": 0.5,
-        }
-    )
+def monitored(kafka_settings: IngestSettings) -> IngestSettings:
+    """Ingest's settings (Kafka and MQTT), with a monitor and a short stall limit."""
+    return kafka_settings.model_copy(update={"metrics_port": free_port(), "stall_seconds": 0.5})
 
 
 @asynccontextmanager
@@ -97,12 +89,12 @@ async def unready(http: httpx.AsyncClient, because: str) -> list[str] | None:
 
 
 async def test_kafka_keys_headers_and_payloads_that_are_not_text_are_dead_lettered_in_line(
-    kafka_settings: IngestSettings,
+    monitored: IngestSettings,
     pool: AsyncConnectionPool,
     db: psycopg.AsyncConnection[Any],
     platform: str,
 ) -> None:
-    topic = kafka_settings.kafka_topics[0]
+    topic = monitored.kafka_topics[0]
     base = int(datetime.now(UTC).timestamp() * 1000) - 60_000
     ok = payload({"ts": base, "metrics": {"v": 1}})
     poison: list[tuple[bytes, bytes, Headers]] = [
@@ -115,8 +107,8 @@ async def test_kafka_keys_headers_and_payloads_that_are_not_text_are_dead_letter
     ]
     records = [good(n, base) for n in range(10)] + poison
     records += [good(n, base) for n in range(10, 20)]
-    await asyncio.to_thread(produce, kafka_settings.require_kafka_bootstrap(), topic, records)
-    async with serving(kafka_settings, pool, "kafka") as http:
+    await asyncio.to_thread(produce, monitored.require_kafka_bootstrap(), topic, records)
+    async with serving(monitored, pool, "kafka") as http:
         await eventually(lambda: scalar(db, "SELECT count(*) = 6 FROM dead_letters"))
         await eventually(lambda: scalar(db, "SELECT count(*) = 20 FROM telemetry"))
         await eventually(lambda: scalar(db, "SELECT sum(next_offset) = 26 FROM kafka_offsets"))
@@ -145,7 +137,7 @@ async def test_kafka_keys_headers_and_payloads_that_are_not_text_are_dead_letter
 
 
 async def test_a_refusal_the_store_will_not_record_stops_kafka_ingest_and_fails_readiness(
-    kafka_settings: IngestSettings,
+    monitored: IngestSettings,
     pool: AsyncConnectionPool,
     db: psycopg.AsyncConnection[Any],
     platform: str,
@@ -153,13 +145,13 @@ async def test_a_refusal_the_store_will_not_record_stops_kafka_ingest_and_fails_
     await db.execute(
         "ALTER TABLE dead_letters ADD CONSTRAINT no_bad_ids CHECK (reason <> 'bad_device_id')"
     )
-    topic = kafka_settings.kafka_topics[0]
+    topic = monitored.kafka_topics[0]
     base = int(datetime.now(UTC).timestamp() * 1000) - 60_000
     records = [good(n, base) for n in range(3)]
     records += [(b"plant-1/a\x00b", payload({"ts": base, "metrics": {"v": 1}}), [])]
     records += [good(n, base) for n in range(3, 6)]
-    await asyncio.to_thread(produce, kafka_settings.require_kafka_bootstrap(), topic, records)
-    async with serving(kafka_settings, pool, "kafka") as http:
+    await asyncio.to_thread(produce, monitored.require_kafka_bootstrap(), topic, records)
+    async with serving(monitored, pool, "kafka") as http:
         problems = await eventually(lambda: unready(http, "the consumer stopped"))
         got = samples((await http.get("/metrics")).text)
     assert problems[0].startswith(f"the consumer stopped: Kafka record {topic}[0] at offset 3:")
@@ -173,7 +165,7 @@ async def test_a_refusal_the_store_will_not_record_stops_kafka_ingest_and_fails_
 @pytest.mark.parametrize("source", ["mqtt", "kafka"])
 async def test_a_consumer_holding_messages_without_progress_shows_it_and_is_unready(
     source: Literal["mqtt", "kafka"],
-    kafka_settings: IngestSettings,
+    monitored: IngestSettings,
     pool: AsyncConnectionPool,
     db: psycopg.AsyncConnection[Any],
     database_url: str,
@@ -182,7 +174,7 @@ async def test_a_consumer_holding_messages_without_progress_shows_it_and_is_unre
 ) -> None:
     base = int(datetime.now(UTC).timestamp() * 1000) - 60_000
     async with (
-        serving(kafka_settings, pool, source) as http,
+        serving(monitored, pool, source) as http,
         await psycopg.AsyncConnection.connect(database_url) as locker,
     ):
         await eventually(lambda: ready(http))
@@ -192,29 +184,27 @@ async def test_a_consumer_holding_messages_without_progress_shows_it_and_is_unre
             sql.SQL("LOCK TABLE {}.telemetry IN ACCESS EXCLUSIVE MODE").format(schema)
         )
         if source == "kafka":
-            topic = kafka_settings.kafka_topics[0]
+            topic = monitored.kafka_topics[0]
             records = [good(n, base) for n in range(5)]
-            await asyncio.to_thread(
-                produce, kafka_settings.require_kafka_bootstrap(), topic, records
-            )
+            await asyncio.to_thread(produce, monitored.require_kafka_bootstrap(), topic, records)
         else:
-            topics = TopicScheme(kafka_settings.mqtt_topic_root)
+            topics = TopicScheme(monitored.mqtt_topic_root)
             messages = [
                 (topics.telemetry(platform, key.decode().split("/")[1]), value)
                 for key, value, _ in (good(n, base) for n in range(5))
             ]
             await asyncio.to_thread(publish, mqtt_url, messages)
-        stream = f"{kafka_settings.kafka_topics[0]}[0]" if source == "kafka" else "the mqtt session"
+        stream = f"{monitored.kafka_topics[0]}[0]" if source == "kafka" else "the mqtt session"
         await eventually(lambda: unready(http, f"no progress on {stream} for "))
         got = samples((await http.get("/metrics")).text)
         labels = frozenset({("source", source)})
-        assert got[("iiot_ingest_stalled_seconds", labels)] >= kafka_settings.stall_seconds
-        assert got[("iiot_oldest_unacked_seconds", labels)] >= kafka_settings.stall_seconds
+        assert got[("iiot_ingest_stalled_seconds", labels)] >= monitored.stall_seconds
+        assert got[("iiot_oldest_unacked_seconds", labels)] >= monitored.stall_seconds
         if source == "kafka":
             ages = [
                 v for (name, _), v in got.items() if name == "iiot_kafka_oldest_uncommitted_seconds"
             ]
-            assert max(ages) >= kafka_settings.stall_seconds
+            assert max(ages) >= monitored.stall_seconds
         await locker.rollback()  # the lock goes: the writer goes on
         await eventually(lambda: scalar(db, "SELECT count(*) = 5 FROM telemetry"))
         await eventually(lambda: ready(http))
