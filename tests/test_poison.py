@@ -292,3 +292,34 @@ async def test_mqtt_payloads_that_are_not_text_are_dead_lettered_in_line(
     ]
     stored = await (await db.execute("SELECT value FROM telemetry ORDER BY value")).fetchall()
     assert stored == [(0.0,), (1.0,), (2.0,)]
+
+
+async def test_mqtt_ingest_stops_on_a_refusal_it_cannot_record_and_acknowledges_nothing_after(
+    ingest_settings: IngestSettings,
+    pool: AsyncConnectionPool,
+    db: psycopg.AsyncConnection[Any],
+    platform: str,
+    mqtt_url: str,
+) -> None:
+    await db.execute(
+        "ALTER TABLE dead_letters ADD CONSTRAINT no_json_errors CHECK (reason <> 'invalid_json')"
+    )
+    topics = TopicScheme(ingest_settings.mqtt_topic_root)
+    topic = topics.telemetry(platform, "d1")
+    now = int(datetime.now(UTC).timestamp() * 1000)
+    messages = [(topic, payload({"ts": now + n, "metrics": {"v": n}})) for n in range(6)]
+    messages.insert(3, (topic, b"{not json"))
+    ingest = MqttIngest(ingest_settings, pool)
+    async with running(ingest):
+        await asyncio.to_thread(publish, mqtt_url, messages)
+        failure = await eventually(lambda: asyncio.sleep(0, ingest.progress.failure))
+        assert not ingest.subscribed.is_set()
+    assert failure.startswith(f"MQTT message on {topic!r} (packet id ")
+    assert "no_json_errors" in failure
+    # The operator fixes the cause and restarts: the broker delivers again what was not
+    # acknowledged, and everything is stored once.
+    await db.execute("ALTER TABLE dead_letters DROP CONSTRAINT no_json_errors")
+    async with running(MqttIngest(ingest_settings, pool)):
+        await eventually(lambda: scalar(db, "SELECT count(*) = 1 FROM dead_letters"))
+        await eventually(lambda: scalar(db, "SELECT count(*) = 6 FROM telemetry"))
+    assert await scalar(db, "SELECT payload FROM dead_letters") == b"{not json"
