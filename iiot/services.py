@@ -60,6 +60,8 @@ def ingest_services(
                 consumer_ready=ready.is_set,
                 host=settings.metrics_address,
                 port=settings.metrics_port,
+                progress=ingest.progress,
+                stall_seconds=settings.stall_seconds,
             )
         )
     return services

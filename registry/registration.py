@@ -13,7 +13,8 @@ from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 
 from registry.connection import Counters, lock_gateways
-from registry.errors import NotFound
+from registry.errors import Invalid, NotFound
+from registry.ids import is_reserved_device_id, reserved_device_id
 from registry.notifications import announce
 
 MAX_BULK: Final = 10_000
@@ -123,6 +124,9 @@ async def register_devices(
 ) -> int:
     """Registers devices (or returns decommissioned ones to service, merging metadata);
     returns how many are newly counted as registered. Call within a transaction."""
+    reserved = [d for d, _ in devices if is_reserved_device_id(d)]
+    if reserved:
+        raise Invalid(f"reserved_device_id: {reserved_device_id(reserved[0])}")
     ordered = sorted(dict(devices).items())  # one entry per id, in lock order
     args = {
         "platform": platform,

@@ -165,6 +165,19 @@ def ingest_settings(store: StoreSettings, mqtt_url: str, unique: str) -> IngestS
 
 
 @pytest.fixture
+def kafka_settings(ingest_settings: IngestSettings, kafka: str, unique: str) -> IngestSettings:
+    """Ingest's settings for a Kafka topic and consumer group of the test's own."""
+    return ingest_settings.model_copy(
+        update={
+            "kafka_bootstrap": kafka,
+            "kafka_topics": [f"telemetry-{unique}"],
+            "kafka_group_id": f"iiot-{unique}",
+            "kafka_client_id": f"iiot-test-{unique}",
+        }
+    )
+
+
+@pytest.fixture
 async def platform(db: psycopg.AsyncConnection[Any]) -> str:
     await upsert_platform(db, "plant-1", name="Plant 1")
     return "plant-1"
