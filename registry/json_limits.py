@@ -8,6 +8,7 @@ documents stored before these limits within MAX_DEPTH.
 """
 
 import json
+import math
 from typing import Final, TypeVar
 
 MAX_BYTES: Final = 64 * 1024
@@ -50,6 +51,9 @@ def check_document(document: T, what: str) -> T:
                 )
             storable_text(value)
             continue
+        if isinstance(value, float) and not math.isfinite(value):
+            # Python's json reads NaN and Infinity; JSON (and jsonb) has neither.
+            raise ValueError(f"{what} holds {value}, which JSON cannot")
         if not isinstance(value, dict | list):
             continue
         if depth > MAX_DEPTH:

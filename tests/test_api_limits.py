@@ -115,13 +115,20 @@ def _compact(document: Any) -> str:
         ({"k" * (MAX_KEY_CHARS + 1): 1}, "max_key_chars"),
         ({"note": "x" * (MAX_STRING_CHARS + 1)}, "max_string_chars"),
         ({"a": ["x" * MAX_STRING_CHARS] * 9}, "max_bytes"),
+        ({"a": [1.5, float("nan")]}, "JSON cannot"),
+        ({"a": {"b": float("inf")}}, "JSON cannot"),
     ],
 )
 async def test_metadata_beyond_each_limit_is_refused_naming_it(
     api: httpx.AsyncClient, platform: str, metadata: dict[str, Any], limit: str
 ) -> None:
-    body = {"devices": [{"device_id": "d-1", "metadata": metadata}]}
-    refused = await api.post(f"/platforms/{platform}/devices", json=body)
+    # Python's json writes NaN and Infinity as such (httpx's json= would refuse them).
+    body = json.dumps({"devices": [{"device_id": "d-1", "metadata": metadata}]})
+    refused = await api.post(
+        f"/platforms/{platform}/devices",
+        content=body,
+        headers={"content-type": "application/json"},
+    )
     assert refused.status_code == 422
     assert limit in refused.text
     within = await api.post(
