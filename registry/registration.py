@@ -35,7 +35,7 @@ SELECT %(platform)s, device_id, metadata
 FROM unnest(%(devices)s::text[], %(metadata)s::jsonb[]) AS i(device_id, metadata)
 ORDER BY device_id
 ON CONFLICT (platform_id, device_id) DO UPDATE SET metadata = devices.metadata || EXCLUDED.metadata
-RETURNING xmax = 0
+RETURNING xmax = 0, device_id
 """
 
 # Merging adds one document's keys to another's: the merged metadata keeps the limits each
@@ -137,19 +137,22 @@ async def register_devices(
 ) -> int:
     """Registers devices (or returns decommissioned ones to service, merging metadata);
     returns how many are newly counted as registered. Call within a transaction."""
-    ordered = sorted(dict(devices).items())  # one entry per id, in lock order
-    ids = [d for d, _ in ordered]
+    given = dict(devices)  # one entry per id
+    ordered = sorted(given.items())  # in lock order
     args = {
         "platform": platform,
-        "devices": ids,
+        "devices": [d for d, _ in ordered],
         "metadata": [Jsonb(m) for _, m in ordered],
     }
     cur = await conn.execute(REACTIVATE_DEVICES, args)
     returned = [row[0] for row in await cur.fetchall()]
     cur = await conn.execute(REGISTER_DEVICES, args)
-    inserted = sum(1 for row in await cur.fetchall() if row[0])
-    if any(metadata for _, metadata in ordered):
-        await _check_merged(conn, platform, ids)
+    rows = await cur.fetchall()
+    inserted = sum(1 for new, _ in rows if new)
+    # Inserted metadata was checked by the API; merged metadata is checked as merged.
+    merged = [device for new, device in rows if not new and given[device]]
+    if merged:
+        await _check_merged(conn, platform, merged)
     added, seen_again = inserted + len(returned), sum(returned)
     counters = Counters(shard)
     counters.add(platform, registered=added, ever=seen_again)
