@@ -127,6 +127,7 @@ async def api_as(store: StoreSettings) -> AsyncIterator[ApiAs]:
             database_schema=store.database_schema,
             api_rate_per_second=1e6,  # tests fire requests faster than any operator
             api_rate_burst=1_000_000,
+            api_unknown_key_burst=1_000_000,  # and try more unknown keys than any client
         )
     )
     transport = httpx.ASGITransport(app=app)
