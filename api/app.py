@@ -15,10 +15,12 @@ from api.routes import (
     credentials,
     dashboard,
     devices,
+    enterprises,
     health,
     ingest,
     keys,
     metrics,
+    penetration,
     platforms,
     telemetry,
     usage,
@@ -80,6 +82,8 @@ def create_app(
         keys,
         broker,
         dashboard,
+        enterprises,
+        penetration,
     ):
         if module is devices:
             app.include_router(devices.count_router)
