@@ -43,6 +43,7 @@ DEFINITIONS: Final = {
     ),
 }
 TARGET_2028: Final = 0.55
+GROUPINGS: Final = ("province", "prefecture", "industry")
 
 REFRESH_LOCK = "SELECT pg_try_advisory_xact_lock(hashtext(current_schema() || '.penetration'))"
 # Enterprises (per platform) with a device that was connected in the last 30 days.
@@ -244,6 +245,9 @@ async def rates(
         counted[key] = (before[0] + served, before[1] + connected)
     rows = _Rows(by, region or classification.NATIONAL, industry or "", sections)
     official = totals.enterprises if totals else {}
+    if by not in GROUPINGS:  # one row, named for the region counted within
+        summed = [sum(c[0] for c in counted.values()), sum(c[1] for c in counted.values())]
+        counted = {rows.place: (summed[0], summed[1])}
     keys = set(counted) | {k for r, i in official if (k := rows.key_of(r, i)) is not None}
     return [Rate(k, *counted.get(k, (0, 0)), official.get(rows.cell(k))) for k in sorted(keys)]
 
@@ -270,7 +274,7 @@ class _Rows:
         if self.by == "industry":
             wanted = region == self.place and industry != ""
             return industry if wanted and industry.isalpha() == self.sections else None
-        if industry != self.branch or self.by not in ("province", "prefecture"):
+        if industry != self.branch or self.by not in GROUPINGS:
             return None
         if self.by == "province":
             is_province = region.endswith("0000") and region != classification.NATIONAL
