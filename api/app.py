@@ -11,6 +11,7 @@ from api.auth import Authenticator, KeyMiddleware, document_security
 from api.broker_access import TopicRules
 from api.routes import (
     broker,
+    classification,
     counts,
     credentials,
     dashboard,
@@ -84,8 +85,11 @@ def create_app(
         dashboard,
         enterprises,
         penetration,
+        classification,
     ):
         if module is devices:
             app.include_router(devices.count_router)
+        if module is classification:
+            app.include_router(classification.platform_router)
         app.include_router(module.router)
     return app

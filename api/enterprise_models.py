@@ -186,6 +186,7 @@ class PlatformIndicators(BaseModel):
     type: str
     region: RegionRef
     industry_text: str
+    industry: IndustryRef | None = Field(description="The text mapped; null: flagged, unmapped.")
     devices_registered: int
     devices_connected: int
     enterprises: int
@@ -201,3 +202,36 @@ class PlatformIndicators(BaseModel):
 class IndicatorsOut(BaseModel):
     as_of: datetime | None
     items: list[PlatformIndicators]
+
+
+class PlatformClassification(BaseModel):
+    platform: str
+    region: RegionRef
+    industry_text: str = Field(description="As the platform was registered with it.")
+    industry: IndustryRef | None = Field(description="The text mapped to GB/T 4754-2017.")
+    industry_flagged: bool = Field(description="The text maps to nothing yet.")
+
+
+class IndustryMapping(Strict):
+    text: Annotated[str, StringConstraints(min_length=1, max_length=100), Text]
+    industry: Annotated[str, StringConstraints(pattern="^([A-Ta-t]|[0-9]{2})$")]
+
+
+class UnmappedIndustry(BaseModel):
+    text: str
+    platforms: int
+    platform_ids: list[str]
+
+
+class IndustryOut(BaseModel):
+    code: str
+    level: Literal["section", "division"]
+    section: str
+    industrial: bool
+    name: str
+
+
+class RegionOut(BaseModel):
+    code: str
+    level: Literal["province", "prefecture"]
+    name: str

@@ -285,12 +285,13 @@ class _Rows:
 
 
 INDICATORS = """
-SELECT t.id, p.name, t.tier, t.type, t.region, t.industry, t.registered, t.connected,
+SELECT t.id, p.name, t.tier, t.type, t.region, t.industry, i.industry, t.registered, t.connected,
        coalesce(s.enterprises, 0), coalesce(s.above_size, 0), coalesce(s.connected_30d, 0),
        coalesce(s.industries, 0), coalesce(s.provinces, 0), coalesce(s.prefectures, 0),
        coalesce(s.linked_devices, 0)
 FROM platform_totals t
 JOIN platforms p ON p.id = t.id
+JOIN platform_industries i ON i.platform_id = t.id
 LEFT JOIN platform_enterprise_stats s ON s.platform_id = t.id
 WHERE %(only)s::text IS NULL OR t.id = %(only)s
 ORDER BY t.id
@@ -307,6 +308,7 @@ class Indicators:
     type: str
     region: str
     industry_text: str
+    industry: str | None  # the text mapped to GB/T 4754 (migration 0031); None: unmapped
     devices_registered: int
     devices_connected: int
     enterprises: int

@@ -36,6 +36,7 @@ BODIES: dict[tuple[str, str], Any] = {
     },
     ("POST", "/platforms/{platform}/enterprise-links"): {"devices": {"d-1": None}},
     ("PUT", "/platforms/{platform}/enterprise-rule"): {"metadata_key": "uscc"},
+    ("PUT", "/classification/industry-mappings"): {"text": "cars", "industry": "36"},
     ("POST", "/broker/authenticate"): {"username": "plant-1/d-1", "password": "x"},
     ("POST", "/broker/authorize"): {
         "username": "plant-1/d-1",
@@ -76,6 +77,10 @@ CROSS_PLATFORM = {
     ("GET", "/penetration/by/{grouping}"): 403,
     ("GET", "/penetration/totals"): 403,
     ("GET", "/penetration/indicators"): 200,  # its own platform's only
+    ("GET", "/classification/industries"): 200,  # the standards' names, no platform's data
+    ("GET", "/classification/regions"): 200,
+    ("GET", "/classification/unmapped-industries"): 403,
+    ("PUT", "/classification/industry-mappings"): 403,
 }
 
 

@@ -6,11 +6,15 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+from psycopg import sql
 
-from registry import classification, uscc
+from registry import classification, industry_mappings, uscc
 from registry.access import Role
 from registry.errors import Invalid
+from registry.migrate import available_migrations
 from registry.platforms import upsert_platform
+from registry.settings import StoreSettings
+from registry.store import connect
 from tests.conftest import ApiAs, KeyMaker, scalar
 
 # Codes the enterprises publish themselves (business licences, annual reports).
@@ -269,3 +273,91 @@ async def test_operators_see_only_their_platform_s_enterprises(
             "/platforms/plant-1/enterprises", json={"enterprises": [byd(code=CNPC)]}
         )
         assert refused.status_code == 403
+
+
+async def test_the_migration_maps_platforms_industry_text_and_flags_the_rest(
+    database_url: str, unique: str
+) -> None:
+    """Platforms registered before migration 0031 keep their text; what it cannot map is
+    flagged, and an administrator's mapping applies to every platform with that text."""
+    schema = f"m_{unique}"
+    texts = {
+        "cars": "Automotive",
+        "named": " 汽车制造业 ",
+        "coded": "C36",
+        "division": "39",
+        "section": "c",
+        "chinese-word": "钢铁",
+        "widgets": "Widgets & Gadgets",
+        "old-default": "unspecified",
+        "widgets-2": "widgets & gadgets",
+    }
+    store = StoreSettings(database_url=database_url, database_schema=schema)
+    earlier = [m for m in available_migrations() if m.version < 31]
+    async with await connect(store, autocommit=True) as conn:
+        try:
+            await conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+            for migration in earlier:
+                await conn.execute(migration.text.encode())
+            for platform, text in texts.items():
+                await conn.execute(
+                    "INSERT INTO platforms (id, name, industry) VALUES (%s, %s, %s)",
+                    (platform, platform, text),
+                )
+            (mapping,) = [m for m in available_migrations() if m.version == 31]
+            await conn.execute(mapping.text.encode())
+            cur = await conn.execute(
+                "SELECT p.id, p.industry, i.industry, i.flagged FROM platforms p "
+                "JOIN platform_industries i ON i.platform_id = p.id ORDER BY p.id"
+            )
+            found = {row[0]: row[1:] for row in await cur.fetchall()}
+            assert found == {
+                "cars": ("Automotive", "36", False),
+                "named": (" 汽车制造业 ", "36", False),
+                "coded": ("C36", "36", False),
+                "division": ("39", "39", False),
+                "section": ("c", "C", False),
+                "chinese-word": ("钢铁", "31", False),
+                "widgets": ("Widgets & Gadgets", None, True),
+                "old-default": ("unspecified", None, True),
+                "widgets-2": ("widgets & gadgets", None, True),
+            }
+            unmapped = await industry_mappings.unmapped(conn)
+            assert {u.text: u.platform_ids for u in unmapped} == {
+                "unspecified": ["old-default"],
+                "Widgets & Gadgets": ["widgets"],
+                "widgets & gadgets": ["widgets-2"],
+            }
+            await industry_mappings.map_text(conn, "WIDGETS & gadgets", "40")
+            assert [u.text for u in await industry_mappings.unmapped(conn)] == ["unspecified"]
+            assert (await industry_mappings.platform_industry(conn, "widgets")).industry == "40"
+        finally:
+            await conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+
+
+async def test_a_platform_s_classification_has_names_beside_codes(
+    api: httpx.AsyncClient, db: psycopg.AsyncConnection[Any]
+) -> None:
+    await upsert_platform(db, "jiangsu-cars", region="320000", industry="automotive")
+    found = (await api.get("/platforms/jiangsu-cars/classification")).json()
+    assert found["region"]["name"] == "江苏省"
+    assert found["industry"]["name"] == "汽车制造业"
+    assert found["industry_flagged"] is False
+    await upsert_platform(db, "odd", industry="stuff")
+    assert (await api.get("/platforms/odd/classification")).json()["industry_flagged"] is True
+    unmapped = (await api.get("/classification/unmapped-industries")).json()
+    assert [u["text"] for u in unmapped] == ["stuff"]
+    mapped = await api.put(
+        "/classification/industry-mappings", json={"text": "Stuff", "industry": "c"}
+    )
+    assert mapped.json() == {"text": "Stuff", "industry": "C"}
+    found = (await api.get("/platforms/odd/classification")).json()
+    assert found["industry"] == {
+        "code": "C",
+        "name": "制造业",
+        "section": "C",
+        "section_name": "制造业",
+    }
+    assert (await api.get("/classification/unmapped-industries")).json() == []
+    divisions = (await api.get("/classification/industries")).json()
+    assert len(divisions) == 117

@@ -100,6 +100,9 @@ async def _penetration(
     check_national(caller)
     if region is not None:
         classification.check_region(region)
+    found = classification.industries().get(industry) if industry else None
+    if industry is not None and (found is None or not found.industrial):
+        raise Invalid(f"industry {industry!r} is not an industrial section or division")
     totals = await penetration.totals_in_force(conn, year)
     if year is not None and totals is None:
         raise Invalid(f"no official totals imported for {year}")
@@ -168,6 +171,7 @@ async def platform_indicators(
             type=i.type,
             region=RegionRef.of(i.region),
             industry_text=i.industry_text,
+            industry=IndustryRef.of(i.industry) if i.industry else None,
             devices_registered=i.devices_registered,
             devices_connected=i.devices_connected,
             enterprises=i.enterprises,
