@@ -70,6 +70,15 @@ def test_every_mistyped_character_is_caught() -> None:
                     uscc.parse(typo)
 
 
+def test_every_swap_of_neighbours_is_caught() -> None:
+    for code in PUBLISHED:
+        for i in range(16):
+            if code[i] != code[i + 1]:
+                swapped = code[:i] + code[i + 1] + code[i] + code[i + 2 :]
+                with pytest.raises(Invalid):
+                    uscc.parse(swapped)
+
+
 def test_the_shipped_industry_classification() -> None:
     table = classification.industries()
     sections = [i for i in table.values() if i.level == "section"]
