@@ -31,6 +31,7 @@ INSERT_TOTALS = """
 INSERT INTO enterprise_totals (import_id, year, region, industry, enterprises)
 SELECT %s, * FROM unnest(%s::smallint[], %s::text[], %s::text[], %s::bigint[])
 """
+ANY_TOTALS = "SELECT EXISTS (SELECT FROM enterprise_totals)"
 LIST_IMPORTS = """
 SELECT i.id, i.imported_at, i.source, i.file_name, i.sha256, i.rows,
        array_agg(DISTINCT t.year ORDER BY t.year)
@@ -150,3 +151,9 @@ async def import_totals(
 async def list_imports(conn: AsyncConnection[Any]) -> list[TotalsImport]:
     cur = await conn.execute(LIST_IMPORTS)
     return [TotalsImport(*row) for row in await cur.fetchall()]
+
+
+async def totals_imported(conn: AsyncConnection[Any]) -> bool:
+    cur = await conn.execute(ANY_TOTALS)
+    row = await cur.fetchone()
+    return bool(row and row[0])

@@ -14,6 +14,7 @@ import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
+from iiot.demo_enterprises import seed_demo, simulated_enterprises
 from ingest.stats import IngestStats
 from ingest.writer import TelemetryWriter
 from registry import uscc
@@ -303,3 +304,38 @@ async def test_the_iiot_command_imports_totals(
     versions = (await api.get("/penetration/totals")).json()
     assert versions[0]["source"] == "NBS yearbook 2026, table 13-2"
     assert versions[0]["file_name"] == "totals-2025.csv"
+
+
+def test_simulated_enterprises_have_valid_codes_across_regions_and_industries() -> None:
+    found = simulated_enterprises(40)
+    assert len({e.code for e in found}) == 40
+    for e in found:
+        assert uscc.parse(e.code).code == e.code
+        assert e.region == e.code[2:8]
+    assert len({e.region[:2] for e in found}) >= 10
+    assert len({e.industry for e in found}) >= 10
+    assert sum(e.above_size for e in found) == 30
+    assert simulated_enterprises(3) == found[:3]  # deterministic
+    assert not {e.code for e in simulated_enterprises(3, prefix="LT")} & {e.code for e in found}
+
+
+async def test_the_demo_seed_gives_iiot_run_figures(
+    api: httpx.AsyncClient, db: psycopg.AsyncConnection[Any], pool: AsyncConnectionPool
+) -> None:
+    await upsert_platform(db, "demo")
+    devices = [f"sim-{n:06d}" for n in range(8)]
+    async with db.transaction():
+        await seed_demo(db, "demo", devices, year=2025)
+    writer = TelemetryWriter(pool, stats=IngestStats())
+    now = datetime.now(UTC)
+    for device in devices[:2]:  # two devices report: two enterprises (sim-0 and sim-1's)
+        await writer.write([telemetry("demo", device, (now, "v", 1.0))])
+    assert await refresh_penetration(db)
+    body = (await api.get("/penetration")).json()
+    declared = simulated_enterprises(4)
+    above = sum(e.above_size for e in declared)
+    connected = sum(e.above_size for e in declared[:2])
+    assert figures(body) == {"000000": ("全国", above, connected, 4 * above)}
+    assert body["totals"]["source"].startswith("iiot run: simulated totals")
+    owner = (await api.get("/platforms/demo/devices/sim-000005/enterprise")).json()
+    assert owner == {"device_id": "sim-000005", "enterprise": declared[1].code, "linked_by": "rule"}
