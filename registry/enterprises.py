@@ -107,13 +107,9 @@ class Declaration:
 
 
 @dataclass(frozen=True, slots=True)
-class Enterprise:
-    code: str
-    name: str
-    industry: str
-    above_size: bool
-    region: str
-    region_reason: str | None
+class Enterprise(Declaration):
+    """A declaration as stored."""
+
     created_at: datetime
     updated_at: datetime
 

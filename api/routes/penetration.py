@@ -165,23 +165,12 @@ async def platform_indicators(
     found = await penetration.platform_indicators(conn, caller.platform)
     items = [
         PlatformIndicators(
-            platform=i.platform,
-            name=i.name,
-            tier=i.tier,
-            type=i.type,
-            region=RegionRef.of(i.region),
-            industry_text=i.industry_text,
-            industry=IndustryRef.of(i.industry) if i.industry else None,
-            devices_registered=i.devices_registered,
-            devices_connected=i.devices_connected,
-            enterprises=i.enterprises,
-            enterprises_above_size=i.enterprises_above_size,
-            enterprises_connected_30d=i.enterprises_connected_30d,
-            industries=i.industries,
-            provinces=i.provinces,
-            prefectures=i.prefectures,
-            linked_devices=i.linked_devices,
-            devices_per_enterprise=i.devices_per_enterprise,
+            **asdict(i)
+            | {
+                "region": RegionRef.of(i.region),
+                "industry": IndustryRef.of(i.industry) if i.industry else None,
+                "devices_per_enterprise": i.devices_per_enterprise,
+            }
         )
         for i in found
     ]
