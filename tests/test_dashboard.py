@@ -176,8 +176,10 @@ async def test_the_penetration_view_matches_the_api_and_drills_down_to_prefectur
     pool: AsyncConnectionPool,
     db: psycopg.AsyncConnection[Any],
 ) -> None:
-    await upsert_platform(db, "plant-1", name="Plant One", tier=Tier.LEADING)
-    await upsert_platform(db, "plant-2", name="Plant Two")
+    await upsert_platform(
+        db, "plant-1", name="Plant One", tier=Tier.LEADING, region="320000", industry="Automotive"
+    )
+    await upsert_platform(db, "plant-2", name="Plant Two", industry="gizmos")
     admin = await make_key(Role.ADMIN, None)
     codes = {
         "suzhou": uscc.compose("320500", "70000001"),
@@ -255,4 +257,10 @@ async def test_the_penetration_view_matches_the_api_and_drills_down_to_prefectur
     )
     first = page.evaluate("document.querySelector('[data-testid=indicators] tbody tr').innerText")
     assert "leading" in first
+    assert "320000 江苏省" in first  # names beside codes
+    assert "36 汽车制造业" in first  # the platform's text "Automotive", mapped
+    second = page.evaluate(
+        "document.querySelector('[data-testid=indicators-row-plant-2]').innerText"
+    )
+    assert "gizmos (not mapped)" in second
     page.close()

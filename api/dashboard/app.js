@@ -118,6 +118,8 @@ async function refreshPenetration() {
       row.dataset.testid = `indicators-row-${i.platform}`;
       cell(row, i.platform);
       cell(row, i.tier);
+      cell(row, `${i.region.code} ${i.region.name || ""}`);
+      cell(row, i.industry ? `${i.industry.code} ${i.industry.name}` : `${i.industry_text} (not mapped)`);
       cell(row, number(i.devices_connected), true);
       cell(row, number(i.enterprises), true);
       cell(row, number(i.enterprises_above_size), true);
