@@ -246,8 +246,8 @@ async def rates(
     rows = _Rows(by, region or classification.NATIONAL, industry or "", sections)
     official = totals.enterprises if totals else {}
     if by not in GROUPINGS:  # one row, named for the region counted within
-        summed = [sum(c[0] for c in counted.values()), sum(c[1] for c in counted.values())]
-        counted = {rows.place: (summed[0], summed[1])}
+        values = counted.values()
+        counted = {rows.place: (sum(c[0] for c in values), sum(c[1] for c in values))}
     keys = set(counted) | {k for r, i in official if (k := rows.key_of(r, i)) is not None}
     return [Rate(k, *counted.get(k, (0, 0)), official.get(rows.cell(k))) for k in sorted(keys)]
 
@@ -274,14 +274,14 @@ class _Rows:
         if self.by == "industry":
             wanted = region == self.place and industry != ""
             return industry if wanted and industry.isalpha() == self.sections else None
-        if industry != self.branch or self.by not in GROUPINGS:
+        inside = self.place == classification.NATIONAL or region.startswith(self.place[:2])
+        if industry != self.branch or self.by not in GROUPINGS or not inside:
             return None
         if self.by == "province":
             is_province = region.endswith("0000") and region != classification.NATIONAL
             return region if is_province else None
-        inside = region.startswith(self.place[:2])
         is_prefecture = region.endswith("00") and not region.endswith("0000")
-        return region if inside and is_prefecture else None
+        return region if is_prefecture else None
 
 
 INDICATORS = """

@@ -168,6 +168,8 @@ async def test_rates_per_province_prefecture_and_industry(
         "320000": ("江苏省", 4, 1, 18),
         "440000": ("广东省", 1, 1, None),
     }
+    only_jiangsu = await api.get("/penetration/by/province", params={"region": "320000"})
+    assert figures(only_jiangsu.json()) == {"320000": ("江苏省", 4, 1, 20)}
     no_province = await api.get("/penetration/by/prefecture")
     assert no_province.status_code == 422
 
