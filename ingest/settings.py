@@ -1,7 +1,6 @@
 """Settings of the ingest process role (`iiot ingest mqtt`), from `IIOT_*` environment variables."""
 
 import ssl
-import zlib
 from datetime import timedelta
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
@@ -10,7 +9,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import NoDecode
 
 from registry.ids import is_platform_id
-from registry.settings import StoreSettings
+from registry.settings import ShardSettings, StoreSettings, hashed_shard
 
 
 class Limits(StoreSettings):
@@ -58,7 +57,7 @@ class TopicSettings(StoreSettings):
         return pairs
 
 
-class IngestSettings(Limits, TopicSettings):
+class IngestSettings(Limits, TopicSettings, ShardSettings):
     mqtt_url: str | None = Field(
         default=None,
         description="mqtt://[user:password@]host[:port]; unset in `iiot run` means embedded.",
@@ -109,8 +108,9 @@ class IngestSettings(Limits, TopicSettings):
     shutdown_grace_seconds: float = Field(default=20.0, gt=0)
     # Partitions are made this many days ahead of today (plain PostgreSQL only).
     partitions_ahead_days: int = Field(default=2, ge=1, le=60)
-    # Which row of each platform's counters this process adds to; distinct processes should
-    # use distinct shards. Unset: derived from the client id.
+    # Which row of each platform's counters this process adds to (Kafka: the first of one per
+    # write lane); distinct processes should use distinct shards. Unset: from
+    # IIOT_COUNTER_SHARDS and the pod's ordinal, else derived from the client id.
     counter_shard: int | None = Field(default=None, ge=0, le=63)
     sweep_interval_seconds: float = Field(default=1.0, gt=0)
     activity_renew_seconds: float = Field(
@@ -127,15 +127,19 @@ class IngestSettings(Limits, TopicSettings):
 
     @property
     def shard(self) -> int:
+        """The MQTT consumer's counter shard."""
         if self.counter_shard is not None:
             return self.counter_shard
-        return zlib.crc32(self.mqtt_client_id.encode()) % 64
+        ranged = self.shards_from_range()
+        return hashed_shard(self.mqtt_client_id) if ranged is None else ranged
 
     @property
     def kafka_shard(self) -> int:
+        """The first of the Kafka consumer's shards, one per write lane."""
         if self.counter_shard is not None:
             return self.counter_shard
-        return zlib.crc32(self.kafka_client_id.encode()) % 64
+        ranged = self.shards_from_range(self.kafka_write_lanes)
+        return hashed_shard(self.kafka_client_id) if ranged is None else ranged
 
     def static_partitions(self) -> list[tuple[str, int]] | None:
         """`kafka_partitions` as (topic, partition) pairs, or None to use the group's."""

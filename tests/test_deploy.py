@@ -3,6 +3,7 @@ against the Kubernetes schemas, and compose, Prometheus, Grafana, EMQX and the D
 against the CLI, the settings and the metrics that exist."""
 
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -20,6 +21,8 @@ from api.settings import ApiSettings
 from iiot.cli import app as cli_app
 from iiot.logs import LogSettings
 from iiot.stack import RunSettings
+from ingest.settings import IngestSettings
+from registry.settings import COUNTER_SHARDS
 
 ROOT = Path(__file__).parent.parent
 DEPLOY = ROOT / "deploy"
@@ -92,11 +95,20 @@ def check_cli(args: list[str]) -> None:
     command.make_context(" ".join(path), args)  # raises on unknown or missing options
 
 
-def containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
+def containers(doc: dict[str, Any], kind: str = "containers") -> list[dict[str, Any]]:
+    """A workload's containers (or `initContainers`)."""
     spec = doc.get("spec", {})
     pod = spec.get("template", {}).get("spec", {}) or spec.get("jobTemplate", {})
-    found: list[dict[str, Any]] = pod.get("containers", []) if pod else []
+    found: list[dict[str, Any]] = pod.get(kind, []) if pod else []
     return found
+
+
+def workloads() -> dict[str, dict[str, Any]]:
+    return {
+        doc["metadata"]["name"]: doc
+        for _, doc in manifests()
+        if doc["kind"] in ("Deployment", "StatefulSet", "Job", "CronJob", "DaemonSet")
+    }
 
 
 def from_env_names(command: list[str]) -> set[str]:
@@ -134,7 +146,7 @@ def test_kubernetes_workloads_run_real_commands_with_real_settings() -> None:
     known = settings_env()
     checked = 0
     for name, doc in manifests():
-        for container in containers(doc):
+        for container in [*containers(doc, "initContainers"), *containers(doc)]:
             command = [*container.get("command", []), *container.get("args", [])]
             for invocation in cli_invocations(command):
                 check_cli(invocation)
@@ -146,9 +158,9 @@ def test_kubernetes_workloads_run_real_commands_with_real_settings() -> None:
             unknown = env - known - from_env_names(command)
             assert not unknown, f"{name}: no setting reads {sorted(unknown)}"
             checked += 1
-            if doc["kind"] in ("Deployment", "StatefulSet"):
+            if doc["kind"] in ("Deployment", "StatefulSet") and container in containers(doc):
                 _check_probes_and_grace(name, doc, container, config)
-    assert checked >= 5
+    assert checked >= 8
 
 
 def _check_probes_and_grace(
@@ -175,8 +187,13 @@ def _check_probes_and_grace(
 
 
 def test_ingest_mqtt_keeps_stable_client_ids_and_one_sparkplug_consumer() -> None:
-    docs = {doc["metadata"]["name"]: doc for _, doc in manifests() if doc["kind"] == "StatefulSet"}
+    docs = {
+        name: doc
+        for name, doc in workloads().items()
+        if containers(doc)[0]["args"] == ["ingest", "mqtt"]
+    }
     assert set(docs) == {"iiot-ingest-mqtt", "iiot-ingest-sparkplug"}
+    assert {doc["kind"] for doc in docs.values()} == {"StatefulSet"}
     for doc in docs.values():
         (container,) = containers(doc)
         env = {e["name"]: e for e in container["env"]}
@@ -190,14 +207,16 @@ def test_ingest_mqtt_keeps_stable_client_ids_and_one_sparkplug_consumer() -> Non
     }
     assert groups == {"iiot-ingest-mqtt": "", "iiot-ingest-sparkplug": "*"}
     kinds = {doc["kind"] for _, doc in manifests()}
-    assert {"PodDisruptionBudget", "HorizontalPodAutoscaler", "Job"} <= kinds
+    assert {"PodDisruptionBudget", "HorizontalPodAutoscaler"} <= kinds
 
 
 def test_compose_services_run_real_commands_with_real_settings() -> None:
     services = compose()["services"]
     known = settings_env()
     ours = {name: s for name, s in services.items() if s.get("image") in IMAGE}
-    assert {"migrate", "keys", "api", "ingest-mqtt-0", "ingest-mqtt-1", "ingest-kafka"} <= set(ours)
+    assert {"migrate", "keys", "api", "ingest-mqtt-0", "ingest-kafka-0", "ingest-kafka-1"} <= set(
+        ours
+    )
     for name, service in ours.items():
         command = [*service.get("entrypoint", []), *service["command"]]
         invocations = cli_invocations(command) if command[0] == "sh" else [service["command"]]
@@ -226,11 +245,13 @@ def test_prometheus_scrapes_the_services_on_their_metrics_ports() -> None:
     api_target = jobs["iiot-api"]["static_configs"][0]["targets"][0]
     assert api_target == f"api:{services['api']['environment']['IIOT_API_PORT']}"
     assert jobs["iiot-api"]["authorization"]["credentials_file"].endswith("prometheus_key")
-    for target in jobs["iiot-ingest-mqtt"]["static_configs"][0]["targets"]:
-        host, port = target.split(":")
-        assert services[host]["environment"]["IIOT_METRICS_PORT"] == port
-    kafka = jobs["iiot-ingest-kafka"]["dns_sd_configs"][0]
-    assert str(kafka["port"]) == services["ingest-kafka"]["environment"]["IIOT_METRICS_PORT"]
+    scraped = set()
+    for job in ("iiot-ingest-mqtt", "iiot-ingest-kafka"):
+        for target in jobs[job]["static_configs"][0]["targets"]:
+            host, port = target.split(":")
+            assert services[host]["environment"]["IIOT_METRICS_PORT"] == port
+            scraped.add(host)
+    assert scraped == {name for name in services if name.startswith("ingest-")}
 
 
 def test_grafana_panels_query_metrics_that_exist() -> None:
@@ -360,3 +381,130 @@ def test_compose_secrets_come_from_an_ignored_env_file() -> None:
     secrets = {name: value for name, value in example_env().items() if SECRET_NAME.search(name)}
     assert len(secrets) >= 6
     assert all(value == "" for value in secrets.values()), secrets
+
+
+def config_map() -> dict[str, str]:
+    (data,) = [doc["data"] for _, doc in manifests() if doc["kind"] == "ConfigMap"]
+    found: dict[str, str] = data
+    return found
+
+
+def max_replicas(name: str, doc: dict[str, Any]) -> int:
+    """What the workload may scale to: its autoscaler's maximum, else its replicas."""
+    for _, other in manifests():
+        if other["kind"] == "HorizontalPodAutoscaler":
+            target = other["spec"]["scaleTargetRef"]
+            if (target["kind"], target["name"]) == (doc["kind"], name):
+                return int(other["spec"]["maxReplicas"])
+    return int(doc["spec"].get("replicas", 1))
+
+
+def pod_env(doc: dict[str, Any], container: dict[str, Any], pod: str) -> dict[str, str]:
+    """The IIOT_* settings a container of pod `pod` sees (the ConfigMap, then its own env)."""
+    env = dict(config_map())
+    for item in container.get("env", []):
+        field = item.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+        if field is not None:
+            assert field == "metadata.name", field
+            env[item["name"]] = pod
+        elif "value" in item:
+            env[item["name"]] = item["value"]
+    return env
+
+
+def pod_names(name: str, doc: dict[str, Any]) -> list[str]:
+    count = max_replicas(name, doc)
+    if doc["kind"] == "StatefulSet":
+        return [f"{name}-{ordinal}" for ordinal in range(count)]
+    # A Deployment's pods get a template hash and a random suffix.
+    return [f"{name}-7d9c6b5f4-{'bcdfghjklm'[i % 10]}x{i:03x}q" for i in range(count)]
+
+
+def counter_shards(
+    args: list[str], env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> list[int]:
+    """The counter shards `iiot <args>` adds to with `env`, as iiot's own settings derive them."""
+    for variable in list(os.environ):
+        if variable.startswith("IIOT_"):
+            monkeypatch.delenv(variable)
+    for variable, value in env.items():
+        monkeypatch.setenv(variable, str(value))
+    if args == ["api"]:
+        return [ApiSettings().api_counter_shard]
+    settings = IngestSettings()
+    if args == ["ingest", "kafka"]:
+        lanes = settings.kafka_write_lanes
+        return [(settings.kafka_shard + lane) % COUNTER_SHARDS for lane in range(lanes)]
+    assert args == ["ingest", "mqtt"], args
+    return [settings.shard]
+
+
+def test_counter_shards_are_disjoint_at_maximum_replicas(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every pod of every workload, each at its maximum replicas, adds to shards of its own
+    (and each Kafka write lane to one of its own): no two processes queue on one counter row."""
+    taken: dict[int, str] = {}
+    pods = 0
+    for name, doc in workloads().items():
+        if doc["kind"] == "Job":
+            continue
+        (container,) = containers(doc)
+        for pod in pod_names(name, doc):
+            env = pod_env(doc, container, pod)
+            for shard in counter_shards(container["args"], env, monkeypatch):
+                assert 0 <= shard < COUNTER_SHARDS
+                assert shard not in taken, f"{pod} and {taken.get(shard)} share shard {shard}"
+                taken[shard] = pod
+            pods += 1
+    assert pods >= 10 + 3 + 1 + 12
+
+
+def test_compose_processes_add_to_counter_shards_of_their_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    taken: dict[int, str] = {}
+    for name, service in compose()["services"].items():
+        if service.get("command", [None])[0] not in ("api", "ingest"):
+            continue
+        env = {k: re.sub(r"\$\{[^}]*\}", "x", str(v)) for k, v in service["environment"].items()}
+        for shard in counter_shards(service["command"], env, monkeypatch):
+            assert shard not in taken, f"{name} and {taken.get(shard)} share shard {shard}"
+            taken[shard] = name
+    assert len(taken) == 1 + 2 + 2 * 2
+
+
+def test_a_pod_beyond_its_shard_range_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IIOT_COUNTER_SHARDS", "30-53")
+    monkeypatch.setenv("IIOT_KAFKA_WRITE_LANES", "2")
+    monkeypatch.setenv("IIOT_POD_NAME", "iiot-ingest-kafka-11")
+    assert IngestSettings().kafka_shard == 52
+    monkeypatch.setenv("IIOT_POD_NAME", "iiot-ingest-kafka-12")
+    with pytest.raises(ValueError, match="beyond IIOT_COUNTER_SHARDS=30-53"):
+        _ = IngestSettings().kafka_shard
+    monkeypatch.setenv("IIOT_POD_NAME", "iiot-ingest-kafka-7d9c6b5f4-x2q")  # no ordinal
+    with pytest.raises(ValueError, match="IIOT_POD_NAME ending in the pod's ordinal"):
+        _ = IngestSettings().kafka_shard
+    monkeypatch.setenv("IIOT_COUNTER_SHARD", "5")  # an explicit shard wins
+    assert IngestSettings().kafka_shard == 5
+    monkeypatch.setenv("IIOT_COUNTER_SHARDS", "0-64")
+    with pytest.raises(ValueError, match="within 0-63"):
+        ApiSettings()
+
+
+def test_every_workload_migrates_before_it_starts() -> None:
+    """No Job with a fixed name to re-apply: each pod runs `iiot migrate` (idempotent, under an
+    advisory lock) in an init container, so a new release's pods wait for its migrations."""
+    found = workloads()
+    assert not [name for name, doc in found.items() if doc["kind"] == "Job"]
+    for name, doc in found.items():
+        first = containers(doc, "initContainers")[0]
+        command = [*first.get("command", []), *first.get("args", [])]
+        assert cli_invocations(command)[0] == ["migrate"], name
+        assert first["image"] == containers(doc)[0]["image"], name  # the same release
+        for container in containers(doc):  # the pre-shared keys stay in the init container
+            assert "iiot-keys" not in str(container.get("envFrom")), name
+    importing = [
+        name
+        for name, doc in found.items()
+        if any("keys" in str(c.get("args")) for c in containers(doc, "initContainers"))
+    ]
+    assert importing == ["iiot-api"]
