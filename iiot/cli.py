@@ -62,6 +62,7 @@ def ingest_kafka() -> None:
     settings.require_kafka_bootstrap()
     settings.static_partitions()
     _ = settings.kafka_shard  # refuses a pod beyond its IIOT_COUNTER_SHARDS now, with the reason
+    settings.kafka_client_options()  # fails now on a CA or client certificate it cannot load
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -237,6 +237,7 @@ class KafkaIngest:
             max_poll_records=s.kafka_max_records,
             session_timeout_ms=s.kafka_session_timeout_ms,
             heartbeat_interval_ms=max(1000, s.kafka_session_timeout_ms // 3),
+            **s.kafka_client_options(),
         )
         await consumer.start()
         self._consumer = consumer

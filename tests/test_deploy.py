@@ -400,8 +400,21 @@ def max_replicas(name: str, doc: dict[str, Any]) -> int:
 
 
 def pod_env(doc: dict[str, Any], container: dict[str, Any], pod: str) -> dict[str, str]:
-    """The IIOT_* settings a container of pod `pod` sees (the ConfigMap, then its own env)."""
-    env = dict(config_map())
+    """The settings a container of pod `pod` sees: its ConfigMaps' and Secrets' (envFrom),
+    then its own env."""
+    sources = {
+        (manifest["kind"], manifest["metadata"]["name"]): {
+            **manifest.get("data", {}),
+            **manifest.get("stringData", {}),
+        }
+        for _, manifest in manifests()
+        if manifest["kind"] in ("ConfigMap", "Secret")
+    }
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        kind = "ConfigMap" if "configMapRef" in source else "Secret"
+        ref = source.get("configMapRef") or source.get("secretRef")
+        env.update(sources[(kind, ref["name"])])
     for item in container.get("env", []):
         field = item.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
         if field is not None:
@@ -508,3 +521,25 @@ def test_every_workload_migrates_before_it_starts() -> None:
         if any("keys" in str(c.get("args")) for c in containers(doc, "initContainers"))
     ]
     assert importing == ["iiot-api"]
+
+
+def test_kubernetes_kafka_ingest_speaks_sasl_ssl_with_scram(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The settings the Kafka pods get are whole (IngestSettings validates them): SASL_SSL
+    with SCRAM-SHA-512, the CA a mounted file, the password from a Secret."""
+    doc = workloads()["iiot-ingest-kafka"]
+    (container,) = containers(doc)
+    env = pod_env(doc, container, "iiot-ingest-kafka-0")
+    assert "IIOT_KAFKA_SASL_PASSWORD" not in config_map()  # from a Secret
+    for variable in list(os.environ):
+        if variable.startswith("IIOT_"):
+            monkeypatch.delenv(variable)
+    for variable, value in env.items():
+        monkeypatch.setenv(variable, value)
+    settings = IngestSettings()
+    assert settings.kafka_security_protocol == "SASL_SSL"
+    assert settings.kafka_sasl_mechanism == "SCRAM-SHA-512"
+    assert settings.kafka_ca_file is not None
+    mounts = [m["mountPath"] for m in container["volumeMounts"]]
+    assert any(settings.kafka_ca_file.startswith(f"{m}/") for m in mounts)
