@@ -27,6 +27,9 @@ class ApiSettings(TopicSettings, ShardSettings):
     api_rate_per_second: float = Field(default=100.0, gt=0, description="Requests/s per key.")
     api_rate_burst: int = Field(default=200, ge=1, description="Requests a key may burst.")
 
+    def certificate_files(self) -> dict[str, str | None]:
+        return {**super().certificate_files(), "IIOT_API_TLS_CERT_FILE": self.api_tls_cert_file}
+
     @model_validator(mode="after")
     def _shard_from_range(self) -> Self:
         if "api_counter_shard" not in self.model_fields_set:

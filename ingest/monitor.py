@@ -22,8 +22,7 @@ from api.server import ApiServer
 class Monitor:
     def __init__(
         self,
-        collector: Collector,
-        *,
+        *collectors: Collector,
         pool: AsyncConnectionPool,
         consumer_ready: Callable[[], bool],
         host: str,
@@ -31,7 +30,8 @@ class Monitor:
     ) -> None:
         """`consumer_ready`: whether the consumer is connected and subscribed (or assigned)."""
         self._registry = CollectorRegistry()
-        self._registry.register(collector)
+        for collector in collectors:
+            self._registry.register(collector)
         self._pool = pool
         self._consumer_ready = consumer_ready
         app = Starlette(

@@ -227,6 +227,15 @@ class IngestSettings(Limits, TopicSettings, ShardSettings):
             options["sasl_plain_password"] = self.kafka_sasl_password.get_secret_value()
         return options
 
+    def certificate_files(self) -> dict[str, str | None]:
+        return {
+            **super().certificate_files(),
+            "IIOT_MQTT_CA_FILE": self.mqtt_ca_file,
+            "IIOT_MQTT_CERT_FILE": self.mqtt_cert_file,
+            "IIOT_KAFKA_CA_FILE": self.kafka_ca_file,
+            "IIOT_KAFKA_CERT_FILE": self.kafka_cert_file,
+        }
+
     def require_kafka_bootstrap(self) -> str:
         if not self.kafka_bootstrap:
             raise ValueError("IIOT_KAFKA_BOOTSTRAP is not set")

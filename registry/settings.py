@@ -2,6 +2,7 @@
 
 import re
 import zlib
+from urllib.parse import parse_qs, urlsplit
 
 from pydantic import Field, PostgresDsn, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -34,6 +35,15 @@ class StoreSettings(BaseSettings):
         if self.database_url is None:
             raise ValueError("IIOT_DATABASE_URL is not set")
         return str(self.database_url)
+
+    def certificate_files(self) -> dict[str, str | None]:
+        """The TLS certificate files this process uses, by setting (for their expiry)."""
+        query = parse_qs(urlsplit(str(self.database_url or "")).query)
+        return {
+            f"IIOT_DATABASE_URL {name}": query[name][0]
+            for name in ("sslrootcert", "sslcert")
+            if name in query
+        }
 
 
 COUNTER_SHARDS = 64  # shards 0..63 (platform_counters.shard)

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ ROOT = Path(__file__).parent.parent
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 COMPOSE_DIR = DEPLOY / "compose"
+PROMETHEUS = DEPLOY / "prometheus"
 KUBERNETES_VERSION = "1.30.0"
 IMAGE = {"iiot", "iiot:local"}
 
@@ -124,8 +126,15 @@ def test_the_command_check_refuses_what_the_cli_would(args: list[str]) -> None:
         check_cli(args)
 
 
+def monitoring_manifests() -> list[tuple[str, dict[str, Any]]]:
+    text = (PROMETHEUS / "monitoring.yaml").read_text()
+    return [("monitoring.yaml", doc) for doc in yaml.safe_load_all(text) if doc]
+
+
 @pytest.mark.parametrize(
-    ("name", "doc"), manifests(), ids=lambda v: v if isinstance(v, str) else ""
+    ("name", "doc"),
+    [*manifests(), *monitoring_manifests()],
+    ids=lambda v: v if isinstance(v, str) else "",
 )
 def test_each_kubernetes_manifest_is_valid_for_its_schema(name: str, doc: dict[str, Any]) -> None:
     kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
@@ -254,13 +263,19 @@ def test_prometheus_scrapes_the_services_on_their_metrics_ports() -> None:
     assert scraped == {name for name in services if name.startswith("ingest-")}
 
 
-def test_grafana_panels_query_metrics_that_exist() -> None:
+def exported_metrics() -> set[str]:
+    """Every metric iiot's /metrics endpoints export (without _total, _bucket... suffixes)."""
     exported = set()
-    for source in (ROOT / "ingest" / "metrics.py", ROOT / "ingest" / "stats.py"):
-        exported |= set(re.findall(r'"(iiot_[a-z0-9_]+)"', source.read_text()))
+    for source in ("ingest/metrics.py", "ingest/stats.py", "ingest/certificates.py"):
+        exported |= set(re.findall(r'"(iiot_[a-z0-9_]+)"', (ROOT / source).read_text()))
     api_metrics = (ROOT / "api" / "routes" / "metrics.py").read_text()
     exported |= set(re.findall(r'"(iiot_[a-z0-9_]+)"', api_metrics))
     exported |= {f"iiot_devices_{name}" for name in re.findall(r'\("(\w+)", "', api_metrics)}
+    return exported
+
+
+def test_grafana_panels_query_metrics_that_exist() -> None:
+    exported = exported_metrics()
     dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "iiot.json").read_text())
     queried = {
         re.sub(r"_(total|bucket|count|sum)$", "", name)
@@ -543,3 +558,116 @@ def test_kubernetes_kafka_ingest_speaks_sasl_ssl_with_scram(
     assert settings.kafka_ca_file is not None
     mounts = [m["mountPath"] for m in container["volumeMounts"]]
     assert any(settings.kafka_ca_file.startswith(f"{m}/") for m in mounts)
+
+
+def promtool(*args: str) -> str:
+    """Runs Debian's promtool (`make test` installs it: the Makefile's promtool target)."""
+    if shutil.which("promtool") is None:
+        pytest.fail("promtool is missing: `make promtool` (Debian's prometheus package)")
+    done = subprocess.run(
+        ["promtool", *args], cwd=PROMETHEUS, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_the_alert_rules_pass_promtools_check_and_their_unit_tests() -> None:
+    assert "SUCCESS" in promtool("check", "rules", "alerts.yml")
+    assert "SUCCESS" in promtool("test", "rules", "alerts.test.yml")
+
+
+def test_every_alert_is_unit_tested_on_metrics_that_exist() -> None:
+    rules = yaml.safe_load((PROMETHEUS / "alerts.yml").read_text())
+    alerts = {rule["alert"]: rule for group in rules["groups"] for rule in group["rules"]}
+    assert {
+        "IiotKafkaLagHigh",
+        "IiotIngestDelayHigh",
+        "IiotDeadLetterRateHigh",
+        "IiotCounterDrift",
+        "IiotConsumerStalled",
+        "IiotMaintenanceStale",
+        "IiotCertificateExpiresSoon",
+    } <= set(alerts)
+    tests = yaml.safe_load((PROMETHEUS / "alerts.test.yml").read_text())
+    tested = {
+        case["alertname"]
+        for test in tests["tests"]
+        for case in test["alert_rule_test"]
+        if case["exp_alerts"]
+    }
+    assert tested == set(alerts)
+    exported = exported_metrics() | {"up"}
+    queried = {
+        re.sub(r"_(total|bucket|count|sum)$", "", name)
+        for rule in alerts.values()
+        for name in re.findall(r"\b(iiot_[a-z0-9_]+|up)\b", rule["expr"])
+    }
+    assert queried <= exported, sorted(queried - exported)
+
+
+def test_the_prometheus_configurations_pass_promtool(tmp_path: Path) -> None:
+    promtool("check", "config", "--syntax-only", "prometheus.yml")
+    # Debian's promtool is built without Kubernetes discovery: the rest of kubernetes.yml is
+    # checked with static targets in its place.
+    config = yaml.safe_load((PROMETHEUS / "kubernetes.yml").read_text())
+    for job in config["scrape_configs"]:
+        assert job.pop("kubernetes_sd_configs") == [
+            {"role": "pod", "namespaces": {"names": ["iiot"]}}
+        ]
+        job["static_configs"] = [{"targets": ["pod:9100"]}]
+    config["rule_files"] = [str(PROMETHEUS / "alerts.yml")]
+    checked = tmp_path / "kubernetes.yml"
+    checked.write_text(yaml.safe_dump(config))
+    promtool("check", "config", "--syntax-only", str(checked))
+
+
+def test_kubernetes_scrapes_the_api_with_the_key_from_a_secret() -> None:
+    """Annotations cannot carry a key: the API pods have none, and kubernetes.yml scrapes them
+    with the viewer key the API's init container registers, mounted from the same Secret."""
+    api = workloads()["iiot-api"]
+    assert "prometheus.io/scrape" not in str(api["spec"]["template"]["metadata"])
+    config = yaml.safe_load((PROMETHEUS / "kubernetes.yml").read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    credentials = Path(jobs["iiot-api"]["authorization"]["credentials_file"])
+    (prometheus,) = [d for _, d in monitoring_manifests() if d["kind"] == "StatefulSet"]
+    (container,) = containers(prometheus)
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == str(credentials.parent)]
+    (volume,) = [
+        v for v in prometheus["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]
+    ]
+    (item,) = volume["secret"]["items"]
+    assert item["path"] == credentials.name
+    secret, key = volume["secret"]["secretName"], item["key"]
+    # The API's init container imports exactly that key as a national viewer.
+    (init,) = containers(api, "initContainers")
+    assert {"secretRef": {"name": secret}} in init["envFrom"]
+    assert f"--role viewer --name prometheus --from-env {key}" in " ".join(init["args"])
+    # Each job's relabelling keeps the pods it means, on the port that serves /metrics.
+    for job, names in (
+        ("iiot-api", {"iiot-api"}),
+        ("iiot-ingest", {"iiot-ingest-mqtt", "iiot-ingest-sparkplug", "iiot-ingest-kafka"}),
+    ):
+        keep = {
+            rule["source_labels"][0]: rule["regex"]
+            for rule in jobs[job]["relabel_configs"]
+            if rule.get("action") == "keep"
+        }
+        kept = set()
+        for name, doc in workloads().items():
+            labels = {
+                "__meta_kubernetes_pod_label_" + re.sub(r"[^A-Za-z0-9_]", "_", label): value
+                for label, value in doc["spec"]["template"]["metadata"]["labels"].items()
+            }
+            for port in (p["name"] for c in containers(doc) for p in c["ports"]):
+                target = {**labels, "__meta_kubernetes_pod_container_port_name": port}
+                if all(re.fullmatch(rx, target.get(label, "")) for label, rx in keep.items()):
+                    kept.add(name)
+        assert kept == names, job
+    prom = yaml.safe_load((PROMETHEUS / "kustomization.yaml").read_text())
+    assert prom["resources"] == ["monitoring.yaml"]
+    (generator,) = prom["configMapGenerator"]
+    assert generator["files"] == ["prometheus.yml=kubernetes.yml", "alerts.yml"]
+    config_volume = [
+        v for v in prometheus["spec"]["template"]["spec"]["volumes"] if "configMap" in v
+    ]
+    assert config_volume[0]["configMap"]["name"] == generator["name"]
