@@ -48,6 +48,7 @@ from ingest.sparkplug_host import SparkplugHost
 from ingest.stats import IngestStats
 from ingest.topics import TopicScheme
 from ingest.writer import PreparedBatch, Refusals, TelemetryWriter
+from registry.devices import DeviceDirectory
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,7 @@ class KafkaIngest:
             pool,
             stats=self.stats,
             counter_shard=settings.kafka_shard,
+            directory=DeviceDirectory(max_cached_ids=settings.device_cache_max),
             renew_seconds=settings.activity_renew_seconds,
         )
         self._writers = [first] + [

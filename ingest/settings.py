@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode
 
+from registry.devices import DEFAULT_MAX_CACHED_IDS
 from registry.ids import is_platform_id
 from registry.settings import ShardSettings, StoreSettings, hashed_shard
 
@@ -111,6 +112,14 @@ class IngestSettings(Limits, TopicSettings, ShardSettings):
     # Serve Prometheus metrics on /metrics at this port (ingest/metrics.py); unset: off.
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
     metrics_address: str = "127.0.0.1"
+
+    device_cache_max: int = Field(
+        default=DEFAULT_MAX_CACHED_IDS,
+        ge=1000,
+        description="Device ids (and gateway ids, and the gateway each device was seen through) "
+        "a process keeps in memory, oldest dropped first; each costs about 450 bytes "
+        "(bench/id_cache_memory.py). Devices beyond it are looked up in the store again.",
+    )
 
     batch_max_points: int = Field(default=50_000, ge=1)
     batch_max_delay_seconds: float = Field(default=0.2, gt=0)

@@ -671,3 +671,49 @@ def test_kubernetes_scrapes_the_api_with_the_key_from_a_secret() -> None:
         v for v in prometheus["spec"]["template"]["spec"]["volumes"] if "configMap" in v
     ]
     assert config_volume[0]["configMap"]["name"] == generator["name"]
+
+
+# What an ingest process takes besides its id caches: the interpreter and libraries (about
+# 80 MiB idle), the pool, queues and batches in flight; Kafka's fetch buffers on top.
+PROCESS_MIB = 256
+KAFKA_FETCH_MIB = 256
+
+
+def mebibytes(quantity: str) -> float:
+    units = {"Mi": 1, "Gi": 1024}
+    return float(quantity[:-2]) * units[quantity[-2:]]
+
+
+def test_ingest_memory_limits_hold_the_id_caches_at_their_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The limits come from the measured memory per cached id (bench/id_cache_memory.py): a
+    pod whose caches fill to IIOT_DEVICE_CACHE_MAX stays within its limit."""
+    measured = json.loads((ROOT / "bench" / "results" / "id_cache_memory-latest.json").read_text())
+
+    def per_id(cache: str) -> float:
+        return float(measured[cache]["peak_rss_growth_mib"]) / int(measured["devices"])
+
+    checked = 0
+    for name, doc in workloads().items():
+        (container,) = containers(doc)
+        if container["args"][0] != "ingest":
+            continue
+        for variable in list(os.environ):
+            if variable.startswith("IIOT_"):
+                monkeypatch.delenv(variable)
+        for variable, value in pod_env(doc, container, f"{name}-0").items():
+            monkeypatch.setenv(variable, value)
+        settings = IngestSettings()
+        assert "IIOT_DEVICE_CACHE_MAX" in config_map()  # set, not left to the default
+        kafka = container["args"] == ["ingest", "kafka"]
+        writers = settings.kafka_write_lanes if kafka else 1  # each writer keeps its renewals
+        caches = settings.device_cache_max * (
+            per_id("device_ids") + per_id("via_gateway") + writers * per_id("activity_renewals")
+        )
+        need = PROCESS_MIB + caches + (KAFKA_FETCH_MIB if kafka else 0)
+        limit = mebibytes(container["resources"]["limits"]["memory"])
+        assert limit >= need, f"{name}: limit {limit} MiB, caches alone {caches:.0f} MiB"
+        assert mebibytes(container["resources"]["requests"]["memory"]) >= PROCESS_MIB + caches
+        checked += 1
+    assert checked == 3
