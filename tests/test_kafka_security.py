@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from iiot.net import free_port
 from ingest.settings import IngestSettings
-from tests.test_mqtt_tls import make_certificates, openssl
+from tests.test_mqtt_tls import make_certificates, sign_certificate
 
 needs_openssl = pytest.mark.skipif(not shutil.which("openssl"), reason="needs openssl")
 
@@ -94,17 +94,6 @@ async def test_sasl_ssl_gives_scram_and_a_verifying_tls_context(tmp_path: Path) 
     await AIOKafkaConsumer(bootstrap_servers="127.0.0.1:9", ssl_context=context, **options).stop()
 
 
-def _client_certificate(tmp: Path) -> None:
-    openssl(
-        "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "client.key", "-out", "client.csr",
-        "-subj", "/CN=iiot-ingest", cwd=tmp,
-    )  # fmt: skip
-    openssl(
-        "x509", "-req", "-in", "client.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-        "-CAcreateserial", "-out", "client.pem", "-days", "2", cwd=tmp,
-    )  # fmt: skip
-
-
 async def _handshake(context: ssl.SSLContext, port: int) -> None:
     for _ in range(100):  # until openssl listens
         try:
@@ -128,7 +117,7 @@ async def test_the_tls_context_completes_a_mutual_handshake_with_openssl(tmp_pat
     without one; the context from the settings passes, one without the client certificate or
     trusting another CA does not."""
     make_certificates(tmp_path)
-    _client_certificate(tmp_path)
+    sign_certificate(tmp_path, "client", "/CN=iiot-ingest")
 
     def settings(**files: str) -> IngestSettings:
         return IngestSettings(
