@@ -32,7 +32,9 @@ from psycopg_pool import AsyncConnectionPool
 
 from ingest.batching import END, EndOfStream, Received, write_ahead
 from ingest.decoding import MessageDecoder
+from ingest.errors import Unstorable
 from ingest.paho_speedups import Publish, acknowledge, read_in_bulk, share_property_tables
+from ingest.progress import Progress
 from ingest.settings import IngestSettings
 from ingest.sparkplug import NAMESPACE, state_payload, state_topic
 from ingest.sparkplug_host import SparkplugHost
@@ -48,6 +50,8 @@ MqttAck = tuple[int, int]
 
 _RETRY_FIRST, _RETRY_MAX = 0.5, 10.0
 _YIELD_EVERY = 50  # messages the receiver decodes before it lets other tasks run
+SESSION = "mqtt"
+"""The one stream of `MqttIngest.progress`: the session's messages, acknowledged in order."""
 
 
 class MqttIngest:
@@ -80,6 +84,8 @@ class MqttIngest:
         self._queue: asyncio.Queue[Any] | None = None
         self.subscribed = asyncio.Event()
         """Set while a session is subscribed (tests and readiness wait on it)."""
+        self.progress = Progress()
+        """What was received and not yet acknowledged; why consuming stopped, if it did."""
 
     def registry_changed(self, platform: str) -> None:
         """An operator changed the registry: forget what was cached about it."""
@@ -109,7 +115,15 @@ class MqttIngest:
                 log.warning(
                     "MQTT connection lost (%s); reconnecting in %.1fs", group.exceptions[0], delay
                 )
+            except* Unstorable as group:
+                self.progress.failure = str(Unstorable.first(group))
             self.subscribed.clear()
+            self.progress.forget(SESSION)  # what was not acknowledged, the broker keeps
+            if self.progress.failure is not None:
+                # Nothing after the message can be acknowledged before it: stay down, unready
+                # (/readyz says why), until an operator has looked (docs/contract.md).
+                log.critical("MQTT ingest stopped: %s", self.progress.failure)
+                await self._stopping.wait()
             if self._stopping.is_set():
                 break
             with contextlib.suppress(TimeoutError):
@@ -136,6 +150,7 @@ class MqttIngest:
                 for topic_filter in self.sparkplug.filters():
                     await client.subscribe(topic_filter, qos=1)
                 await self._announce_state(client, online=True)
+            self.progress.start(SESSION, 0)
             self.subscribed.set()
             log.info(
                 "subscribed to %s as %s",
@@ -260,8 +275,11 @@ class MqttIngest:
         # aiomqtt's iterator yields the wake-ups `_client` puts in its private queue (see
         # docs/adr/0002); it raises MqttError when the connection is lost.
         wakeups = cast("AsyncIterator[None]", client.messages)
+        progress = self.progress
         taken = 0
         async for _ in wakeups:
+            # What arrived is noted per burst and every _YIELD_EVERY messages, not per message.
+            progress.received(SESSION, taken + len(arrived), progress.now())
             while arrived:
                 received_at = datetime.now(UTC)
                 topic, payload, mid, qos = arrived.popleft()
@@ -281,14 +299,18 @@ class MqttIngest:
                     # Let the writer go on as soon as the store answers a statement: decoding
                     # a backlog in one go would leave PostgreSQL idle meanwhile.
                     await asyncio.sleep(0)
+                    progress.received(SESSION, taken + len(arrived), progress.now())
 
     async def _write(
         self, client: aiomqtt.Client, queue: "asyncio.Queue[Received[MqttAck] | EndOfStream]"
     ) -> None:
         paho = _paho(client)
         keep_births = SparkplugHost.keep_births if self.sparkplug is not None else None
+        acknowledged = 0
 
         async def commit(prepared: PreparedBatch) -> None:
+            nonlocal acknowledged
+
             async def in_transaction(conn: AsyncConnection[Any], _: Refusals) -> None:
                 if keep_births is not None:
                     await keep_births(conn, prepared.batch)
@@ -299,6 +321,8 @@ class MqttIngest:
                 # Connection gone: the broker redelivers in the next session; the writer
                 # stores the redelivered points once.
                 raise aiomqtt.MqttError("acknowledgement failed: not connected")
+            acknowledged += len(acks)
+            self.progress.acknowledged(SESSION, acknowledged)
 
         s = self._settings
         await write_ahead(

@@ -112,6 +112,12 @@ class IngestSettings(Limits, TopicSettings, ShardSettings):
     # Serve Prometheus metrics on /metrics at this port (ingest/metrics.py); unset: off.
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
     metrics_address: str = "127.0.0.1"
+    stall_seconds: float = Field(
+        default=120.0,
+        gt=0,
+        description="/readyz fails when the consumer has held messages this long without "
+        "acknowledging any (a stuck partition or store); see iiot_ingest_stalled_seconds.",
+    )
 
     device_cache_max: int = Field(
         default=DEFAULT_MAX_CACHED_IDS,

@@ -27,7 +27,7 @@ from ingest.sparkplug import (
     parse_topic,
     rebirth_request,
 )
-from registry.ids import is_device_id, is_platform_id
+from registry.ids import is_device_id, is_platform_id, is_reserved_device_id, reserved_device_id
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,10 @@ class SparkplugHost:
                     "bad_device_id",
                     f"{item.device[:140]!r} is over 128 characters",
                     platform=platform,
+                )
+            if item.device is not None and is_reserved_device_id(item.device):
+                return Rejected(
+                    "reserved_device_id", reserved_device_id(item.device), platform=platform
                 )
         if not decoded:  # an NDEATH or DDEATH always changes a session; nothing else is empty
             return Rejected("invalid_shape", "nothing in the message", platform=platform)

@@ -561,7 +561,8 @@ def test_kubernetes_kafka_ingest_speaks_sasl_ssl_with_scram(
 
 
 def promtool(*args: str) -> str:
-    """Runs Debian's promtool (`make test` installs it: the Makefile's promtool target)."""
+    """Runs Debian's promtool (`make test` installs it: the Makefile's promtool target; the
+    alert rules' own checks are in tests/test_alerts.py)."""
     if shutil.which("promtool") is None:
         pytest.fail("promtool is missing: `make promtool` (Debian's prometheus package)")
     done = subprocess.run(
@@ -569,11 +570,6 @@ def promtool(*args: str) -> str:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
-
-
-def test_the_alert_rules_pass_promtools_check_and_their_unit_tests() -> None:
-    assert "SUCCESS" in promtool("check", "rules", "alerts.yml")
-    assert "SUCCESS" in promtool("test", "rules", "alerts.test.yml")
 
 
 def test_every_alert_is_unit_tested_on_metrics_that_exist() -> None:
@@ -584,11 +580,11 @@ def test_every_alert_is_unit_tested_on_metrics_that_exist() -> None:
         "IiotIngestDelayHigh",
         "IiotDeadLetterRateHigh",
         "IiotCounterDrift",
-        "IiotConsumerStalled",
+        "IngestStalled",
         "IiotMaintenanceStale",
         "IiotCertificateExpiresSoon",
     } <= set(alerts)
-    tests = yaml.safe_load((PROMETHEUS / "alerts.test.yml").read_text())
+    tests = yaml.safe_load((PROMETHEUS / "alerts_test.yml").read_text())
     tested = {
         case["alertname"]
         for test in tests["tests"]
