@@ -66,6 +66,8 @@ def ingest_kafka() -> None:
     settings.require_database_url()
     settings.require_kafka_bootstrap()
     settings.static_partitions()
+    _ = settings.kafka_shard  # refuses a pod beyond its IIOT_COUNTER_SHARDS now, with the reason
+    settings.kafka_client_options()  # fails now on a CA or client certificate it cannot load
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -94,6 +96,7 @@ def ingest_mqtt() -> None:
     settings = IngestSettings()
     settings.require_database_url()
     settings.mqtt_endpoint()
+    _ = settings.shard  # refuses a pod beyond its IIOT_COUNTER_SHARDS now, with the reason
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -12,6 +12,7 @@ from typing import Literal, Protocol
 
 from psycopg_pool import AsyncConnectionPool
 
+from ingest.certificates import CertificateExpiry
 from ingest.kafka import KafkaIngest
 from ingest.metrics import IngestCollector
 from ingest.monitor import Monitor
@@ -56,6 +57,7 @@ def ingest_services(
         services.append(
             Monitor(
                 collector,
+                CertificateExpiry(settings.certificate_files()),
                 pool=pool,
                 consumer_ready=ready.is_set,
                 host=settings.metrics_address,

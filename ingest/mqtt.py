@@ -41,6 +41,7 @@ from ingest.sparkplug_host import SparkplugHost
 from ingest.stats import IngestStats
 from ingest.topics import TopicScheme
 from ingest.writer import PreparedBatch, Refusals, TelemetryWriter
+from registry.devices import DeviceDirectory
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class MqttIngest:
             pool,
             stats=self.stats,
             counter_shard=settings.shard,
+            directory=DeviceDirectory(max_cached_ids=settings.device_cache_max),
             renew_seconds=settings.activity_renew_seconds,
         )
         self._topics = TopicScheme(settings.mqtt_topic_root)
