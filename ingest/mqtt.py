@@ -144,7 +144,7 @@ class MqttIngest:
         not acknowledged, so the broker delivers it again in the next session.
         """
         client, arrived = self._client()
-        await self._redeliveries.connected()
+        self._redeliveries.connected()
         async with client:
             queue: asyncio.Queue[Received[MqttAck] | EndOfStream] = asyncio.Queue(
                 self._settings.queue_max_messages

@@ -13,10 +13,12 @@ points. A publisher's own retry (its PUBACK lost) reaches iiot without DUP (brok
 forward the flag), so end to end a message without `ts` is at least once.
 
 Which records may belong to an unacknowledged message: acknowledgements go out right after each
-commit, so by the time a connection commits batch n + 2, the broker has read those of batch n;
-only the records of a connection's last two committed batches are looked at. Older ones may hold
-a packet id the broker has since given to another message (one that was never stored and now
-comes again with DUP); taking that for a redelivery would lose it.
+commit, so by the time a connection commits batch n + 2 the broker has read those of batch n
+(a commit takes far longer than a PUBACK's way to the broker; should it not have, the message is
+stored twice, never lost). Only the records of a connection's last two committed batches are
+looked at: older ones may hold a packet id the broker has since given to another message (one
+that was never stored and now comes again with DUP), and taking that for a redelivery would lose
+it.
 """
 
 import asyncio
@@ -114,17 +116,11 @@ class RedeliveryRecord:
         self._batch = 0
         self._recorded_batch = -UNACKNOWLEDGED_BATCHES  # the last batch that recorded messages
 
-    async def connected(self) -> None:
-        """A new connection numbers its batches afresh; records past `keep` are dropped (the
-        broker keeps an unacknowledged message only as long as the session)."""
+    def connected(self) -> None:
+        """A new connection numbers its batches afresh."""
         self._connection = time.time_ns()
         self._batch = 0
         self._recorded_batch = -UNACKNOWLEDGED_BATCHES
-        try:
-            async with self._pool.connection() as conn:
-                await conn.execute(PRUNE, {"keep": self._keep})
-        except psycopg.OperationalError as exc:
-            log.warning("redelivery record not pruned (%s); next connection", exc)
 
     async def recorded_times(self, batch: Sequence[Message]) -> Sequence[Message]:
         """The batch, with each redelivered message that was stored before decoded again at
@@ -182,6 +178,10 @@ class RedeliveryRecord:
         """Records the batch's messages stored at their arrival time; call in its transaction.
         One statement, and none for a batch whose connection has nothing left to record."""
         self._batch += 1
+        if self._batch == 1:
+            # Records past `keep` go (the broker keeps a session, and with it unacknowledged
+            # messages, only so long): once per connection.
+            await conn.execute(PRUNE, {"keep": self._keep})
         # By packet id: a statement may not update one row twice.
         stored = {m.ack[0]: m for m in batch if took_arrival_time(m)}
         packet_ids = BigintArray(stored)

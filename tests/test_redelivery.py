@@ -53,32 +53,66 @@ async def test_a_redelivery_gets_the_recorded_time_only_from_the_last_two_batche
     )
     start = datetime.now(UTC) - timedelta(minutes=1)
 
-    def message(mid: int, value: int, second: int, *, dup: bool = False) -> Received[Any]:
+    def message(
+        mid: int, value: int, second: int, *, dup: bool = False, ts: bool = False
+    ) -> Received[Any]:
         topic = topics.telemetry(platform, "d1")
-        body = payload({"metrics": {"v": value}})
         at = start + timedelta(seconds=second)
+        reading: dict[str, Any] = {"metrics": {"v": value}}
+        if ts:
+            reading["ts"] = int(at.timestamp() * 1000)
+        body = payload(reading)
         return Received("mqtt", topic, body, at, decode(topic, body, at), (mid, 1), None, dup)
 
-    await record.connected()
-    for batch in range(1, 5):  # packet id n in batch n, stored at second n
+    record.connected()
+    batches = [
+        [message(1, 1, 1)],
+        [message(2, 2, 2)],
+        [message(3, 3, 3), message(5, 5, 3), message(7, 7, 3)],
+        [message(4, 4, 4, ts=True)],  # nothing to record: the connection's last batch moves on
+    ]
+    for batch in batches:
         async with pool.connection() as conn, conn.transaction():
-            await record.record(conn, [message(batch, batch, batch)])
-    await record.connected()  # the session resumes: the broker redelivers with DUP
+            await record.record(conn, batch)
+    record.connected()  # the session resumes: the broker redelivers with DUP
     redelivered = [
         message(1, 1, 10, dup=True),  # batch 1: its packet id may have been reused since
+        message(2, 2, 10, dup=True),  # batch 2: two batches committed after it
         message(3, 3, 10, dup=True),  # batch 3: may be unacknowledged
-        message(4, 99, 10, dup=True),  # batch 4's packet id, another message
-        message(2, 2, 10),  # no DUP: a new message, never a redelivery
+        message(5, 99, 10, dup=True),  # batch 3's packet id, another message
+        message(7, 7, 10),  # no DUP: a new message, never a redelivery
     ]
     revised = await record.recorded_times(redelivered)
     times = [(m.received_at - start).seconds for m in revised]
-    assert times == [10, 3, 10, 10]
+    assert times == [10, 10, 3, 10, 10]
     # The message decoded again: its readings carry the recorded time.
-    outcome = revised[1].outcome
+    outcome = revised[2].outcome
     assert isinstance(outcome, list)
     (telemetry,) = outcome
     assert isinstance(telemetry, Telemetry)
     assert telemetry.points == [(start + timedelta(seconds=3), "v", 3)]
+
+
+async def test_records_go_with_their_connection_after_the_window(
+    ingest_settings: IngestSettings,
+    pool: AsyncConnectionPool,
+    db: psycopg.AsyncConnection[Any],
+    platform: str,
+) -> None:
+    topics = TopicScheme(ingest_settings.mqtt_topic_root)
+    decode = MessageDecoder(topics, ingest_settings)
+    client = ingest_settings.mqtt_client_id
+    topic, body = topics.telemetry(platform, "d1"), payload({"metrics": {"v": 1}})
+    now = datetime.now(UTC)
+    stored = Received("mqtt", topic, body, now, decode(topic, body, now), (1, 1))
+    record = RedeliveryRecord(pool, client, keep=timedelta(0), decode=decode)
+    for _ in range(2):  # each connection's first batch prunes what is older than `keep`
+        record.connected()
+        async with pool.connection() as conn, conn.transaction():
+            await record.record(conn, [stored])
+    # Only the second connection's row is left, and the record now under it.
+    assert await scalar(db, "SELECT count(*) FROM mqtt_redelivery_connections") == 1
+    assert await scalar(db, "SELECT count(*) FROM mqtt_redeliveries") == 1
 
 
 def publish_all(url: str, messages: list[tuple[str, bytes]], protocol: str) -> None:
