@@ -3,11 +3,12 @@ come out as paho reads them, and everything else must be left to paho."""
 
 import pytest
 from paho.mqtt import _packet
-from paho.mqtt.enums import MQTTProtocolVersion
+from paho.mqtt.client import Client, MQTTMessage
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import MQTTException, Properties
 
-from ingest.paho_speedups import parse_publish, share_property_tables
+from ingest.paho_speedups import Publish, parse_publish, read_in_bulk, share_property_tables
 
 
 def variable_byte_integer(value: int) -> bytes:
@@ -104,3 +105,16 @@ def test_shared_property_tables_unpack_what_paho_packs() -> None:
     assert not hasattr(received, "ContentType")
     with pytest.raises(MQTTException):  # names are still checked
         sent.NoSuchProperty = 1
+
+
+@pytest.mark.parametrize("dup", [True, False])
+def test_a_publish_paho_reads_keeps_its_dup_flag(dup: bool) -> None:
+    """Packets ingest does not parse (properties, split across reads) reach it through paho's
+    on_message: the DUP flag must come along."""
+    received: list[Publish] = []
+    client = Client(CallbackAPIVersion.VERSION2)
+    read_in_bulk(client, on_publish=lambda *publish: received.append(publish))
+    message = MQTTMessage(mid=9, topic=b"iiot/v1/p/d/telemetry")
+    message.payload, message.qos, message.dup = b"{}", 1, dup
+    client.on_message(client, None, message)  # type: ignore[misc]
+    assert received == [("iiot/v1/p/d/telemetry", b"{}", 9, 1, dup)]
