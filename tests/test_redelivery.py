@@ -146,6 +146,7 @@ def publish_all(url: str, messages: list[tuple[str, bytes]], protocol: str) -> N
         client.loop_stop()
 
 
+@pytest.mark.slow  # starts a broker and consumer processes of its own
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
 async def test_kills_after_commits_store_every_message_once_and_repeats_twice(
     ingest_settings: IngestSettings,
