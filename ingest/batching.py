@@ -42,6 +42,8 @@ class Received(Generic[AckT]):
     outcome: Decoded | Rejected
     ack: AckT
     origin: Origin | None = None
+    # The transport says it may have delivered this message before (MQTT's DUP flag).
+    redelivered: bool = False
 
     @property
     def weight(self) -> int:
@@ -99,6 +101,7 @@ async def write_ahead(
     max_points: int,
     max_delay: float,
     keep: Callable[[list[Received[AckT]]], Sequence[Received[Any]]] | None = None,
+    revise: Callable[[Sequence[Received[Any]]], Awaitable[Sequence[Received[Any]]]] | None = None,
 ) -> None:
     """Collects batches from `queue` and prepares each while the batch before it commits;
     `commit` gets each prepared batch in arrival order, until the end of the stream.
@@ -108,7 +111,8 @@ async def write_ahead(
     idle (`make bench`). One prepared batch waits while one commits and the next is prepared,
     so at most three batches are between the queue and the acknowledgement. `keep` filters a
     batch before it is prepared (Kafka drops records of partitions it no longer owns); what
-    was collected stays in `PreparedBatch.collected` either way.
+    was collected stays in `PreparedBatch.collected` either way. `revise` may replace messages
+    of a batch before it is prepared (MQTT gives redeliveries their first arrival time).
     """
     ready: asyncio.Queue[PreparedBatch | EndOfStream] = asyncio.Queue(1)
 
@@ -117,7 +121,10 @@ async def write_ahead(
         while not ended:
             batch, ended = await collect(queue, max_points=max_points, max_delay=max_delay)
             if batch:
-                prepared = await writer.prepare(keep(batch) if keep is not None else batch)
+                kept: Sequence[Received[Any]] = keep(batch) if keep is not None else batch
+                if revise is not None:
+                    kept = await revise(kept)
+                prepared = await writer.prepare(kept)
                 prepared.collected = batch
                 await ready.put(prepared)
         await ready.put(END)

@@ -36,6 +36,9 @@ class Telemetry:
     last: datetime
     # The gateway the readings came through, if any.
     gateway: str | None = None
+    # Some readings had no `ts` and took the arrival time: a redelivery of the message must get
+    # the same time to be stored once (ingest/redelivery.py).
+    arrival_time: bool = False
 
 
 @dataclass(slots=True)
@@ -160,6 +163,7 @@ class TelemetryDecoder:
         latest = received_at + self._future
         points: list[Point] = []
         historical: bool | None = None
+        arrival_time = False
         first = last = received_at
         for index, reading in enumerate(readings):
             try:
@@ -168,6 +172,8 @@ class TelemetryDecoder:
                 exc.platform = platform
                 exc.detail = f"{device}, reading {index}: {exc.detail}"
                 raise
+            # A reading without `ts` gets received_at itself; a parsed `ts` is a new object.
+            arrival_time = arrival_time or ts is received_at
             if not earliest <= ts <= latest:
                 raise Rejected(
                     "timestamp_out_of_window",
@@ -189,7 +195,9 @@ class TelemetryDecoder:
             points += readings_points
         if not points:
             raise Rejected("invalid_shape", f"{device}: no metrics", platform=platform)
-        return Telemetry(platform, device, points, bool(historical), first, last, gateway)
+        return Telemetry(
+            platform, device, points, bool(historical), first, last, gateway, arrival_time
+        )
 
 
 class _Budget:

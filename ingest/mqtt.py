@@ -6,7 +6,8 @@ paho client underneath is switched to manual acknowledgement before it connects 
 `manual_ack_set` and `ack`). The session is persistent (stable client id, no clean start,
 session expiry > 0): what arrives while ingest is down is delivered when it returns, and what
 was received but not acknowledged when a connection or the process died is delivered again.
-Redelivered points are stored once by the writer.
+Redelivered points are stored once by the writer; a redelivered message without `ts` gets the
+time it was first stored at (ingest/redelivery.py).
 
 Back-pressure: the broker sends at most Receive Maximum (MQTT 5) or its in-flight limit (3.1.1)
 unacknowledged messages, so a slow store slows the broker down instead of growing memory.
@@ -19,7 +20,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import aiomqtt
@@ -35,6 +36,7 @@ from ingest.decoding import MessageDecoder
 from ingest.errors import Unstorable
 from ingest.paho_speedups import Publish, acknowledge, read_in_bulk, share_property_tables
 from ingest.progress import Progress
+from ingest.redelivery import RedeliveryRecord
 from ingest.settings import IngestSettings
 from ingest.sparkplug import NAMESPACE, state_payload, state_topic
 from ingest.sparkplug_host import SparkplugHost
@@ -49,6 +51,7 @@ MqttAck = tuple[int, int]
 """(packet id, QoS) of a received message; QoS 0 needs no acknowledgement."""
 
 _RETRY_FIRST, _RETRY_MAX = 0.5, 10.0
+_MICROSECOND = timedelta(microseconds=1)
 _YIELD_EVERY = 50  # messages the receiver decodes before it lets other tasks run
 SESSION = "mqtt"
 """The one stream of `MqttIngest.progress`: the session's messages, acknowledged in order."""
@@ -79,6 +82,11 @@ class MqttIngest:
         groups = settings.sparkplug_platforms()
         self.sparkplug = SparkplugHost(settings, groups) if groups is not None else None
         self._pool = pool
+        # Kept while the broker may keep a session (and a day more): it redelivers only then.
+        keep = timedelta(seconds=settings.mqtt_session_expiry_seconds, days=1)
+        self._redeliveries = RedeliveryRecord(
+            pool, settings.mqtt_client_id, keep=keep, decode=self._decode
+        )
         self._state_timestamp = 0
         self._stopping = asyncio.Event()
         self._queue: asyncio.Queue[Any] | None = None
@@ -138,6 +146,7 @@ class MqttIngest:
         not acknowledged, so the broker delivers it again in the next session.
         """
         client, arrived = self._client()
+        self._redeliveries.connected()
         async with client:
             queue: asyncio.Queue[Received[MqttAck] | EndOfStream] = asyncio.Queue(
                 self._settings.queue_max_messages
@@ -250,16 +259,16 @@ class MqttIngest:
         # acknowledged automatically (docs/adr/0002).
         paho = _paho(client)
         paho.manual_ack_set(True)
-        # Received messages collect in `arrived` as (topic, payload, packet id, QoS), without
+        # Received messages collect in `arrived` as (topic, payload, packet id, QoS, DUP), without
         # paho's or aiomqtt's message objects. aiomqtt's queue gets one wake-up per burst, so
         # that its iterator still wakes `_receive` and ends when the connection is lost.
         arrived: deque[Publish] = deque()
         wake = _wakeups(client).put_nowait
 
-        def on_publish(topic: str, payload: bytes, mid: int, qos: int) -> None:
+        def on_publish(topic: str, payload: bytes, mid: int, qos: int, dup: bool) -> None:
             if not arrived:
                 wake(None)
-            arrived.append((topic, payload, mid, qos))
+            arrived.append((topic, payload, mid, qos, dup))
 
         read_in_bulk(paho, on_publish=on_publish)
         return client, arrived
@@ -277,18 +286,24 @@ class MqttIngest:
         wakeups = cast("AsyncIterator[None]", client.messages)
         progress = self.progress
         taken = 0
+        last = datetime.now(UTC)
         async for _ in wakeups:
             # What arrived is noted per burst and every _YIELD_EVERY messages, not per message.
             progress.received(SESSION, taken + len(arrived), progress.now())
             while arrived:
+                # No two messages share an arrival time: two identical readings without `ts`
+                # would otherwise be one point.
                 received_at = datetime.now(UTC)
-                topic, payload, mid, qos = arrived.popleft()
+                if received_at <= last:
+                    received_at = last + _MICROSECOND
+                last = received_at
+                topic, payload, mid, qos, dup = arrived.popleft()
                 if sparkplug is not None and topic.startswith(NAMESPACE):
                     outcome = sparkplug(topic, payload, received_at)
                 else:
                     outcome = decode(topic, payload, received_at)
                 ack = (mid, qos)
-                received = Received("mqtt", topic, payload, received_at, outcome, ack)
+                received = Received("mqtt", topic, payload, received_at, outcome, ack, None, dup)
                 if queue.full():
                     await queue.put(received)  # the writer is behind: wait (back-pressure)
                 else:
@@ -307,6 +322,7 @@ class MqttIngest:
         paho = _paho(client)
         keep_births = SparkplugHost.keep_births if self.sparkplug is not None else None
         acknowledged = 0
+        redeliveries = self._redeliveries
 
         async def commit(prepared: PreparedBatch) -> None:
             nonlocal acknowledged
@@ -314,6 +330,7 @@ class MqttIngest:
             async def in_transaction(conn: AsyncConnection[Any], _: Refusals) -> None:
                 if keep_births is not None:
                     await keep_births(conn, prepared.batch)
+                await redeliveries.record(conn, prepared.batch)
 
             await self._writer.commit_until_done(prepared, in_transaction=in_transaction)
             acks = [message.ack for message in prepared.collected]
@@ -331,6 +348,7 @@ class MqttIngest:
             commit,
             max_points=s.batch_max_points,
             max_delay=s.batch_max_delay_seconds,
+            revise=redeliveries.recorded_times,
         )
 
 

@@ -23,9 +23,10 @@ from paho.mqtt.properties import Properties
 
 _applied = False
 
-# (topic, payload, packet id, QoS) of a received PUBLISH.
-Publish = tuple[str, bytes, int, int]
-OnPublish = Callable[[str, bytes, int, int], None]
+# (topic, payload, packet id, QoS, DUP) of a received PUBLISH. DUP: the broker sends it again
+# (a session resumed with it unacknowledged), so it may be stored already (ingest/redelivery.py).
+Publish = tuple[str, bytes, int, int, bool]
+OnPublish = Callable[[str, bytes, int, int, bool], None]
 
 
 def share_property_tables() -> None:
@@ -57,6 +58,7 @@ def share_property_tables() -> None:
 # Packets one readable-socket callback handles before it lets other tasks (the writer) run.
 _PACKETS_PER_READ = 100
 _CHUNK = 65536
+_DUP = 0x08  # the DUP flag's bit in a PUBLISH's command byte
 
 
 class _EmptyMatcher(MQTTMatcher):
@@ -78,7 +80,7 @@ def read_in_bulk(client: PahoClient, on_publish: OnPublish | None = None) -> Non
     to _PACKETS_PER_READ packets and always empties the buffer (nothing may stay buffered
     while the socket looks idle, or it would wait for the next packet to arrive).
 
-    `on_publish`: received messages go to it as (topic, payload, packet id, QoS), in arrival
+    `on_publish`: received messages go to it as (topic, payload, packet id, QoS, DUP), in arrival
     order, instead of to paho's on_message. A PUBLISH that `parse_publish` takes is parsed
     here (paho spent about a fifth of ingest's CPU building an MQTTMessage, its Properties
     and aiomqtt's Message for each); any other packet, and any PUBLISH split across reads,
@@ -92,7 +94,9 @@ def read_in_bulk(client: PahoClient, on_publish: OnPublish | None = None) -> Non
         deliver = on_publish
 
         def on_message(_: PahoClient, __: object, message: MQTTMessage) -> None:
-            deliver(message.topic, bytes(message.payload), message.mid, message.qos)
+            deliver(
+                message.topic, bytes(message.payload), message.mid, message.qos, bool(message.dup)
+            )
 
         client.on_message = on_message
 
@@ -193,7 +197,7 @@ def parse_publish(data: bytes, start: int, version5: bool) -> tuple[Publish, int
     except UnicodeDecodeError:
         return None
     mid = (data[topic_end] << 8) | data[topic_end + 1] if qos else 0
-    return (topic, data[body:end], mid, qos), end
+    return (topic, data[body:end], mid, qos, bool(command & _DUP)), end
 
 
 def _variable_byte_integer(data: bytes, at: int) -> tuple[int, int] | None:

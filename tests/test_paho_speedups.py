@@ -3,11 +3,12 @@ come out as paho reads them, and everything else must be left to paho."""
 
 import pytest
 from paho.mqtt import _packet
-from paho.mqtt.enums import MQTTProtocolVersion
+from paho.mqtt.client import Client, MQTTMessage
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import MQTTException, Properties
 
-from ingest.paho_speedups import parse_publish, share_property_tables
+from ingest.paho_speedups import Publish, parse_publish, read_in_bulk, share_property_tables
 
 
 def variable_byte_integer(value: int) -> bytes:
@@ -20,35 +21,53 @@ def variable_byte_integer(value: int) -> bytes:
 
 
 def publish(
-    topic: bytes, payload: bytes, *, qos: int, mid: int = 7, version5: bool, props: bytes = b""
+    topic: bytes,
+    payload: bytes,
+    *,
+    qos: int,
+    mid: int = 7,
+    version5: bool,
+    props: bytes = b"",
+    dup: bool = True,
 ) -> bytes:
-    """A PUBLISH packet as a broker sends it (retain and dup set, to show they are ignored)."""
+    """A PUBLISH packet as a broker sends it (retain set, to show it is ignored)."""
     body = len(topic).to_bytes(2, "big") + topic
     if qos:
         body += mid.to_bytes(2, "big")
     if version5:
         body += variable_byte_integer(len(props)) + props
     body += payload
-    return bytes([0x30 | 0x08 | (qos << 1) | 0x01]) + variable_byte_integer(len(body)) + body
+    command = 0x30 | (0x08 if dup else 0) | (qos << 1) | 0x01
+    return bytes([command]) + variable_byte_integer(len(body)) + body
 
 
 @pytest.mark.parametrize("version5", [True, False])
 @pytest.mark.parametrize("qos", [0, 1])
 @pytest.mark.parametrize("size", [0, 100, 200, 20_000, 3_000_000])
-def test_a_whole_publish_is_read_as_paho_reads_it(version5: bool, qos: int, size: int) -> None:
+@pytest.mark.parametrize("dup", [True, False])
+def test_a_whole_publish_is_read_as_paho_reads_it(
+    version5: bool, qos: int, size: int, dup: bool
+) -> None:
     payload = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
-    packet = publish("iiot/v1/é/d".encode(), payload, qos=qos, version5=version5)
+    packet = publish("iiot/v1/é/d".encode(), payload, qos=qos, version5=version5, dup=dup)
     before, after = b"\xd0\x00", b"\x40\x02\x00\x01"  # a PINGRESP before, a PUBACK after
     parsed = parse_publish(before + packet + after, len(before), version5)
     assert parsed is not None
-    (topic, body, mid, got_qos), end = parsed
+    (topic, body, mid, got_qos, got_dup), end = parsed
     assert end == len(before) + len(packet)
     fixed_header = 2  # the command byte and the length's bytes, the last without bit 7
     while packet[fixed_header - 1] & 0x80:
         fixed_header += 1
     version = MQTTProtocolVersion.MQTTv5 if version5 else MQTTProtocolVersion.MQTTv311
     paho = _packet.decode_publish(packet[0], packet[fixed_header:], version)
-    assert (topic, body, mid, got_qos) == (paho.topic.decode(), paho.payload, paho.mid, paho.qos)
+    assert (topic, body, mid, got_qos, got_dup) == (
+        paho.topic.decode(),
+        paho.payload,
+        paho.mid,
+        paho.qos,
+        bool(paho.dup),
+    )
+    assert got_dup is dup
 
 
 @pytest.mark.parametrize(
@@ -86,3 +105,16 @@ def test_shared_property_tables_unpack_what_paho_packs() -> None:
     assert not hasattr(received, "ContentType")
     with pytest.raises(MQTTException):  # names are still checked
         sent.NoSuchProperty = 1
+
+
+@pytest.mark.parametrize("dup", [True, False])
+def test_a_publish_paho_reads_keeps_its_dup_flag(dup: bool) -> None:
+    """Packets ingest does not parse (properties, split across reads) reach it through paho's
+    on_message: the DUP flag must come along."""
+    received: list[Publish] = []
+    client = Client(CallbackAPIVersion.VERSION2)
+    read_in_bulk(client, on_publish=lambda *publish: received.append(publish))
+    message = MQTTMessage(mid=9, topic=b"iiot/v1/p/d/telemetry")
+    message.payload, message.qos, message.dup = b"{}", 1, dup
+    client.on_message(client, None, message)  # type: ignore[misc]
+    assert received == [("iiot/v1/p/d/telemetry", b"{}", 9, 1, dup)]
