@@ -10,6 +10,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import NoDecode
 
 from registry.ids import is_platform_id
+from registry.lifecycle import LifecycleSettings
 from registry.settings import StoreSettings
 
 
@@ -58,7 +59,7 @@ class TopicSettings(StoreSettings):
         return pairs
 
 
-class IngestSettings(Limits, TopicSettings):
+class IngestSettings(Limits, TopicSettings, LifecycleSettings):
     mqtt_url: str | None = Field(
         default=None,
         description="mqtt://[user:password@]host[:port]; unset in `iiot run` means embedded.",
