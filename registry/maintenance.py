@@ -12,10 +12,16 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
-from psycopg import AsyncConnection
+from psycopg import AsyncConnection, sql
 from psycopg.types.json import Jsonb
 
-from registry.lifecycle import LifecycleSettings, Maintenance, Step, check_telemetry_retention
+from registry.lifecycle import (
+    TIMESCALE,
+    LifecycleSettings,
+    Maintenance,
+    Step,
+    check_telemetry_retention,
+)
 from registry.store import connect
 
 log = logging.getLogger(__name__)
@@ -34,6 +40,43 @@ FROM (VALUES (1)) one
 LEFT JOIN LATERAL (SELECT finished_at, succeeded FROM maintenance_runs ORDER BY id DESC LIMIT 1)
     newest ON true
 """
+
+# Each growing table and the column its age is read from.
+GROWING_TABLES = {
+    "telemetry": "time",
+    "connection_events": "time",
+    "count_history": "time",
+    "usage_ledger": "recorded_at",
+    "usage_ledger_daily": None,
+    "dead_letters": "received_at",
+    "reconciliations": "time",
+    "maintenance_runs": "finished_at",
+}
+# A table with all its partitions or chunks (TimescaleDB's compressed copies aside).
+TABLE_BYTES = """
+WITH RECURSIVE tree (oid) AS (
+    SELECT %s::regclass::oid
+    UNION ALL
+    SELECT i.inhrelid FROM pg_inherits i JOIN tree ON i.inhparent = tree.oid
+)
+SELECT sum(pg_total_relation_size(oid))::bigint FROM tree
+"""
+PARTITIONED = "SELECT relkind = 'p' FROM pg_class WHERE oid = %s::regclass"
+OLDEST_CHUNK = """
+SELECT min(range_start) FROM timescaledb_information.chunks
+WHERE hypertable_schema = current_schema() AND hypertable_name = %s
+"""
+OLDEST_ROW = "SELECT min({column}) FROM {table}"
+DEFAULT_PARTITION = "SELECT to_regclass(%s)"
+DAILY_PARTITIONS = "SELECT name, day FROM iiot_daily_partitions(%s)"
+HOLDS_ROWS = "SELECT EXISTS (SELECT 1 FROM {table})"
+
+
+@dataclass(frozen=True, slots=True)
+class TableFigures:
+    table: str
+    bytes: int
+    oldest: datetime | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +139,49 @@ async def last_runs(conn: AsyncConnection[Any]) -> LastRuns:
     cur = await conn.execute(LAST_RUNS)
     row = await cur.fetchone()
     return LastRuns(*row) if row is not None else LastRuns(None, None, None)
+
+
+async def table_figures(conn: AsyncConnection[Any]) -> list[TableFigures]:
+    """Each growing table's size on disk and the time of its oldest row: for a table partitioned
+    by day the start of its oldest day that holds a row (or the default partition's oldest row),
+    so that no figure scans a large table."""
+    timescale = await _scalar(conn, TIMESCALE)
+    figures = []
+    for table, column in GROWING_TABLES.items():
+        size = int(await _scalar(conn, TABLE_BYTES, table) or 0)
+        oldest: datetime | None = None
+        if column is not None:
+            oldest = await _oldest(conn, table, column, timescale=bool(timescale))
+        figures.append(TableFigures(table, size, oldest))
+    return figures
+
+
+async def _oldest(
+    conn: AsyncConnection[Any], table: str, column: str, *, timescale: bool
+) -> datetime | None:
+    def oldest_row(name: str) -> sql.Composed:
+        return sql.SQL(OLDEST_ROW).format(column=sql.Identifier(column), table=sql.Identifier(name))
+
+    found: list[datetime | None] = []
+    if timescale and table in ("telemetry", "connection_events"):
+        found.append(await _scalar(conn, OLDEST_CHUNK, table))
+    elif not await _scalar(conn, PARTITIONED, table):
+        found.append(await _scalar(conn, oldest_row(table)))
+    else:
+        if await _scalar(conn, DEFAULT_PARTITION, f"{table}_default") is not None:
+            found.append(await _scalar(conn, oldest_row(f"{table}_default")))
+        cur = await conn.execute(DAILY_PARTITIONS, (table,))
+        for name, day in await cur.fetchall():
+            if await _scalar(conn, sql.SQL(HOLDS_ROWS).format(table=sql.Identifier(name))):
+                found.append(datetime(day.year, day.month, day.day, tzinfo=UTC))
+                break
+    return min((at for at in found if at is not None), default=None)
+
+
+async def _scalar(conn: AsyncConnection[Any], query: str | sql.Composed, *params: Any) -> Any:
+    cur = await conn.execute(query, params or None)
+    row = await cur.fetchone()
+    return None if row is None else row[0]
 
 
 class Maintainer:

@@ -3,13 +3,18 @@ retention, the migration that partitions the event tables, and the command itsel
 
 import asyncio
 import os
+import re
+import shutil
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
+import yaml
 from psycopg import sql
 
 from registry.history import history
@@ -21,6 +26,8 @@ from registry.settings import StoreSettings
 from registry.store import connect
 from registry.usage import usage_days
 from tests.conftest import scalar
+from tests.test_deploy import DEPLOY, K8S, check_cli, compose
+from tests.test_metrics import samples
 
 NOW = datetime.now(UTC)
 TODAY = NOW.date()
@@ -313,3 +320,102 @@ async def test_maintain_command_runs_once_and_waits_for_no_one(
     assert code == 0, out
     assert "maintenance succeeded" in out
     assert await scalar(db, "SELECT count(*) FROM maintenance_runs WHERE succeeded") == 1
+
+
+async def test_metrics_show_tables_and_the_last_runs_outcome(
+    store: StoreSettings, db: psycopg.AsyncConnection[Any], api: httpx.AsyncClient
+) -> None:
+    """/metrics: table sizes, oldest rows, the last run and its outcome; a run whose step
+    cannot get its lock (a long query holds the table) fails, and says so."""
+    await arrange(db)
+    settings = LifecycleSettings(**store.model_dump(), maintain_lock_timeout_seconds=0.2)
+
+    got = samples((await api.get("/metrics")).text)
+    assert ("iiot_maintenance_last_success_timestamp_seconds", frozenset()) not in got
+    assert got[("iiot_table_oldest_timestamp_seconds", frozenset({("table", "telemetry")}))] == (
+        noon(800).replace(hour=0).timestamp()  # the day its partition starts
+    )
+
+    first = await maintain_once(settings, ingest_window=WINDOW)
+    assert first is not None
+    assert first.succeeded
+    got = samples((await api.get("/metrics")).text)
+    oldest = {
+        dict(labels)["table"]: value
+        for (name, labels), value in got.items()
+        if name == "iiot_table_oldest_timestamp_seconds"
+    }
+    assert oldest["connection_events"] == noon(40).timestamp()  # in the default partition
+    assert oldest["dead_letters"] == noon(1).timestamp()
+    assert oldest["telemetry"] == noon(1).replace(hour=0).timestamp()
+    assert oldest["count_history"] == noon(100).replace(hour=0).timestamp()  # a partition
+    assert got[("iiot_table_size_bytes", frozenset({("table", "connection_events")}))] > 0
+    assert got[("iiot_maintenance_last_run_success", frozenset())] == 1
+    assert {name for name, _ in got} >= LIFECYCLE_METRICS
+    success = got[("iiot_maintenance_last_success_timestamp_seconds", frozenset())]
+    assert success == first.finished_at.timestamp()
+
+    # A query holding a lock on connection_events: dropping its old partition must wait.
+    await db.execute(
+        "SELECT iiot_ensure_daily_partitions('connection_events', %s, %s)",
+        (TODAY - timedelta(95), TODAY - timedelta(95)),
+    )
+    async with await connect(store) as reader:
+        await reader.execute("SELECT count(*) FROM connection_events")
+        failed = await maintain_once(settings, ingest_window=WINDOW)
+    assert failed is not None
+    assert not failed.succeeded
+    assert "connection_events: partitions dropped FAILED: LockNotAvailable" in failed.summary()
+    assert [s.table for s in failed.steps if s.error] == ["connection_events"]
+    got = samples((await api.get("/metrics")).text)
+    assert got[("iiot_maintenance_last_run_success", frozenset())] == 0
+    assert got[("iiot_maintenance_last_success_timestamp_seconds", frozenset())] == success
+    assert got[("iiot_maintenance_last_run_timestamp_seconds", frozenset())] > success
+
+
+LIFECYCLE_METRICS = {
+    "iiot_table_size_bytes",
+    "iiot_table_oldest_timestamp_seconds",
+    "iiot_maintenance_last_run_timestamp_seconds",
+    "iiot_maintenance_last_run_success",
+    "iiot_maintenance_last_success_timestamp_seconds",
+}
+
+
+def test_the_cronjob_and_the_alert_use_what_exists() -> None:
+    """The CronJob runs a real command and is deployed; the alerts read exported metrics."""
+    cronjob = yaml.safe_load((K8S / "maintain-cronjob.yaml").read_text())
+    pod = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    check_cli(pod["containers"][0]["args"])
+    assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert "maintain-cronjob.yaml" in kustomization["resources"]
+
+    prometheus = DEPLOY / "prometheus"
+    rules = yaml.safe_load((prometheus / "maintenance_alerts.yml").read_text())
+    exprs = [rule["expr"] for group in rules["groups"] for rule in group["rules"]]
+    used = {name for expr in exprs for name in re.findall(r"iiot_\w+", expr)}
+    assert used
+    assert used <= LIFECYCLE_METRICS
+    config = yaml.safe_load((prometheus / "prometheus.yml").read_text())
+    assert "maintenance_alerts.yml" in config["rule_files"]
+    mounts = compose()["services"]["prometheus"]["volumes"]
+    assert (
+        "../prometheus/maintenance_alerts.yml:/etc/prometheus/maintenance_alerts.yml:ro" in mounts
+    )
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
+def test_the_maintenance_alerts_fire_after_a_day_without_success_and_clear() -> None:
+    for command in (
+        ["check", "rules", "maintenance_alerts.yml"],
+        ["test", "rules", "maintenance_alerts_test.yml"],
+    ):
+        done = subprocess.run(
+            ["promtool", *command],
+            cwd=DEPLOY / "prometheus",
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
