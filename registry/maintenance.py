@@ -163,9 +163,10 @@ async def _oldest(
         return sql.SQL(OLDEST_ROW).format(column=sql.Identifier(column), table=sql.Identifier(name))
 
     found: list[datetime | None] = []
-    if timescale and table in ("telemetry", "connection_events"):
-        found.append(await _scalar(conn, OLDEST_CHUNK, table))
-    elif not await _scalar(conn, PARTITIONED, table):
+    partitioned = await _scalar(conn, PARTITIONED, table)
+    if not partitioned and timescale and table in ("telemetry", "connection_events"):
+        found.append(await _scalar(conn, OLDEST_CHUNK, table))  # a hypertable
+    elif not partitioned:
         found.append(await _scalar(conn, oldest_row(table)))
     else:
         if await _scalar(conn, DEFAULT_PARTITION, f"{table}_default") is not None:

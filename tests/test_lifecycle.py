@@ -16,16 +16,19 @@ import psycopg
 import pytest
 import yaml
 from psycopg import sql
+from psycopg_pool import AsyncConnectionPool
 
+from iiot.services import ingest_services
+from ingest.settings import IngestSettings
 from registry.history import history
 from registry.lifecycle import LifecycleSettings
-from registry.maintenance import last_runs, maintain_once
+from registry.maintenance import Maintainer, last_runs, maintain_once
 from registry.migrate import migrate
 from registry.platforms import upsert_platform
 from registry.settings import StoreSettings
 from registry.store import connect
 from registry.usage import usage_days
-from tests.conftest import scalar
+from tests.conftest import eventually, scalar
 from tests.test_deploy import DEPLOY, K8S, check_cli, compose
 from tests.test_metrics import samples
 
@@ -419,3 +422,27 @@ def test_the_maintenance_alerts_fire_after_a_day_without_success_and_clear() -> 
             check=False,
         )
         assert done.returncode == 0, done.stdout + done.stderr
+
+
+async def test_ingest_processes_run_maintenance_on_their_schedule(
+    store: StoreSettings,
+    db: psycopg.AsyncConnection[Any],
+    ingest_settings: IngestSettings,
+    pool: AsyncConnectionPool,
+) -> None:
+    settings = LifecycleSettings(**store.model_dump())
+    maintainer = Maintainer(settings, ingest_window=WINDOW, first_delay=0)
+    task = asyncio.create_task(maintainer.run())
+    try:
+        await eventually(lambda: scalar(db, "SELECT count(*) FROM maintenance_runs"))
+    finally:
+        maintainer.stop()
+        async with asyncio.timeout(10):
+            await task
+    assert maintainer.runs == 1
+
+    def maintainers(settings: IngestSettings) -> int:
+        return sum(isinstance(s, Maintainer) for s in ingest_services(settings, pool))
+
+    assert maintainers(ingest_settings) == 1
+    assert maintainers(ingest_settings.model_copy(update={"maintain_interval_seconds": 0})) == 0
