@@ -21,6 +21,7 @@ from registry.lifecycle import (
     Maintenance,
     Step,
     check_telemetry_retention,
+    timescale_jobs,
 )
 from registry.store import connect
 
@@ -84,6 +85,8 @@ class MaintenanceRun:
     started_at: datetime
     finished_at: datetime
     steps: list[Step]
+    # TimescaleDB's own jobs on this schema's hypertables, as lines (none on plain PostgreSQL).
+    timescale_jobs: list[str]
 
     @property
     def succeeded(self) -> bool:
@@ -96,6 +99,8 @@ class MaintenanceRun:
         lines = [f"maintenance {outcome} in {seconds:.1f} s", *(f"  {line}" for line in done)]
         if not done:
             lines.append("  nothing to do")
+        if self.timescale_jobs:
+            lines += ["TimescaleDB jobs:", *(f"  {job}" for job in self.timescale_jobs)]
         return "\n".join(lines)
 
 
@@ -118,7 +123,7 @@ async def maintain_once(
         try:
             started = datetime.now(UTC)
             steps = await Maintenance(conn, settings, ingest_window=ingest_window, now=now).run()
-            run = MaintenanceRun(started, datetime.now(UTC), steps)
+            run = MaintenanceRun(started, datetime.now(UTC), steps, await _jobs(conn))
             failed = [str(step) for step in steps if step.error is not None]
             await conn.execute(
                 RECORD,
@@ -133,6 +138,16 @@ async def maintain_once(
         finally:
             await conn.execute(UNLOCK)
     return run
+
+
+async def _jobs(conn: AsyncConnection[Any]) -> list[str]:
+    try:
+        return [
+            f"{table}: {proc} {config}, last run {status} (last success {success})"
+            for table, proc, config, status, success in await timescale_jobs(conn)
+        ]
+    except psycopg.Error as exc:  # a report only: the run itself is what counts
+        return [f"not readable: {exc}"]
 
 
 async def last_runs(conn: AsyncConnection[Any]) -> LastRuns:
