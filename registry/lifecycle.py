@@ -199,7 +199,7 @@ class Maintenance:
             await self._step(
                 table, "partitions created", ENSURE_PARTITIONS, table, self._today, ahead
             )
-        if await self._scalar(TIMESCALE):
+        if await scalar(self._conn, TIMESCALE):
             await self._timescale_policies()
         await self._retention("telemetry", "time", s.retention_telemetry_days)
         await self._retention("connection_events", "time", s.retention_connection_events_days)
@@ -218,15 +218,10 @@ class Maintenance:
     def failed(self) -> list[Step]:
         return [step for step in self.steps if step.error is not None]
 
-    async def _scalar(self, query: str, *params: Any) -> Any:
-        cur = await self._conn.execute(query, params or None)
-        row = await cur.fetchone()
-        return None if row is None else row[0]
-
     async def _step(self, table: str, action: str, query: str, *params: Any) -> None:
         """A step that is one statement returning its count."""
         try:
-            count = int(await self._scalar(query, *params) or 0)
+            count = int(await scalar(self._conn, query, *params) or 0)
         except psycopg.Error as exc:
             self._failed(table, action, exc)
         else:
@@ -243,7 +238,7 @@ class Maintenance:
     async def _retention(self, table: str, column: str, keep_days: int) -> None:
         cutoff = self._cutoff(keep_days)
         await self._step(table, "partitions dropped", DROP_PARTITIONS, table, cutoff)
-        default = await self._scalar(DEFAULT_PARTITION, f"{table}_default")
+        default = await scalar(self._conn, DEFAULT_PARTITION, f"{table}_default")
         if default is not None:
             await self._delete(f"{table}_default", column, keep_days)
 
@@ -294,9 +289,9 @@ class Maintenance:
         action = "hours downsampled"
         hours = 0
         try:
-            day = await self._scalar(DOWNSAMPLED_THROUGH)
+            day = await scalar(self._conn, DOWNSAMPLED_THROUGH)
             if day is None:
-                oldest = await self._scalar(OLDEST_SAMPLE, _midnight(before))
+                oldest = await scalar(self._conn, OLDEST_SAMPLE, _midnight(before))
                 day = before if oldest is None else oldest.astimezone(UTC).date()
             day = max(day, kept)
             while day < before:
@@ -329,7 +324,7 @@ class Maintenance:
         for table, proc, setting, days in wanted:
             action = f"{proc} set to {days} days"
             try:
-                if not await self._scalar(HYPERTABLE, table):
+                if not await scalar(self._conn, HYPERTABLE, table):
                     continue
                 args = {"setting": setting, "proc": proc, "table": table}
                 if await self._policy(args) == timedelta(days):
@@ -369,6 +364,13 @@ async def timescale_jobs(conn: AsyncConnection[Any]) -> list[tuple[Any, ...]]:
         return []
     cur = await conn.execute(POLICIES)
     return list(await cur.fetchall())
+
+
+async def scalar(conn: AsyncConnection[Any], query: str | sql.Composed, *params: Any) -> Any:
+    """The first column of the first row (None without a row)."""
+    cur = await conn.execute(query, params or None)
+    row = await cur.fetchone()
+    return None if row is None else row[0]
 
 
 def _midnight(day: date) -> datetime:

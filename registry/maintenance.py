@@ -16,11 +16,13 @@ from psycopg import AsyncConnection, sql
 from psycopg.types.json import Jsonb
 
 from registry.lifecycle import (
+    DEFAULT_PARTITION,
     TIMESCALE,
     LifecycleSettings,
     Maintenance,
     Step,
     check_telemetry_retention,
+    scalar,
     timescale_jobs,
 )
 from registry.store import connect
@@ -68,7 +70,6 @@ SELECT min(range_start) FROM timescaledb_information.chunks
 WHERE hypertable_schema = current_schema() AND hypertable_name = %s
 """
 OLDEST_ROW = "SELECT min({column}) FROM {table}"
-DEFAULT_PARTITION = "SELECT to_regclass(%s)"
 DAILY_PARTITIONS = "SELECT name, day FROM iiot_daily_partitions(%s)"
 HOLDS_ROWS = "SELECT EXISTS (SELECT 1 FROM {table})"
 
@@ -160,10 +161,10 @@ async def table_figures(conn: AsyncConnection[Any]) -> list[TableFigures]:
     """Each growing table's size on disk and the time of its oldest row: for a table partitioned
     by day the start of its oldest day that holds a row (or the default partition's oldest row),
     so that no figure scans a large table."""
-    timescale = await _scalar(conn, TIMESCALE)
+    timescale = await scalar(conn, TIMESCALE)
     figures = []
     for table, column in GROWING_TABLES.items():
-        size = int(await _scalar(conn, TABLE_BYTES, table) or 0)
+        size = int(await scalar(conn, TABLE_BYTES, table) or 0)
         oldest: datetime | None = None
         if column is not None:
             oldest = await _oldest(conn, table, column, timescale=bool(timescale))
@@ -178,26 +179,20 @@ async def _oldest(
         return sql.SQL(OLDEST_ROW).format(column=sql.Identifier(column), table=sql.Identifier(name))
 
     found: list[datetime | None] = []
-    partitioned = await _scalar(conn, PARTITIONED, table)
+    partitioned = await scalar(conn, PARTITIONED, table)
     if not partitioned and timescale and table in ("telemetry", "connection_events"):
-        found.append(await _scalar(conn, OLDEST_CHUNK, table))  # a hypertable
+        found.append(await scalar(conn, OLDEST_CHUNK, table))  # a hypertable
     elif not partitioned:
-        found.append(await _scalar(conn, oldest_row(table)))
+        found.append(await scalar(conn, oldest_row(table)))
     else:
-        if await _scalar(conn, DEFAULT_PARTITION, f"{table}_default") is not None:
-            found.append(await _scalar(conn, oldest_row(f"{table}_default")))
+        if await scalar(conn, DEFAULT_PARTITION, f"{table}_default") is not None:
+            found.append(await scalar(conn, oldest_row(f"{table}_default")))
         cur = await conn.execute(DAILY_PARTITIONS, (table,))
         for name, day in await cur.fetchall():
-            if await _scalar(conn, sql.SQL(HOLDS_ROWS).format(table=sql.Identifier(name))):
+            if await scalar(conn, sql.SQL(HOLDS_ROWS).format(table=sql.Identifier(name))):
                 found.append(datetime(day.year, day.month, day.day, tzinfo=UTC))
                 break
     return min((at for at in found if at is not None), default=None)
-
-
-async def _scalar(conn: AsyncConnection[Any], query: str | sql.Composed, *params: Any) -> Any:
-    cur = await conn.execute(query, params or None)
-    row = await cur.fetchone()
-    return None if row is None else row[0]
 
 
 class Maintainer:
