@@ -95,6 +95,8 @@ def maintain_command(
     settings = IngestSettings()
     settings.require_database_url()
     if not once:
+        if not settings.maintain_interval_seconds:
+            raise typer.BadParameter("IIOT_MAINTAIN_INTERVAL_SECONDS is 0: run with --once")
         maintainer = Maintainer(settings, ingest_window=settings.window_past, first_delay=0)
         _run_until_signal(maintainer.run, maintainer.stop)
         return

@@ -203,7 +203,7 @@ class Maintenance:
             await self._timescale_policies()
         await self._retention("telemetry", "time", s.retention_telemetry_days)
         await self._retention("connection_events", "time", s.retention_connection_events_days)
-        await self._roll_up_ledger(self._today - timedelta(s.usage_ledger_settle_days))
+        await self._roll_up_ledger(self._cutoff(s.usage_ledger_settle_days))
         await self._retention("count_history", "time", s.retention_count_history_days)
         await self._downsample_count_history(
             self._cutoff(s.retention_count_history_days),
@@ -213,10 +213,6 @@ class Maintenance:
         await self._delete("reconciliations", "time", s.retention_reconciliations_days)
         await self._delete("maintenance_runs", "finished_at", 90)
         return self.steps
-
-    @property
-    def failed(self) -> list[Step]:
-        return [step for step in self.steps if step.error is not None]
 
     async def _step(self, table: str, action: str, query: str, *params: Any) -> None:
         """A step that is one statement returning its count."""
@@ -280,7 +276,7 @@ class Maintenance:
             self._failed("usage_ledger", action, exc)
             return
         self.steps.append(Step("usage_ledger", action, rolled))
-        self.steps.append(Step("usage_ledger_default", "days rolled up", cur.rowcount))
+        self.steps.append(Step("usage_ledger_default", "daily rows added to", cur.rowcount))
 
     async def _downsample_count_history(self, kept: date, before: date) -> None:
         """Minute samples of each UTC day from `kept` (the oldest day retention keeps) to
