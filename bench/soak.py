@@ -209,11 +209,15 @@ def main() -> None:
     print(f"soak: {args.days} days of a {args.devices:,}-device platform, maintained daily")
     result = asyncio.run(run())
     sizes = result["sizes_mib"]
-    at = {d: sizes[min(d, len(sizes)) - 1] for d in (30, 60, 90)}
+    days = [d for d in (10, 30, 60, 90) if d <= len(sizes)]
     last = sizes[-1]
     result["last_10_days_growth"] = round(last / sizes[max(0, len(sizes) - 11)], 3)
     figures: list[Figure] = [
-        ("schema size at day 30 / 60 / 90", f"{at[30]} / {at[60]} / {at[90]} MiB", ""),
+        (
+            f"schema size at day {' / '.join(map(str, days))}",
+            f"{' / '.join(str(sizes[d - 1]) for d in days)} MiB",
+            "",
+        ),
         ("size now / 10 days before", f"{result['last_10_days_growth']}", "<= 1.05 (level)"),
         ("size now / with no lifecycle", f"{last / result['no_lifecycle_mib']:.2f}",
          f"(no lifecycle: {result['no_lifecycle_mib']} MiB)"),
