@@ -69,6 +69,7 @@ bench: $(STAMP) ## Benchmarks beside their baselines (several minutes; see docs/
 	$(BIN)/python -m bench.registry_events
 	$(BIN)/python -m bench.registry_events --writers 3
 	$(BIN)/python -m bench.api_requests
+	$(BIN)/python -m bench.soak
 
 bench-quick: $(STAMP) ## The benchmarks at a tenth of their size (a smoke run)
 	$(BIN)/python -m bench.mqtt_drain --quick
@@ -77,6 +78,7 @@ bench-quick: $(STAMP) ## The benchmarks at a tenth of their size (a smoke run)
 	$(BIN)/python -m bench.kafka_scaleout --quick
 	$(BIN)/python -m bench.registry_events --quick
 	$(BIN)/python -m bench.api_requests --quick
+	$(BIN)/python -m bench.soak --quick
 
 loadtest: $(STAMP) ## A bounded load test: 1,000 gateways x 1,000 devices against iiot run, checked (see loadtests/README.md)
 	$(BIN)/python -m loadtests.run $(LOADTEST_ARGS)

@@ -22,6 +22,7 @@ from ingest.replay import list_dead_letters, replay
 from ingest.settings import IngestSettings
 from registry.access import Role, create_key, import_key, revoke_key
 from registry.errors import Invalid
+from registry.maintenance import Maintainer, maintain_once
 from registry.migrate import migrate
 from registry.official_totals import import_totals
 from registry.platforms import PlatformType, Tier, upsert_platform
@@ -87,6 +88,32 @@ def migrate_command() -> None:
     settings = StoreSettings()
     applied = asyncio.run(migrate(settings))
     typer.echo(f"applied {len(applied)} migration(s): {[m.name for m in applied]}")
+
+
+@app.command("maintain")
+def maintain_command(
+    once: Annotated[
+        bool, typer.Option(help="One run, a summary, then exit (a CronJob); else every interval.")
+    ] = False,
+) -> None:
+    """Apply every retention, roll-up and downsampling step (docs/operations.md); one runner at
+    a time across all processes. With --once the exit status is 1 when a step failed."""
+    _logging()
+    settings = IngestSettings()
+    settings.require_database_url()
+    if not once:
+        if not settings.maintain_interval_seconds:
+            raise typer.BadParameter("IIOT_MAINTAIN_INTERVAL_SECONDS is 0: run with --once")
+        maintainer = Maintainer(settings, ingest_window=settings.window_past, first_delay=0)
+        _run_until_signal(maintainer.run, maintainer.stop)
+        return
+    run = asyncio.run(maintain_once(settings, ingest_window=settings.window_past))
+    if run is None:
+        typer.echo("another process is running maintenance; nothing done")
+        return
+    typer.echo(run.summary())
+    if not run.succeeded:
+        raise typer.Exit(1)
 
 
 @ingest_app.command("mqtt")

@@ -19,6 +19,7 @@ from ingest.monitor import Monitor
 from ingest.mqtt import MqttIngest
 from ingest.settings import IngestSettings
 from registry.history import HistorySampler
+from registry.maintenance import Maintainer
 from registry.notifications import RegistryWatcher
 from registry.reconcile import Reconciler
 from registry.sweeper import Sweeper
@@ -51,6 +52,8 @@ def ingest_services(
         HistorySampler(pool, interval=timedelta(seconds=settings.history_interval_seconds)),
         Reconciler(settings, shard=shard, interval=settings.reconcile_interval_seconds),
     ]
+    if settings.maintain_interval_seconds > 0:
+        services.append(Maintainer(settings, ingest_window=settings.window_past))
     if settings.metrics_port is not None:
         ready = ingest.subscribed if isinstance(ingest, MqttIngest) else ingest.assigned
         collector = IngestCollector([(consumer, ingest)])

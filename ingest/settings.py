@@ -10,6 +10,7 @@ from pydantic_settings import NoDecode
 
 from registry.devices import DEFAULT_MAX_CACHED_IDS
 from registry.ids import is_platform_id
+from registry.lifecycle import LifecycleSettings
 from registry.settings import ShardSettings, StoreSettings, hashed_shard
 
 
@@ -58,7 +59,7 @@ class TopicSettings(StoreSettings):
         return pairs
 
 
-class IngestSettings(Limits, TopicSettings, ShardSettings):
+class IngestSettings(Limits, TopicSettings, ShardSettings, LifecycleSettings):
     mqtt_url: str | None = Field(
         default=None,
         description="mqtt://[user:password@]host[:port]; unset in `iiot run` means embedded.",

@@ -32,10 +32,12 @@ GROUP BY p.id
 ON CONFLICT (platform_id, time) DO NOTHING
 """
 
-# date_bin is in PostgreSQL 14+ and works on TimescaleDB hypertables alike.
+# date_bin is in PostgreSQL 14+ and works on TimescaleDB hypertables alike. Rows downsampled
+# to hours (registry/lifecycle.py) carry the lowest and highest count of their hour.
 HISTORY = """
 SELECT date_bin(%(bucket)s, time, timestamptz '2000-01-01') AS bucket,
-       min(connected), max(connected), (array_agg(connected ORDER BY time DESC))[1],
+       min(coalesce(connected_min, connected)), max(coalesce(connected_max, connected)),
+       (array_agg(connected ORDER BY time DESC))[1],
        (array_agg(registered ORDER BY time DESC))[1], count(*)
 FROM count_history
 WHERE platform_id = %(platform)s AND time >= %(start)s AND time < %(end)s

@@ -53,8 +53,9 @@ def available_migrations() -> list[Migration]:
     return found
 
 
-async def migrate(settings: StoreSettings) -> list[Migration]:
-    """Creates the schema if needed and applies pending migrations; returns what it applied."""
+async def migrate(settings: StoreSettings, *, through: int | None = None) -> list[Migration]:
+    """Creates the schema if needed and applies pending migrations (up to version `through`,
+    when given: tests of a migration arrange the rows it must carry); returns what it applied."""
     applied: list[Migration] = []
     conn = await connect(settings, autocommit=True)
     async with conn:
@@ -71,6 +72,8 @@ async def migrate(settings: StoreSettings) -> list[Migration]:
             for migration in available_migrations():
                 if migration.version in done:
                     continue
+                if through is not None and migration.version > through:
+                    break
                 await _apply(conn, migration)
                 applied.append(migration)
         finally:

@@ -3,7 +3,7 @@
 Ingest appends one ledger row per platform, day and source with every batch, in the batch's
 transaction, and adds it to the platform's daily totals in the same statement (docs/usage.md).
 Connected-device-days come from the count samples: each sample's connected devices times the
-seconds it stands for.
+seconds it stands for (an hourly row of downsampled history keeps that product for its hour).
 """
 
 from collections.abc import Iterable
@@ -62,7 +62,8 @@ WITH metered AS (
     GROUP BY platform_id, day
 ), sampled AS (
     SELECT platform_id, (time AT TIME ZONE 'UTC')::date AS day,
-           sum(connected::float8 * seconds) / 86400 AS connected_device_days,
+           sum(coalesce(connected_seconds, connected * seconds))::float8 / 86400
+               AS connected_device_days,
            sum(seconds)::bigint AS sampled_seconds
     FROM count_history
     WHERE time >= %(start)s::date AT TIME ZONE 'UTC' AND time < %(end)s::date AT TIME ZONE 'UTC'

@@ -100,8 +100,9 @@ def check_cli(args: list[str]) -> None:
 def containers(doc: dict[str, Any], kind: str = "containers") -> list[dict[str, Any]]:
     """A workload's containers (or `initContainers`)."""
     spec = doc.get("spec", {})
-    pod = spec.get("template", {}).get("spec", {}) or spec.get("jobTemplate", {})
-    found: list[dict[str, Any]] = pod.get(kind, []) if pod else []
+    if "jobTemplate" in spec:  # a CronJob's pod is one level further down
+        spec = spec["jobTemplate"]["spec"]
+    found: list[dict[str, Any]] = spec.get("template", {}).get("spec", {}).get(kind, [])
     return found
 
 
@@ -473,7 +474,7 @@ def test_counter_shards_are_disjoint_at_maximum_replicas(monkeypatch: pytest.Mon
     taken: dict[int, str] = {}
     pods = 0
     for name, doc in workloads().items():
-        if doc["kind"] == "Job":
+        if doc["kind"] in ("Job", "CronJob"):  # runs that add to no counter
             continue
         (container,) = containers(doc)
         for pod in pod_names(name, doc):
@@ -611,7 +612,7 @@ def test_the_prometheus_configurations_pass_promtool(tmp_path: Path) -> None:
             {"role": "pod", "namespaces": {"names": ["iiot"]}}
         ]
         job["static_configs"] = [{"targets": ["pod:9100"]}]
-    config["rule_files"] = [str(PROMETHEUS / "alerts.yml")]
+    config["rule_files"] = [str(PROMETHEUS / f) for f in config["rule_files"]]
     checked = tmp_path / "kubernetes.yml"
     checked.write_text(yaml.safe_dump(config))
     promtool("check", "config", "--syntax-only", str(checked))
@@ -650,6 +651,8 @@ def test_kubernetes_scrapes_the_api_with_the_key_from_a_secret() -> None:
         }
         kept = set()
         for name, doc in workloads().items():
+            if doc["kind"] == "CronJob":  # a run, not scraped
+                continue
             labels = {
                 "__meta_kubernetes_pod_label_" + re.sub(r"[^A-Za-z0-9_]", "_", label): value
                 for label, value in doc["spec"]["template"]["metadata"]["labels"].items()
@@ -662,7 +665,10 @@ def test_kubernetes_scrapes_the_api_with_the_key_from_a_secret() -> None:
     prom = yaml.safe_load((PROMETHEUS / "kustomization.yaml").read_text())
     assert prom["resources"] == ["monitoring.yaml"]
     (generator,) = prom["configMapGenerator"]
-    assert generator["files"] == ["prometheus.yml=kubernetes.yml", "alerts.yml"]
+    assert generator["files"] == [
+        "prometheus.yml=kubernetes.yml",
+        *yaml.safe_load((PROMETHEUS / "kubernetes.yml").read_text())["rule_files"],
+    ]
     config_volume = [
         v for v in prometheus["spec"]["template"]["spec"]["volumes"] if "configMap" in v
     ]

@@ -4,6 +4,8 @@ Ingest processes export their own traffic (ingest/metrics.py); the API exports w
 store knows: per-platform counts (labelled by tier, type and region, so dashboards can sum
 them), the drift the latest reconciliation found, and each Kafka partition's lag as stored
 with its last batch. Everything is read from maintained figures; nothing counts devices.
+Table sizes, their oldest rows and the last maintenance run show that the lifecycle keeps the
+store within its disk (docs/operations.md).
 """
 
 from typing import Any
@@ -19,6 +21,7 @@ from api.deps import Connection, Settings
 from ingest.certificates import CertificateExpiry
 from ingest.kafka import partition_lag
 from registry.counts import platform_gauges
+from registry.maintenance import last_runs, table_figures
 from registry.reconcile import recent_reconciliations
 
 router = APIRouter(tags=["health"])
@@ -94,6 +97,39 @@ async def metrics(conn: Connection, caller: Caller, settings: Settings) -> Respo
             lag.add_metric([p.group_id, p.topic, str(p.partition)], p.lag)
 
     registry = CollectorRegistry()
-    registry.register(_Snapshot([*figures.values(), drift, last_run, maintenance, lag]))
+    lifecycle = await _lifecycle(conn, maintenance)
+    registry.register(_Snapshot([*figures.values(), drift, last_run, maintenance, lag, *lifecycle]))
     registry.register(CertificateExpiry(settings.certificate_files()))
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _lifecycle(conn: Any, maintenance: GaugeMetricFamily) -> list[Metric]:
+    """The tables' sizes and oldest rows, and the latest `iiot maintain` run; its latest success
+    joins the other tasks' in `maintenance` as task "lifecycle"."""
+    size = GaugeMetricFamily(
+        "iiot_table_size_bytes",
+        "A growing table on disk, partitions and indexes included.",
+        labels=["table"],
+    )
+    oldest = GaugeMetricFamily(
+        "iiot_table_oldest_timestamp_seconds",
+        "Its oldest row (for tables partitioned by day: the start of the oldest day held).",
+        labels=["table"],
+    )
+    for table in await table_figures(conn):
+        size.add_metric([table.table], table.bytes)
+        if table.oldest is not None:
+            oldest.add_metric([table.table], table.oldest.timestamp())
+    runs = await last_runs(conn)
+    finished = GaugeMetricFamily(
+        "iiot_maintenance_last_run_timestamp_seconds", "When the latest maintenance run ended."
+    )
+    succeeded = GaugeMetricFamily(
+        "iiot_maintenance_last_run_success", "1 when every step of the latest run succeeded."
+    )
+    if runs.finished_at is not None:
+        finished.add_metric([], runs.finished_at.timestamp())
+        succeeded.add_metric([], 1.0 if runs.succeeded else 0.0)
+    if runs.last_success is not None:
+        maintenance.add_metric(["lifecycle"], runs.last_success.timestamp())
+    return [size, oldest, finished, succeeded]
