@@ -32,15 +32,15 @@ from registry.ids import is_device_id, is_platform_id
 log = logging.getLogger(__name__)
 
 LOAD_BIRTHS = """
-SELECT group_id, edge_node, device, payload, received_at FROM sparkplug_births
+SELECT group_id, edge_node, device, payload, received_at, session FROM sparkplug_births
 WHERE %(groups)s::text[] IS NULL OR group_id = ANY(%(groups)s)
 ORDER BY device <> '', received_at
 """
 BORN = """
-INSERT INTO sparkplug_births (group_id, edge_node, device, payload, received_at)
-VALUES (%(group)s, %(edge)s, %(device)s, %(payload)s, %(at)s)
-ON CONFLICT (group_id, edge_node, device)
-DO UPDATE SET payload = excluded.payload, received_at = excluded.received_at
+INSERT INTO sparkplug_births (group_id, edge_node, device, payload, received_at, session)
+VALUES (%(group)s, %(edge)s, %(device)s, %(payload)s, %(at)s, %(session)s)
+ON CONFLICT (group_id, edge_node, device) DO UPDATE
+SET payload = excluded.payload, received_at = excluded.received_at, session = excluded.session
 """
 NODE_DIED = "DELETE FROM sparkplug_births WHERE group_id = %(group)s AND edge_node = %(edge)s"
 DEVICE_DIED = """
@@ -96,16 +96,31 @@ class SparkplugHost:
         try:
             address = parse_topic(topic)
             platform = self.platform(address.group)
+        except Rejected as rejected:
+            rejected.platform = platform
+            return rejected
+        edge = address.edge_node
+        qualified = device_id(edge, address.device)
+        if not is_device_id(qualified):  # a rebirth would not change it: no request
+            return Rejected(
+                "bad_device_id", f"{qualified[:140]!r} is over 128 characters", platform=platform
+            )
+        try:
             payload = decode_payload(
                 raw,
                 max_bytes=self._settings.max_payload_bytes,
                 max_metrics=self._settings.max_points_per_message,
             )
+        except Rejected as rejected:
+            if address.kind in ("NBIRTH", "DBIRTH"):
+                self.sessions.birth_refused(address)
+            rejected.platform = platform
+            return rejected
+        try:
             outcome = self.sessions.handle(address, payload, received_at)
         except Rejected as rejected:
             rejected.platform = platform
             return rejected
-        edge = address.edge_node
         decoded: Decoded = [
             Status(
                 platform,
@@ -127,13 +142,6 @@ class SparkplugHost:
                 decoded.append(
                     Telemetry(platform, device, [], False, received_at, received_at, edge)
                 )
-        for item in decoded:
-            if item.device is not None and not is_device_id(item.device):
-                return Rejected(
-                    "bad_device_id",
-                    f"{item.device[:140]!r} is over 128 characters",
-                    platform=platform,
-                )
         if not decoded:  # an NDEATH or DDEATH always changes a session; nothing else is empty
             return Rejected("invalid_shape", "nothing in the message", platform=platform)
         return decoded
@@ -154,11 +162,12 @@ class SparkplugHost:
         async with pool.connection() as conn:
             cursor = await conn.execute(LOAD_BIRTHS, {"groups": groups})
             rows = await cursor.fetchall()
-        for group, edge, device, payload, received_at in rows:
+        for group, edge, device, payload, received_at, session in rows:
             kind = "DBIRTH" if device else "NBIRTH"
             topic = node_topic(group, kind, edge, device or None)
             try:
-                self.sessions.restore_birth(parse_topic(topic), bytes(payload), received_at)
+                address = parse_topic(topic)
+                self.sessions.restore_birth(address, bytes(payload), received_at, session)
             except Rejected as exc:
                 log.warning("stored BIRTH %s not restored: %s", topic, exc)
         if rows:
@@ -184,6 +193,11 @@ class SparkplugHost:
                 "device": parts[4] if len(parts) == 5 else "",
                 "payload": message.payload,
                 "at": message.received_at,
+                # The session number the BIRTH was given (its opening), kept for a restart.
+                "session": next(
+                    (s.session for s in message.outcome if isinstance(s, Status) and s.online),
+                    None,
+                ),
             }
             statements += [(statement, params) for statement in _KIND_STATEMENTS.get(parts[2], ())]
         if statements:
