@@ -12,7 +12,7 @@ from typing import Literal, Protocol
 from psycopg_pool import AsyncConnectionPool
 
 from ingest.kafka import KafkaIngest
-from ingest.metrics import IngestCollector
+from ingest.metrics import Consumer, IngestCollector
 from ingest.monitor import Monitor
 from ingest.mqtt import MqttIngest
 from ingest.settings import IngestSettings
@@ -30,15 +30,20 @@ class Service(Protocol):
 def ingest_services(
     settings: IngestSettings, pool: AsyncConnectionPool, consumer: Literal["mqtt", "kafka"] = "mqtt"
 ) -> list[Service]:
-    """What an ingest process runs: its consumer and the registry's background work."""
+    """What an ingest process runs: its consumer (over MQTT, with the Sparkplug B host on its own
+    connection when Sparkplug is on) and the registry's background work."""
     ingest: MqttIngest | KafkaIngest
+    host: MqttIngest | None = None
     if consumer == "mqtt":
         ingest, shard = MqttIngest(settings, pool), settings.shard
+        if settings.sparkplug_platforms() is not None:
+            host = MqttIngest(settings, pool, sparkplug_host=True)
     else:
         ingest = KafkaIngest(settings, pool, partitions=settings.static_partitions())
         shard = settings.kafka_shard
     services: list[Service] = [
         ingest,
+        *([host] if host is not None else []),
         RegistryWatcher(settings, ingest.registry_changed),
         Sweeper(
             pool,
@@ -50,13 +55,16 @@ def ingest_services(
         Reconciler(settings, shard=shard, interval=settings.reconcile_interval_seconds),
     ]
     if settings.metrics_port is not None:
-        ready = ingest.subscribed if isinstance(ingest, MqttIngest) else ingest.assigned
-        collector = IngestCollector([(consumer, ingest)])
+        ready = [ingest.subscribed if isinstance(ingest, MqttIngest) else ingest.assigned]
+        consumers: list[tuple[str, Consumer]] = [(consumer, ingest)]
+        if host is not None:
+            ready.append(host.subscribed)
+            consumers.append(("sparkplug", host))
         services.append(
             Monitor(
-                collector,
+                IngestCollector(consumers),
                 pool=pool,
-                consumer_ready=ready.is_set,
+                consumer_ready=lambda: all(event.is_set() for event in ready),
                 host=settings.metrics_address,
                 port=settings.metrics_port,
             )

@@ -10,6 +10,11 @@ Redelivered points are stored once by the writer.
 
 Back-pressure: the broker sends at most Receive Maximum (MQTT 5) or its in-flight limit (3.1.1)
 unacknowledged messages, so a slow store slows the broker down instead of growing memory.
+
+The Sparkplug B primary host is a second `MqttIngest` (`sparkplug_host=True`) on a connection of
+its own, as Sparkplug 3.0 specifies: a clean session (Clean Start, session expiry 0), its STATE
+as Will. The broker keeps nothing for it while it is away; the edge nodes, which watch its
+STATE, hold their data meanwhile (store and forward) and publish new BIRTHs when it returns.
 """
 
 import asyncio
@@ -17,6 +22,7 @@ import contextlib
 import logging
 import time
 import uuid
+import zlib
 from collections import deque
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -34,7 +40,7 @@ from ingest.batching import END, EndOfStream, Received, write_ahead
 from ingest.decoding import MessageDecoder
 from ingest.paho_speedups import Publish, acknowledge, read_in_bulk, share_property_tables
 from ingest.settings import IngestSettings
-from ingest.sparkplug import NAMESPACE, state_payload, state_topic
+from ingest.sparkplug import NAMESPACE, state_online, state_payload, state_topic
 from ingest.sparkplug_host import SparkplugHost
 from ingest.stats import IngestStats
 from ingest.topics import TopicScheme
@@ -58,20 +64,32 @@ class MqttIngest:
         pool: AsyncConnectionPool,
         *,
         stats: IngestStats | None = None,
+        sparkplug_host: bool = False,
     ) -> None:
+        """`sparkplug_host`: consume the Sparkplug B groups of `IIOT_SPARKPLUG_GROUPS` as their
+        primary host (its own client id, `{IIOT_MQTT_CLIENT_ID}-sparkplug`), instead of the JSON
+        topics."""
         share_property_tables()
         self._settings = settings
         self.stats = stats or IngestStats()
+        groups = settings.sparkplug_platforms()
+        self.sparkplug = SparkplugHost(settings, groups or {}) if sparkplug_host else None
+        self._client_id = settings.mqtt_client_id
+        shard = settings.shard
+        if self.sparkplug is not None:
+            if groups is None:
+                raise ValueError("IIOT_SPARKPLUG_GROUPS is empty: Sparkplug is off")
+            self._client_id += "-sparkplug"
+            if settings.counter_shard is None:
+                shard = zlib.crc32(self._client_id.encode()) % 64
         self._writer = TelemetryWriter(
             pool,
             stats=self.stats,
-            counter_shard=settings.shard,
+            counter_shard=shard,
             renew_seconds=settings.activity_renew_seconds,
         )
         self._topics = TopicScheme(settings.mqtt_topic_root)
         self._decode = MessageDecoder(self._topics, settings)
-        groups = settings.sparkplug_platforms()
-        self.sparkplug = SparkplugHost(settings, groups) if groups is not None else None
         self._pool = pool
         self._state_timestamp = 0
         self._stopping = asyncio.Event()
@@ -127,18 +145,25 @@ class MqttIngest:
                 self._settings.queue_max_messages
             )
             self._queue = queue
-            for topic_filter in self._topics.filters(self._settings.mqtt_shared_group):
-                await client.subscribe(topic_filter, qos=1)
-            if self.sparkplug is not None:
+            if self.sparkplug is None:
+                for topic_filter in self._topics.filters(self._settings.mqtt_shared_group):
+                    await client.subscribe(topic_filter, qos=1)
+            else:
                 # Not shared: an edge node's births, deaths and seq must reach one process.
                 for topic_filter in self.sparkplug.filters():
                     await client.subscribe(topic_filter, qos=1)
+                host_id = self._settings.sparkplug_host_id
+                if host_id:
+                    # Its own STATE, to answer an `online: false` (QoS 0: nothing to acknowledge
+                    # in order with the data; losing it means losing the connection, and a new
+                    # one announces itself anyway).
+                    await client.subscribe(state_topic(host_id), qos=0)
                 await self._announce_state(client, online=True)
             self.subscribed.set()
             log.info(
                 "subscribed to %s as %s",
-                self._settings.mqtt_topic_root,
-                self._settings.mqtt_client_id,
+                "Sparkplug B" if self.sparkplug else self._settings.mqtt_topic_root,
+                self._client_id,
             )
             async with asyncio.TaskGroup() as tasks:
                 receiving = tasks.create_task(self._receive(client, arrived, queue))
@@ -180,6 +205,13 @@ class MqttIngest:
             payload = state_payload(online, self._state_timestamp)
             await client.publish(state_topic(host_id), payload, qos=1, retain=True)
 
+    async def _state_seen(self, client: aiomqtt.Client, payload: bytes) -> None:
+        """Our STATE says offline (a stale Will, another client): Sparkplug 3.0 has the host
+        publish its `online: true` again, with the timestamp of its current Will."""
+        if not state_online(payload):
+            log.warning("STATE of this host said offline; publishing online again")
+            await self._announce_state(client, online=True)
+
     async def _request_rebirths(self, client: aiomqtt.Client) -> None:
         """Publishes the Rebirth requests the Sparkplug sessions ask for (gaps, unknown
         aliases, data before a birth); QoS 0, as the specification has commands."""
@@ -195,19 +227,20 @@ class MqttIngest:
         s = self._settings
         host, port, username, password = s.mqtt_endpoint()
         # Persistent session either way: MQTT 5 via clean start off and a session expiry,
-        # MQTT 3.1.1 via clean session off.
+        # MQTT 3.1.1 via clean session off. The Sparkplug host: a clean one (Sparkplug 3.0).
+        clean = self.sparkplug is not None
         session: dict[str, Any]
         if s.mqtt_protocol == "5":
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            properties.SessionExpiryInterval = s.mqtt_session_expiry_seconds
+            properties.SessionExpiryInterval = 0 if clean else s.mqtt_session_expiry_seconds
             properties.ReceiveMaximum = s.mqtt_receive_maximum
             session = {
                 "protocol": aiomqtt.ProtocolVersion.V5,
-                "clean_start": False,
+                "clean_start": clean,
                 "properties": properties,
             }
         else:
-            session = {"protocol": aiomqtt.ProtocolVersion.V311, "clean_session": False}
+            session = {"protocol": aiomqtt.ProtocolVersion.V311, "clean_session": clean}
         will = None
         # The STATE timestamp ties the Will to the birth of this connection (Sparkplug 3.0).
         self._state_timestamp = int(time.time() * 1000)
@@ -223,7 +256,7 @@ class MqttIngest:
             port,
             username=username,
             password=password,
-            identifier=s.mqtt_client_id,
+            identifier=self._client_id,
             keepalive=s.mqtt_keepalive_seconds,
             will=will,
             tls_context=s.mqtt_tls_context(),
@@ -255,6 +288,7 @@ class MqttIngest:
     ) -> None:
         decode = self._decode
         sparkplug = self.sparkplug.decode if self.sparkplug is not None else None
+        own_state = state_topic(self._settings.sparkplug_host_id) if sparkplug else None
         # aiomqtt's iterator yields the wake-ups `_client` puts in its private queue (see
         # docs/adr/0002); it raises MqttError when the connection is lost.
         wakeups = cast("AsyncIterator[None]", client.messages)
@@ -263,6 +297,9 @@ class MqttIngest:
             while arrived:
                 received_at = datetime.now(UTC)
                 topic, payload, mid, qos = arrived.popleft()
+                if topic == own_state:
+                    await self._state_seen(client, payload)
+                    continue
                 if sparkplug is not None and topic.startswith(NAMESPACE):
                     outcome = sparkplug(topic, payload, received_at)
                 else:

@@ -114,6 +114,15 @@ def state_payload(online: bool, timestamp_ms: int) -> bytes:
     return orjson.dumps({"online": online, "timestamp": timestamp_ms})
 
 
+def state_online(payload: bytes) -> bool:
+    """Whether a STATE payload says online; anything else (offline, unreadable) does not."""
+    try:
+        document = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(document, dict) and document.get("online") is True
+
+
 @dataclass(slots=True)
 class Metric:
     name: str | None
