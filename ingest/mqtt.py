@@ -41,7 +41,7 @@ from ingest.decoding import MessageDecoder
 from ingest.paho_speedups import Publish, acknowledge, read_in_bulk, share_property_tables
 from ingest.settings import IngestSettings
 from ingest.sparkplug import NAMESPACE, state_online, state_payload, state_topic
-from ingest.sparkplug_host import SparkplugHost
+from ingest.sparkplug_host import SparkplugHost, sparkplug_filters
 from ingest.stats import IngestStats
 from ingest.topics import TopicScheme
 from ingest.writer import PreparedBatch, Refusals, TelemetryWriter
@@ -148,6 +148,11 @@ class MqttIngest:
             if self.sparkplug is None:
                 for topic_filter in self._topics.filters(self._settings.mqtt_shared_group):
                     await client.subscribe(topic_filter, qos=1)
+                groups = self._settings.sparkplug_platforms()
+                if groups is not None:
+                    # The persistent session of a version whose host shared this connection
+                    # still holds the Sparkplug subscriptions: the host has its own now.
+                    await client.unsubscribe(sparkplug_filters(groups))
             else:
                 # Not shared: an edge node's births, deaths and seq must reach one process.
                 for topic_filter in self.sparkplug.filters():

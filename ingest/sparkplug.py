@@ -42,7 +42,6 @@ Kind = Literal["NBIRTH", "NDEATH", "NDATA", "NCMD", "DBIRTH", "DDEATH", "DDATA",
 INT8, INT16, INT32, INT64 = 1, 2, 3, 4
 UINT8, UINT16, UINT32, UINT64 = 5, 6, 7, 8
 FLOAT, DOUBLE, BOOLEAN, STRING = 9, 10, 11, 12
-BYTES, DATASET, TEMPLATE = 17, 16, 19
 # Names of the datatypes (the specification's DataType enum), for the statistics of what was
 # not stored.
 # fmt: off

@@ -70,12 +70,7 @@ class SparkplugHost:
 
     def filters(self) -> list[str]:
         """Subscriptions for the BIRTH, DEATH and DATA messages of our groups (not commands)."""
-        groups = sorted(self._groups) or ["+"]
-        return [
-            f"{NAMESPACE}/{group}/{kind}/+{'/+' if kind[0] == 'D' else ''}"
-            for group in groups
-            for kind in ("NBIRTH", "NDEATH", "NDATA", "DBIRTH", "DDEATH", "DDATA")
-        ]
+        return sparkplug_filters(self._groups)
 
     def platform(self, group: str) -> str:
         if self._groups:
@@ -204,6 +199,15 @@ class SparkplugHost:
             async with conn.pipeline():
                 for statement, params in statements:
                     await conn.execute(statement, params)
+
+
+def sparkplug_filters(groups: dict[str, str]) -> list[str]:
+    """The host's subscriptions for `groups` (group -> platform; empty: every group)."""
+    return [
+        f"{NAMESPACE}/{group}/{kind}/+{'/+' if kind[0] == 'D' else ''}"
+        for group in sorted(groups) or ["+"]
+        for kind in ("NBIRTH", "NDEATH", "NDATA", "DBIRTH", "DDEATH", "DDATA")
+    ]
 
 
 def device_id(edge_node: str, device: str | None) -> str:

@@ -9,6 +9,8 @@ import aiomqtt
 import orjson
 import psycopg
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from psycopg_pool import AsyncConnectionPool
 
 from ingest.errors import Rejected
@@ -16,6 +18,7 @@ from ingest.metrics import IngestCollector
 from ingest.mqtt import MqttIngest
 from ingest.settings import IngestSettings
 from ingest.sparkplug import EdgeNodeSessions, decode_payload, parse_topic
+from ingest.sparkplug_host import sparkplug_filters
 from ingest.topics import TopicScheme
 from registry.counts import platform_counts
 from tests.conftest import eventually, publisher, running, scalar
@@ -337,3 +340,39 @@ async def test_the_host_has_a_clean_session_of_its_own(
                 lambda: scalar(db, "SELECT count(*) = 1 FROM telemetry WHERE value = 7")
             )
     assert await scalar(db, "SELECT count(*) FROM telemetry WHERE value = 101") == 0
+
+
+async def test_the_json_consumer_drops_the_sparkplug_subscriptions_of_its_old_session(
+    settings: IngestSettings,
+    pool: AsyncConnectionPool,
+    db: psycopg.AsyncConnection[Any],
+    platform: str,
+    mqtt_url: str,
+    unique: str,
+) -> None:
+    """Before the host had a connection of its own, the JSON consumer's persistent session
+    subscribed to the Sparkplug topics; after an upgrade it must not receive them any more."""
+    group = f"sp-{unique}"
+    properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    properties.SessionExpiryInterval = 300
+    hostname, port = mqtt_url.removeprefix("mqtt://").split(":")
+    async with aiomqtt.Client(
+        hostname,
+        int(port),
+        identifier=settings.mqtt_client_id,
+        protocol=aiomqtt.ProtocolVersion.V5,
+        clean_start=False,
+        properties=properties,
+    ) as old:
+        for topic_filter in sparkplug_filters({group: platform}):
+            await old.subscribe(topic_filter, qos=1)
+    async with (
+        running(MqttIngest(settings, pool)),
+        running(host(settings, pool)),
+        publisher(mqtt_url) as client,
+    ):
+        node = ReferenceNode(client, group)
+        await node.send("NBIRTH", "nbirth_bdseq_0")
+        await node.send("NDATA", "ndata")
+        await eventually(lambda: scalar(db, "SELECT count(*) = 2 FROM telemetry"))
+    assert await reasons(db) == []
