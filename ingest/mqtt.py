@@ -164,6 +164,7 @@ class MqttIngest:
                     # one announces itself anyway).
                     await client.subscribe(state_topic(host_id), qos=0)
                 await self._announce_state(client, online=True)
+                self.sparkplug.connected()
             self.subscribed.set()
             log.info(
                 "subscribed to %s as %s",
@@ -174,7 +175,7 @@ class MqttIngest:
                 receiving = tasks.create_task(self._receive(client, arrived, queue))
                 writing = tasks.create_task(self._write(client, queue))
                 stopping = tasks.create_task(self._stopping.wait())
-                commanding = tasks.create_task(self._request_rebirths(client))
+                commanding = tasks.create_task(self._request_rebirths(client, queue))
                 await asyncio.wait((stopping, writing), return_when=asyncio.FIRST_COMPLETED)
                 receiving.cancel()
                 commanding.cancel()
@@ -217,12 +218,20 @@ class MqttIngest:
             log.warning("STATE of this host said offline; publishing online again")
             await self._announce_state(client, online=True)
 
-    async def _request_rebirths(self, client: aiomqtt.Client) -> None:
+    async def _request_rebirths(
+        self, client: aiomqtt.Client, queue: "asyncio.Queue[Received[MqttAck] | EndOfStream]"
+    ) -> None:
         """Publishes the Rebirth requests the Sparkplug sessions ask for (gaps, unknown
-        aliases, data before a birth); QoS 0, as the specification has commands."""
+        aliases, data before a birth); QoS 0, as the specification has commands. Ends the
+        sessions of edge nodes silent since this connection began, through the writer as their
+        NDEATH would have (nothing to acknowledge)."""
         if self.sparkplug is None:
             return
         while True:
+            now = datetime.now(UTC)
+            for topic, decoded in self.sparkplug.silent_ended(now):
+                log.warning("%s: silent since the host connected; its session ends", topic)
+                await queue.put(Received("mqtt", topic, b"", now, decoded, (0, 0)))
             for topic, payload in self.sparkplug.rebirths():
                 log.info("requesting a Rebirth on %s", topic)
                 await client.publish(topic, payload, qos=0)

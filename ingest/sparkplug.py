@@ -367,6 +367,7 @@ class EdgeNodeSessions:
         reorder_wait: float = 2.0,
         rebirth_interval: float = 10.0,
         max_bad_births: int = 3,
+        confirm_wait: float = 30.0,
         max_nodes: int = 100_000,
         max_devices_per_node: int = 10_000,
         max_aliases: int = 100_000,
@@ -376,6 +377,7 @@ class EdgeNodeSessions:
         self._reorder_wait = reorder_wait
         self._rebirth_interval = rebirth_interval
         self._max_bad_births = max_bad_births
+        self._confirm_wait = confirm_wait
         self._max_nodes = max_nodes
         self._max_devices = max_devices_per_node
         self._max_aliases = max_aliases
@@ -387,6 +389,9 @@ class EdgeNodeSessions:
         # Refused BIRTHs per edge node since its last new connection (bdSeq): past the limit,
         # no more Rebirth requests, so a node that always sends a bad BIRTH is not asked forever.
         self._bad_births: dict[tuple[str, str], int] = {}
+        # Edge nodes known when the host's session began, not heard from since: since when, and
+        # whether they were asked for a Rebirth.
+        self._unconfirmed: dict[tuple[str, str], tuple[float, bool]] = {}
         self.stats = SessionStats()
 
     # What to do next -------------------------------------------------------------------------
@@ -404,6 +409,30 @@ class EdgeNodeSessions:
                 self.stats.gaps += len(node.gaps)
                 node.gaps.clear()
                 self._ask_rebirth(key, now)
+
+    def host_connected(self, now: float | None = None) -> None:
+        """The host has a new MQTT session. It is a clean one, so what edge nodes sent meanwhile,
+        an NDEATH among it, went to nobody: each edge node it knows must show it is alive."""
+        now = time.monotonic() if now is None else now
+        self._unconfirmed = {key: (now, False) for key in self._nodes}
+
+    def expire_unconfirmed(self, now: float | None = None) -> list[tuple[tuple[str, str], Outcome]]:
+        """Edge nodes silent since the host connected: after the confirm wait, a Rebirth
+        request; silent as long again, their session ends, as their NDEATH would have ended it."""
+        now = time.monotonic() if now is None else now
+        ended: list[tuple[tuple[str, str], Outcome]] = []
+        for key, (since, asked) in list(self._unconfirmed.items()):
+            if since + self._confirm_wait > now:
+                continue
+            if not asked:
+                self._unconfirmed[key] = (now, True)
+                self._ask_rebirth(key, now)
+                continue
+            del self._unconfirmed[key]
+            node = self._nodes.pop(key, None)
+            if node is not None:
+                ended.append((key, _ended(node)))
+        return ended
 
     def _ask_rebirth(self, key: tuple[str, str], now: float | None = None) -> None:
         if self._bad_births.get(key, 0) > self._max_bad_births:
@@ -496,6 +525,7 @@ class EdgeNodeSessions:
         if node is None or not node.born:
             self._ask_rebirth(key, now)
             raise Rejected("no_birth", f"{kind} from edge node {key[1]!r} before NBIRTH")
+        self._unconfirmed.pop(key, None)  # it speaks: alive
         return node
 
     def _number(self, key: tuple[str, str], received_at: datetime) -> int:
@@ -535,6 +565,7 @@ class EdgeNodeSessions:
         node.next_seq = None if payload.seq is None else (payload.seq + 1) % 256
         self._nodes[key] = node
         self._rebirth_asked.pop(key, None)
+        self._unconfirmed.pop(key, None)
         return Outcome([readings], [SessionChange(True, node.session), *changes])
 
     def _device_birth(
@@ -570,10 +601,8 @@ class EdgeNodeSessions:
             )
         del self._nodes[key]
         self._bad_births.pop(key, None)
-        # The gateway's death makes its devices unreachable in one step; their sessions end
-        # with it too (a device returns only with its own DBIRTH).
-        devices = [SessionChange(False, d.session, name) for name, d in node.devices.items()]
-        return Outcome([], [SessionChange(False, node.session), *devices])
+        self._unconfirmed.pop(key, None)
+        return _ended(node)
 
     def _track_seq(
         self, key: tuple[str, str], node: _Node, seq: int | None, now: float | None
@@ -666,6 +695,13 @@ class EdgeNodeSessions:
             (readings.historical if m.historical else readings.live).append((ts, name, value))
         self.stats.not_stored.update(skipped)  # only for a message accepted whole
         return readings
+
+
+def _ended(node: _Node) -> Outcome:
+    """An edge node's session ends: the gateway's death makes its devices unreachable in one
+    step, and their sessions end with it (a device returns only with its own DBIRTH)."""
+    devices = [SessionChange(False, d.session, name) for name, d in node.devices.items()]
+    return Outcome([], [SessionChange(False, node.session), *devices])
 
 
 def _bd_seq(payload: Payload) -> int | None:

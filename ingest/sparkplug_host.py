@@ -21,6 +21,7 @@ from ingest.settings import IngestSettings
 from ingest.sparkplug import (
     NAMESPACE,
     EdgeNodeSessions,
+    Outcome,
     Point,
     decode_payload,
     node_topic,
@@ -65,6 +66,7 @@ class SparkplugHost:
             window_past=settings.window_past,
             window_future=settings.window_future,
             reorder_wait=settings.sparkplug_reorder_wait_seconds,
+            confirm_wait=settings.sparkplug_confirm_seconds,
         )
         self._restored = False
 
@@ -116,30 +118,25 @@ class SparkplugHost:
         except Rejected as rejected:
             rejected.platform = platform
             return rejected
-        decoded: Decoded = [
-            Status(
-                platform,
-                change.online,
-                change.session,
-                device=device_id(edge, change.device) if change.device else None,
-                gateway=edge if change.device is None else None,
-                cause="sparkplug",
-            )
-            for change in outcome.changes
-        ]
-        for readings in outcome.readings:
-            device = device_id(edge, readings.device)
-            for points, historical in ((readings.live, False), (readings.historical, True)):
-                if points:
-                    decoded.append(_telemetry(platform, device, edge, points, historical))
-            if not readings.live and not readings.historical and not outcome.changes:
-                # Only strings, nulls or control metrics: nothing to store, but the device spoke.
-                decoded.append(
-                    Telemetry(platform, device, [], False, received_at, received_at, edge)
-                )
+        decoded = _decoded(platform, edge, outcome, received_at)
         if not decoded:  # an NDEATH or DDEATH always changes a session; nothing else is empty
             return Rejected("invalid_shape", "nothing in the message", platform=platform)
         return decoded
+
+    def connected(self) -> None:
+        """The host's MQTT session began: the edge nodes it knows must show they are alive."""
+        self.sessions.host_connected()
+
+    def silent_ended(self, at: datetime) -> list[tuple[str, Decoded]]:
+        """(NDEATH topic, the session changes) of each edge node whose session ends now because
+        it stayed silent since the host connected (`EdgeNodeSessions.expire_unconfirmed`)."""
+        return [
+            (
+                node_topic(group, "NDEATH", edge),
+                _decoded(self.platform(group), edge, outcome, at, cause="sparkplug silent"),
+            )
+            for (group, edge), outcome in self.sessions.expire_unconfirmed()
+        ]
 
     def rebirths(self) -> list[tuple[str, bytes]]:
         """(NCMD topic, Rebirth request) for each edge node that needs one now."""
@@ -214,6 +211,32 @@ def device_id(edge_node: str, device: str | None) -> str:
     """The registry id of a Sparkplug device: its id is unique only under its edge node, so it
     is qualified by it (`edge:device`); the edge node's own metrics are the device `edge`."""
     return edge_node if device is None else f"{edge_node}:{device}"
+
+
+def _decoded(
+    platform: str, edge: str, outcome: Outcome, received_at: datetime, cause: str = "sparkplug"
+) -> Decoded:
+    """What the writer stores of a Sparkplug outcome: session changes, then readings."""
+    decoded: Decoded = [
+        Status(
+            platform,
+            change.online,
+            change.session,
+            device=device_id(edge, change.device) if change.device else None,
+            gateway=edge if change.device is None else None,
+            cause=cause,
+        )
+        for change in outcome.changes
+    ]
+    for readings in outcome.readings:
+        device = device_id(edge, readings.device)
+        for points, historical in ((readings.live, False), (readings.historical, True)):
+            if points:
+                decoded.append(_telemetry(platform, device, edge, points, historical))
+        if not readings.live and not readings.historical and not outcome.changes:
+            # Only strings, nulls or control metrics: nothing to store, but the device spoke.
+            decoded.append(Telemetry(platform, device, [], False, received_at, received_at, edge))
+    return decoded
 
 
 def _telemetry(

@@ -376,3 +376,64 @@ async def test_the_json_consumer_drops_the_sparkplug_subscriptions_of_its_old_se
         await node.send("NDATA", "ndata")
         await eventually(lambda: scalar(db, "SELECT count(*) = 2 FROM telemetry"))
     assert await reasons(db) == []
+
+
+async def test_an_edge_node_that_died_while_the_host_was_away_is_ended_after_a_rebirth_request(
+    settings: IngestSettings,
+    pool: AsyncConnectionPool,
+    db: psycopg.AsyncConnection[Any],
+    platform: str,
+    mqtt_url: str,
+    unique: str,
+) -> None:
+    """A clean session keeps nothing for the host while it is away, an NDEATH included: an edge
+    node it knew must show it is alive after the host returns, or its session ends."""
+    group = f"sp-{unique}"
+    settings = settings.model_copy(update={"sparkplug_confirm_seconds": 0.5})
+    async with publisher(mqtt_url) as client, publisher(mqtt_url) as watcher:
+        node = ReferenceNode(client, group)
+        async with running(host(settings, pool)):
+            await node.send("NBIRTH", "nbirth_bdseq_0")
+            await node.send("DBIRTH", "dbirth", device="press")
+            await eventually(lambda: _is(connected(db, platform), 2))
+        await node.send("NDEATH", "ndeath_bdseq_0")  # while the host is away: to nobody
+        await watcher.subscribe(f"spBv1.0/{group}/NCMD/#", qos=1)
+        async with running(host(settings, pool)):
+            async with asyncio.timeout(5):
+                ncmd = await anext(aiter(watcher.messages))  # are you there?
+            assert ncmd.topic.value == f"spBv1.0/{group}/NCMD/e1"
+            await eventually(lambda: _is(connected(db, platform), 0))
+            await eventually(lambda: scalar(db, "SELECT count(*) = 0 FROM sparkplug_births"))
+    assert await states(db) == {"e1": "online", "e1:press": "offline", "gateway e1": "offline"}
+    cur = await db.execute(
+        "SELECT subject, state FROM connection_events WHERE cause = 'sparkplug silent' ORDER BY 1"
+    )
+    assert await cur.fetchall() == [("device", "offline"), ("gateway", "offline")]
+    assert await reasons(db) == []
+
+
+async def test_an_edge_node_that_speaks_after_the_host_returns_stays_online(
+    settings: IngestSettings,
+    pool: AsyncConnectionPool,
+    db: psycopg.AsyncConnection[Any],
+    platform: str,
+    mqtt_url: str,
+    unique: str,
+) -> None:
+    group = f"sp-{unique}"
+    settings = settings.model_copy(update={"sparkplug_confirm_seconds": 0.5})
+    async with publisher(mqtt_url) as client:
+        node = ReferenceNode(client, group)
+        async with running(host(settings, pool)):
+            await node.send("NBIRTH", "nbirth_bdseq_0")
+            await node.send("DBIRTH", "dbirth", device="press")
+            await eventually(lambda: _is(connected(db, platform), 2))
+        async with running(host(settings, pool)) as ingest:
+            await node.send("NDATA", "ndata")
+            await eventually(
+                lambda: scalar(db, "SELECT count(*) = 1 FROM telemetry WHERE value = 21")
+            )
+            await asyncio.sleep(1.5)  # past both waits: nothing may end it now
+            assert ingest.sparkplug is not None
+            assert ingest.sparkplug.sessions.stats.rebirth_requests == 0
+    assert await connected(db, platform) == 2
