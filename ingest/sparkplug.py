@@ -389,9 +389,11 @@ class EdgeNodeSessions:
         # Refused BIRTHs per edge node since its last new connection (bdSeq): past the limit,
         # no more Rebirth requests, so a node that always sends a bad BIRTH is not asked forever.
         self._bad_births: dict[tuple[str, str], int] = {}
-        # Edge nodes known when the host's session began, not heard from since: since when, and
-        # whether they were asked for a Rebirth.
-        self._unconfirmed: dict[tuple[str, str], tuple[float, bool]] = {}
+        # Edge nodes known when the host's session began and not heard from since; when that
+        # wait began, and whether they were asked for a Rebirth at its end.
+        self._unconfirmed: set[tuple[str, str]] = set()
+        self._unconfirmed_since = 0.0
+        self._unconfirmed_asked = False
         self.stats = SessionStats()
 
     # What to do next -------------------------------------------------------------------------
@@ -413,25 +415,24 @@ class EdgeNodeSessions:
     def host_connected(self, now: float | None = None) -> None:
         """The host has a new MQTT session. It is a clean one, so what edge nodes sent meanwhile,
         an NDEATH among it, went to nobody: each edge node it knows must show it is alive."""
-        now = time.monotonic() if now is None else now
-        self._unconfirmed = {key: (now, False) for key in self._nodes}
+        self._unconfirmed = set(self._nodes)
+        self._unconfirmed_since = time.monotonic() if now is None else now
+        self._unconfirmed_asked = False
 
     def expire_unconfirmed(self, now: float | None = None) -> list[tuple[tuple[str, str], Outcome]]:
         """Edge nodes silent since the host connected: after the confirm wait, a Rebirth
         request; silent as long again, their session ends, as their NDEATH would have ended it."""
         now = time.monotonic() if now is None else now
-        ended: list[tuple[tuple[str, str], Outcome]] = []
-        for key, (since, asked) in list(self._unconfirmed.items()):
-            if since + self._confirm_wait > now:
-                continue
-            if not asked:
-                self._unconfirmed[key] = (now, True)
+        if not self._unconfirmed or self._unconfirmed_since + self._confirm_wait > now:
+            return []
+        self._unconfirmed_since = now
+        if not self._unconfirmed_asked:
+            self._unconfirmed_asked = True
+            for key in sorted(self._unconfirmed):
                 self._ask_rebirth(key, now)
-                continue
-            del self._unconfirmed[key]
-            node = self._nodes.pop(key, None)
-            if node is not None:
-                ended.append((key, _ended(node)))
+            return []
+        ended = [(key, _ended(self._nodes.pop(key))) for key in sorted(self._unconfirmed)]
+        self._unconfirmed.clear()
         return ended
 
     def _ask_rebirth(self, key: tuple[str, str], now: float | None = None) -> None:
@@ -525,7 +526,7 @@ class EdgeNodeSessions:
         if node is None or not node.born:
             self._ask_rebirth(key, now)
             raise Rejected("no_birth", f"{kind} from edge node {key[1]!r} before NBIRTH")
-        self._unconfirmed.pop(key, None)  # it speaks: alive
+        self._unconfirmed.discard(key)  # it speaks: alive
         return node
 
     def _number(self, key: tuple[str, str], received_at: datetime) -> int:
@@ -565,7 +566,7 @@ class EdgeNodeSessions:
         node.next_seq = None if payload.seq is None else (payload.seq + 1) % 256
         self._nodes[key] = node
         self._rebirth_asked.pop(key, None)
-        self._unconfirmed.pop(key, None)
+        self._unconfirmed.discard(key)
         return Outcome([readings], [SessionChange(True, node.session), *changes])
 
     def _device_birth(
@@ -601,7 +602,7 @@ class EdgeNodeSessions:
             )
         del self._nodes[key]
         self._bad_births.pop(key, None)
-        self._unconfirmed.pop(key, None)
+        self._unconfirmed.discard(key)
         return _ended(node)
 
     def _track_seq(
