@@ -474,17 +474,21 @@ class EdgeNodeSessions:
         """What one message means; raises Rejected (and may ask for a Rebirth)."""
         key = (topic.group, topic.edge_node)
         kind = topic.kind
-        try:
-            if kind == "NBIRTH":
-                return self._node_birth(key, payload, received_at)
-            if kind == "DBIRTH":
-                return self._device_birth(key, topic, payload, received_at, now)
-        except Rejected:
-            self.birth_refused(topic, now)
-            raise
         if kind == "NDEATH":
             return self._node_death(key, payload)
-        node = self._alive(key, kind, now)
+        if kind == "NBIRTH":
+            try:
+                return self._node_birth(key, payload, received_at)
+            except Rejected:
+                self.birth_refused(topic, now)
+                raise
+        node = self._alive(key, kind, now)  # no session: not the BIRTH's fault
+        if kind == "DBIRTH":
+            try:
+                return self._device_birth(key, node, topic, payload, received_at, now=now)
+            except Rejected:
+                self.birth_refused(topic, now)
+                raise
         self._track_seq(key, node, payload.seq, now)
         if kind == "NDATA":
             readings = self._readings(None, node.birth, payload, received_at, key)
@@ -572,12 +576,13 @@ class EdgeNodeSessions:
     def _device_birth(
         self,
         key: tuple[str, str],
+        node: _Node,
         topic: SparkplugTopic,
         payload: Payload,
         received_at: datetime,
+        *,
         now: float | None,
     ) -> Outcome:
-        node = self._alive(key, "DBIRTH", now)
         device = topic.device
         assert device is not None  # parse_topic: device kinds have a device
         if device not in node.devices and len(node.devices) >= self._max_devices:

@@ -343,3 +343,13 @@ def test_restored_births_give_back_aliases_and_bdseq() -> None:
     ]
     s.expire_gaps(now=1e9)
     assert s.take_rebirths() == []
+
+
+def test_device_births_before_the_node_birth_do_not_use_up_the_rebirth_requests() -> None:
+    s = sessions(rebirth_interval=0.0)
+    node = Node(s)
+    for attempt in range(5):  # a restarted host that missed the NBIRTH: each asks again
+        with pytest.raises(Rejected) as caught:
+            node.send("DBIRTH", [MetricIn("Speed", 1.0, alias=2)], device="press", now=attempt)
+        assert caught.value.reason == "no_birth"
+        assert s.take_rebirths() == [("g", "e1")]
