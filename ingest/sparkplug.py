@@ -587,9 +587,9 @@ class EdgeNodeSessions:
         assert device is not None  # parse_topic: device kinds have a device
         if device not in node.devices and len(node.devices) >= self._max_devices:
             raise Rejected("too_many_devices", f"more than {self._max_devices} devices")
+        self._track_seq(key, node, payload.seq, now)  # arrived, even if refused: no gap
         birth = self._birth(payload)
         readings = self._readings(device, birth, payload, received_at, key, is_birth=True)
-        self._track_seq(key, node, payload.seq, now)
         session = self._number(key, received_at)
         node.devices[device] = _Device(session, birth)
         return Outcome([readings], [SessionChange(True, session, device)])
