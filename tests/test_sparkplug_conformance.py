@@ -37,6 +37,11 @@ def settings(ingest_settings: IngestSettings, platform: str, unique: str) -> Ing
     )
 
 
+@pytest.fixture
+def group(unique: str) -> str:
+    return f"sp-{unique}"
+
+
 def host(settings: IngestSettings, pool: AsyncConnectionPool) -> MqttIngest:
     return MqttIngest(settings, pool, sparkplug_host=True)
 
@@ -65,6 +70,12 @@ class ReferenceNode:
         raw = reference(name, at_ms=self.clock + self.clock_offset_ms, seq=seq)
         topic = f"spBv1.0/{self.group}/{kind}/e1" + (f"/{device}" if device else "")
         await self.client.publish(topic, raw, qos=1)
+
+    async def born(self, *devices: str) -> None:
+        """NBIRTH (bdSeq 0), then a DBIRTH per device."""
+        await self.send("NBIRTH", "nbirth_bdseq_0")
+        for device in devices:
+            await self.send("DBIRTH", "dbirth", device=device)
 
 
 async def connected(db: psycopg.AsyncConnection[Any], platform: str) -> int:
@@ -99,9 +110,8 @@ async def test_a_birth_with_an_old_tag_is_accepted_and_a_malformed_one_opens_no_
     db: psycopg.AsyncConnection[Any],
     platform: str,
     mqtt_url: str,
-    unique: str,
+    group: str,
 ) -> None:
-    group = f"sp-{unique}"
     async with (
         publisher(mqtt_url) as watcher,
         running(host(settings, pool)),
@@ -179,15 +189,13 @@ async def test_a_node_whose_clock_was_corrected_comes_back_after_a_host_restart(
     db: psycopg.AsyncConnection[Any],
     platform: str,
     mqtt_url: str,
-    unique: str,
+    group: str,
 ) -> None:
-    group = f"sp-{unique}"
     async with publisher(mqtt_url) as client:
         node = ReferenceNode(client, group)
         node.clock_offset_ms = 300_000  # five minutes fast
         async with running(host(settings, pool)):
-            await node.send("NBIRTH", "nbirth_bdseq_0")
-            await node.send("DBIRTH", "dbirth", device="press")
+            await node.born("press")
             await eventually(lambda: _is(connected(db, platform), 2))
             await node.send("NDEATH", "ndeath_bdseq_0")
             await eventually(lambda: _is(connected(db, platform), 0))
@@ -237,14 +245,11 @@ async def test_devices_return_only_with_their_own_dbirth(
     db: psycopg.AsyncConnection[Any],
     platform: str,
     mqtt_url: str,
-    unique: str,
+    group: str,
 ) -> None:
-    group = f"sp-{unique}"
     async with running(host(settings, pool)), publisher(mqtt_url) as client:
         node = ReferenceNode(client, group)
-        await node.send("NBIRTH", "nbirth_bdseq_0")
-        await node.send("DBIRTH", "dbirth", device="press-1")
-        await node.send("DBIRTH", "dbirth", device="press-2")
+        await node.born("press-1", "press-2")
         await eventually(lambda: _is(connected(db, platform), 3))
         await node.send("NDEATH", "ndeath_bdseq_0")
         await eventually(lambda: _is(connected(db, platform), 0))
@@ -268,13 +273,11 @@ async def test_transient_metrics_are_not_stored_and_skipped_values_are_counted_b
     db: psycopg.AsyncConnection[Any],
     platform: str,
     mqtt_url: str,
-    unique: str,
+    group: str,
 ) -> None:
-    group = f"sp-{unique}"
     async with running(host(settings, pool)) as ingest, publisher(mqtt_url) as client:
         node = ReferenceNode(client, group)
-        await node.send("NBIRTH", "nbirth_bdseq_0")
-        await node.send("DBIRTH", "dbirth", device="press")
+        await node.born("press")
         await node.send("DDATA", "ddata", device="press")
         await eventually(lambda: scalar(db, "SELECT count(*) = 1 FROM telemetry WHERE value = 101"))
     rows = await (
@@ -312,14 +315,12 @@ async def test_the_host_has_a_clean_session_of_its_own(
     db: psycopg.AsyncConnection[Any],
     platform: str,
     mqtt_url: str,
-    unique: str,
+    group: str,
 ) -> None:
-    group = f"sp-{unique}"
     async with publisher(mqtt_url) as client:
         node = ReferenceNode(client, group)
         async with running(host(settings, pool)):
-            await node.send("NBIRTH", "nbirth_bdseq_0")
-            await node.send("DBIRTH", "dbirth", device="press")
+            await node.born("press")
             await eventually(lambda: scalar(db, "SELECT count(*) = 2 FROM sparkplug_births"))
         # Published while the host is away: a clean session keeps nothing for it (the edge
         # node's store and forward is what covers a host outage).
@@ -348,11 +349,10 @@ async def test_the_json_consumer_drops_the_sparkplug_subscriptions_of_its_old_se
     db: psycopg.AsyncConnection[Any],
     platform: str,
     mqtt_url: str,
-    unique: str,
+    group: str,
 ) -> None:
     """Before the host had a connection of its own, the JSON consumer's persistent session
     subscribed to the Sparkplug topics; after an upgrade it must not receive them any more."""
-    group = f"sp-{unique}"
     properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     properties.SessionExpiryInterval = 300
     hostname, port = mqtt_url.removeprefix("mqtt://").split(":")
@@ -384,17 +384,15 @@ async def test_an_edge_node_that_died_while_the_host_was_away_is_ended_after_a_r
     db: psycopg.AsyncConnection[Any],
     platform: str,
     mqtt_url: str,
-    unique: str,
+    group: str,
 ) -> None:
     """A clean session keeps nothing for the host while it is away, an NDEATH included: an edge
     node it knew must show it is alive after the host returns, or its session ends."""
-    group = f"sp-{unique}"
     settings = settings.model_copy(update={"sparkplug_confirm_seconds": 0.5})
     async with publisher(mqtt_url) as client, publisher(mqtt_url) as watcher:
         node = ReferenceNode(client, group)
         async with running(host(settings, pool)):
-            await node.send("NBIRTH", "nbirth_bdseq_0")
-            await node.send("DBIRTH", "dbirth", device="press")
+            await node.born("press")
             await eventually(lambda: _is(connected(db, platform), 2))
         await node.send("NDEATH", "ndeath_bdseq_0")  # while the host is away: to nobody
         await watcher.subscribe(f"spBv1.0/{group}/NCMD/#", qos=1)
@@ -418,15 +416,13 @@ async def test_an_edge_node_that_speaks_after_the_host_returns_stays_online(
     db: psycopg.AsyncConnection[Any],
     platform: str,
     mqtt_url: str,
-    unique: str,
+    group: str,
 ) -> None:
-    group = f"sp-{unique}"
     settings = settings.model_copy(update={"sparkplug_confirm_seconds": 0.5})
     async with publisher(mqtt_url) as client:
         node = ReferenceNode(client, group)
         async with running(host(settings, pool)):
-            await node.send("NBIRTH", "nbirth_bdseq_0")
-            await node.send("DBIRTH", "dbirth", device="press")
+            await node.born("press")
             await eventually(lambda: _is(connected(db, platform), 2))
         async with running(host(settings, pool)) as ingest:
             await node.send("NDATA", "ndata")
