@@ -41,10 +41,15 @@ def ingest_services(
     else:
         ingest = KafkaIngest(settings, pool, partitions=settings.static_partitions())
         shard = settings.kafka_shard
+    readers = [ingest] if host is None else [ingest, host]
+
+    def registry_changed(platform: str) -> None:
+        for reader in readers:  # each writer caches registry rows
+            reader.registry_changed(platform)
+
     services: list[Service] = [
-        ingest,
-        *([host] if host is not None else []),
-        RegistryWatcher(settings, ingest.registry_changed),
+        *readers,
+        RegistryWatcher(settings, registry_changed),
         Sweeper(
             pool,
             counter_shard=shard,
@@ -56,13 +61,13 @@ def ingest_services(
     ]
     if settings.metrics_port is not None:
         ready = [ingest.subscribed if isinstance(ingest, MqttIngest) else ingest.assigned]
-        consumers: list[tuple[str, Consumer]] = [(consumer, ingest)]
+        sources: list[tuple[str, Consumer]] = [(consumer, ingest)]
         if host is not None:
             ready.append(host.subscribed)
-            consumers.append(("sparkplug", host))
+            sources.append(("sparkplug", host))
         services.append(
             Monitor(
-                IngestCollector(consumers),
+                IngestCollector(sources),
                 pool=pool,
                 consumer_ready=lambda: all(event.is_set() for event in ready),
                 host=settings.metrics_address,

@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiomqtt
+import httpx
 import orjson
 import psycopg
 import pytest
@@ -13,6 +14,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from psycopg_pool import AsyncConnectionPool
 
+from iiot.net import free_port
+from iiot.services import ingest_services, run_until
 from ingest.errors import Rejected
 from ingest.metrics import IngestCollector
 from ingest.mqtt import MqttIngest
@@ -21,6 +24,8 @@ from ingest.sparkplug import EdgeNodeSessions, decode_payload, parse_topic
 from ingest.sparkplug_host import sparkplug_filters
 from ingest.topics import TopicScheme
 from registry.counts import platform_counts
+from registry.notifications import announce
+from registry.registration import decommission_devices
 from tests.conftest import eventually, publisher, running, scalar
 from tests.sparkplug_reference import reference
 
@@ -433,3 +438,52 @@ async def test_an_edge_node_that_speaks_after_the_host_returns_stays_online(
             assert ingest.sparkplug is not None
             assert ingest.sparkplug.sessions.stats.rebirth_requests == 0
     assert await connected(db, platform) == 2
+
+
+async def test_an_ingest_process_runs_the_host_beside_the_json_consumer(
+    settings: IngestSettings,
+    pool: AsyncConnectionPool,
+    db: psycopg.AsyncConnection[Any],
+    platform: str,
+    mqtt_url: str,
+    group: str,
+) -> None:
+    """`iiot ingest mqtt`'s services: both connections ready, both in /metrics, and a registry
+    change reaches the host's writer too (a decommissioned device's data is refused)."""
+    port = free_port()
+    settings = settings.model_copy(update={"metrics_port": port})
+    stop = asyncio.Event()
+    process = asyncio.create_task(run_until(stop, ingest_services(settings, pool)))
+    try:
+        async with (
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http,
+            publisher(mqtt_url) as client,
+        ):
+
+            async def ready() -> bool:
+                try:
+                    return (await http.get("/readyz")).status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            await eventually(ready)
+            node = ReferenceNode(client, group)
+            await node.born("press")
+            await eventually(lambda: scalar(db, "SELECT count(*) = 3 FROM telemetry"))
+            async with db.transaction():
+                await decommission_devices(db, platform, ["e1:press"], shard=0)
+                await announce(db, platform)
+
+            async def refused() -> bool:
+                await node.send("DDATA", "ddata", device="press")
+                return await scalar(db, "SELECT count(*) > 0 FROM dead_letters")
+
+            await eventually(refused, timeout=5, interval=0.2)
+            metrics = (await http.get("/metrics")).text
+    finally:
+        stop.set()
+        async with asyncio.timeout(30):
+            await process
+    assert await scalar(db, "SELECT count(*) FROM telemetry WHERE value = 101") == 0
+    assert 'iiot_messages_received_total{source="sparkplug"}' in metrics
+    assert 'iiot_messages_received_total{source="mqtt"}' in metrics
