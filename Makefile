@@ -2,29 +2,43 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+# The application installs from lock files with hashes (`make lock` refreshes them from the
+# ranges in pyproject.toml, which stay for library users); the project itself goes in without
+# dependencies, so nothing is resolved anew at install time.
+LOCKS  := requirements/app.lock requirements/dev.lock
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCKS) | cksum | cut -d' ' -f1)
+UV_COMPILE := $(BIN)/uv pip compile pyproject.toml --universal --python-version 3.11 \
+	--generate-hashes --no-header --quiet
 
 .DEFAULT_GOAL := help
-.PHONY: help install browser run test lint format bench bench-quick loadtest proto clean
+.PHONY: help install lock browser run test test-fast lint format bench bench-quick loadtest proto clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCKS)
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
 		{ echo "iiot needs Python 3.11 or newer (set PYTHON=...)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --require-hashes -r requirements/dev.lock
+	$(BIN)/python -m pip install --quiet --no-deps -e .
 	rm -f $(VENV)/.installed-* && touch $@
 
-install: $(STAMP) ## Create .venv and install the project with its dev tools
+install: $(STAMP) ## Create .venv and install the project with its dev tools (from the lock files)
+
+lock: $(STAMP) ## Re-resolve requirements/*.lock from pyproject.toml's ranges (needs the package index)
+	$(UV_COMPILE) -o requirements/app.lock
+	$(UV_COMPILE) --extra dev -o requirements/dev.lock
 
 run: $(STAMP) ## Run the whole stack (embedded PostgreSQL and MQTT unless IIOT_DATABASE_URL / IIOT_MQTT_URL are set)
 	$(BIN)/iiot run
 
 test: $(STAMP) browser ## Run the test suite against real PostgreSQL and MQTT (found or started)
 	$(BIN)/pytest
+
+test-fast: $(STAMP) ## Only the tests that need no service (parsing, encoding, validation, settings)
+	$(BIN)/pytest -m fast
 
 browser: ## Debian's chromium for the dashboard's browser tests (installed when run as root)
 	@command -v chromium >/dev/null 2>&1 || { \

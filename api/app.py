@@ -8,6 +8,7 @@ from fastapi import FastAPI
 
 from api import problems
 from api.auth import Authenticator, KeyMiddleware, document_security
+from api.body_limit import BodyLimit
 from api.broker_access import TopicRules
 from api.routes import (
     broker,
@@ -58,6 +59,8 @@ def create_app(
     )
     problems.install(app)
     app.add_middleware(KeyMiddleware)
+    # Outermost: a body too large is refused before the key is checked or anything is read.
+    app.add_middleware(BodyLimit, max_bytes=settings.api_max_body_bytes)
     default_openapi = app.openapi
 
     def openapi() -> dict[str, Any]:

@@ -16,14 +16,14 @@ import hashlib
 import math
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
-import orjson
 import psycopg
 from fastapi import Depends, Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api.problems import PROBLEM_JSON, Problem
+from api.problems import Problem, send_problem
 from api.settings import ApiSettings
 from registry.access import GLOBAL_ROLES, Principal, Role, verify_key
 from registry.errors import NotFound
@@ -54,6 +54,16 @@ class _Bucket:
     tokens: float
     at: float
 
+    def wait(self, now: float, rate: float, burst: float) -> int:
+        """Refills the bucket; 0 when it holds a token, else the seconds until it does."""
+        self.tokens = min(burst, self.tokens + (now - self.at) * rate)
+        self.at = now
+        return 0 if self.tokens >= 1 else math.ceil((1 - self.tokens) / rate)
+
+
+def _too_many(wait: int, detail: str) -> Problem:
+    return Problem(429, "Too Many Requests", detail, headers={"Retry-After": str(wait)})
+
 
 class Authenticator:
     """Verifies keys (with a short cache) and meters each key's request rate."""
@@ -64,21 +74,41 @@ class Authenticator:
         self._burst = float(settings.api_rate_burst)
         self._verified: dict[bytes, tuple[Principal, float]] = {}
         self._buckets: dict[int, _Bucket] = {}
+        # Unknown keys, per client address: each costs a lookup in the store.
+        self._unknown_rate = settings.api_unknown_key_rate_per_second
+        self._unknown_burst = float(settings.api_unknown_key_burst)
+        self._unknown: dict[str, _Bucket] = {}
 
-    async def principal(self, pool: Any, key: str) -> Principal:
+    async def principal(self, pool: Any, key: str, client: str = "") -> Principal:
+        """`client`: the caller's address, whose unknown keys are rate-limited."""
         fingerprint = hashlib.sha256(key.encode()).digest()
         now = time.monotonic()
         cached = self._verified.get(fingerprint)
         if cached is not None and cached[1] > now:
             return cached[0]
+        guesses = self._unknown.get(client)
+        if guesses is not None and (
+            wait := guesses.wait(now, self._unknown_rate, self._unknown_burst)
+        ):
+            detail = f"too many unknown keys from this address; retry in {wait} s"
+            raise _too_many(wait, detail)
         async with pool.connection() as conn:
             principal = await verify_key(conn, key)
         if principal is None:
             self._verified.pop(fingerprint, None)
-            raise Problem(401, "Unauthorized", "the API key is unknown or revoked")
+            if len(self._unknown) >= _MAX_CACHED:
+                self._unknown.clear()  # bounded memory, like the cache of verified keys
+            guesses = self._unknown.setdefault(client, _Bucket(self._unknown_burst, now))
+            guesses.wait(now, self._unknown_rate, self._unknown_burst)
+            guesses.tokens -= 1
+            raise Problem(401, "Unauthorized", "the API key is unknown, revoked or expired")
         if len(self._verified) >= _MAX_CACHED:
             self._verified.clear()
-        self._verified[fingerprint] = (principal, now + self._ttl)
+        until = now + self._ttl
+        if principal.expires_at is not None:
+            left = (principal.expires_at - datetime.now(UTC)).total_seconds()
+            until = min(until, now + left)
+        self._verified[fingerprint] = (principal, until)
         return principal
 
     def forget(self, key_id: int) -> None:
@@ -91,15 +121,9 @@ class Authenticator:
         """Takes one token from the key's bucket, or refuses with the wait until the next."""
         now = time.monotonic()
         bucket = self._buckets.setdefault(principal.key_id, _Bucket(self._burst, now))
-        bucket.tokens = min(self._burst, bucket.tokens + (now - bucket.at) * self._rate)
-        bucket.at = now
-        if bucket.tokens < 1:
-            wait = math.ceil((1 - bucket.tokens) / self._rate)
-            raise Problem(
-                429,
-                "Too Many Requests",
-                f"this key may make {self._rate:g} requests per second; retry later",
-                headers={"Retry-After": str(wait)},
+        if wait := bucket.wait(now, self._rate, self._burst):
+            raise _too_many(
+                wait, f"this key may make {self._rate:g} requests per second; retry later"
             )
         bucket.tokens -= 1
 
@@ -125,9 +149,10 @@ class KeyMiddleware:
             return
         state = scope["app"].state
         try:
-            principal = await self._admit(state, presented_key(scope["headers"]))
+            client = scope["client"][0] if scope.get("client") else ""
+            principal = await self._admit(state, presented_key(scope["headers"]), client)
         except Problem as problem:
-            await _send_problem(scope, send, problem)
+            await send_problem(scope, send, problem)
             return
         except psycopg.OperationalError:
             unavailable = Problem(
@@ -136,13 +161,13 @@ class KeyMiddleware:
                 "the store is unavailable; retry",
                 headers={"Retry-After": "5"},
             )
-            await _send_problem(scope, send, unavailable)
+            await send_problem(scope, send, unavailable)
             return
         scope.setdefault("state", {})["principal"] = principal
         await self.app(scope, receive, send)
 
     @staticmethod
-    async def _admit(state: Any, key: str | None) -> Principal:
+    async def _admit(state: Any, key: str | None, client: str) -> Principal:
         if not key:
             raise Problem(
                 401,
@@ -151,25 +176,9 @@ class KeyMiddleware:
                 headers={"WWW-Authenticate": "Bearer"},
             )
         authenticator: Authenticator = state.authenticator
-        principal = await authenticator.principal(state.pool, key)
+        principal = await authenticator.principal(state.pool, key, client)
         authenticator.admit(principal)
         return principal
-
-
-async def _send_problem(scope: Scope, send: Send, problem: Problem) -> None:
-    body = orjson.dumps(
-        {
-            "type": "about:blank",
-            "title": problem.title,
-            "status": problem.status,
-            "detail": problem.detail,
-            "instance": scope["path"],
-        }
-    )
-    headers = [(b"content-type", PROBLEM_JSON.encode()), (b"content-length", b"%d" % len(body))]
-    headers += [(k.lower().encode(), v.encode()) for k, v in problem.headers.items()]
-    await send({"type": "http.response.start", "status": problem.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
 
 
 def document_security(schema: dict[str, Any]) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from ingest.errors import Rejected
 from ingest.sparkplug import NAMESPACE, parse_topic
 from ingest.topics import GATEWAYS, TopicScheme
 from registry.access import GLOBAL_ROLES, CredentialKind, digest, verify_key
-from registry.ids import is_device_id, is_platform_id
+from registry.ids import is_device_id, is_platform_id, is_reserved_device_id
 
 CONNECT = """
 SELECT p.auto_provision,
@@ -51,7 +51,11 @@ def client_of(username: str) -> Client | None:
     """The device or gateway a user name names; None when it names neither."""
     match username.split("/"):
         case [platform, device] if device != GATEWAYS:
-            if is_platform_id(platform) and is_device_id(device):
+            if (
+                is_platform_id(platform)
+                and is_device_id(device)
+                and not is_reserved_device_id(device)
+            ):
                 return Client(platform, CredentialKind.DEVICE, device)
         case [platform, "gateways", gateway]:
             if is_platform_id(platform) and is_device_id(gateway):

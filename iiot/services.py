@@ -1,8 +1,9 @@
 """Composition of long-running services into processes.
 
 Every service has `run()` (until stopped) and `stop()` (ask it to finish what it holds and
-return). `run_until` runs a set of them in one TaskGroup, so none is left without an owner,
-and stops them all, in reverse order, when the stop event is set or one of them fails.
+return). `run_until` runs a set of them and owns their tasks: when the stop event is set or one
+of them ends (a failure included), it asks every service to stop, in reverse order, and waits
+for them to finish what they hold; a service still running after a grace period is cancelled.
 """
 
 import asyncio
@@ -72,16 +73,35 @@ def ingest_services(
                 consumer_ready=lambda: all(event.is_set() for event in ready),
                 host=settings.metrics_address,
                 port=settings.metrics_port,
+                progress=ingest.progress,
+                stall_seconds=settings.stall_seconds,
             )
         )
     return services
 
 
-async def run_until(stop: asyncio.Event, services: list[Service]) -> None:
-    async with asyncio.TaskGroup() as tasks:
-        running = [tasks.create_task(s.run()) for s in services]
-        waiting = tasks.create_task(stop.wait())
+async def run_until(
+    stop: asyncio.Event, services: list[Service], *, grace_seconds: float = 30.0
+) -> None:
+    """Runs `services` until `stop` is set or one of them returns or fails, then stops them all.
+
+    A TaskGroup would cancel the others the moment one fails, so a consumer would never get to
+    write and acknowledge what it holds; here each is asked to stop and given `grace_seconds`.
+    Raises an ExceptionGroup of every service that failed (as a TaskGroup would)."""
+    running = [asyncio.create_task(s.run(), name=type(s).__name__) for s in services]
+    waiting = asyncio.create_task(stop.wait())
+    try:
         await asyncio.wait([waiting, *running], return_when=asyncio.FIRST_COMPLETED)
         for service in reversed(services):
             service.stop()
+        await asyncio.wait(running, timeout=grace_seconds)
+    finally:
+        # Cancelled from outside, or past the grace period: no task is left without its owner.
         waiting.cancel()
+        for task in running:
+            task.cancel()
+        await asyncio.gather(waiting, *running, return_exceptions=True)
+    failed = [t.exception() for t in running if not t.cancelled() and t.exception() is not None]
+    errors = [e for e in failed if isinstance(e, Exception)]
+    if errors:
+        raise ExceptionGroup("a service failed", errors)

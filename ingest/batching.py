@@ -21,9 +21,10 @@ class Origin:
 
     partition: int
     offset: int
-    key: str | None
+    key: bytes | None  # as it arrived: any bytes (dead letters keep them)
     # The Sparkplug topic named by the record's header, when it carries a Sparkplug payload.
     sparkplug_topic: str | None = None
+    headers: Sequence[tuple[str, bytes | None]] = ()
 
 
 @dataclass(slots=True)

@@ -14,7 +14,7 @@ import orjson
 from ingest.errors import Rejected
 from ingest.settings import Limits
 from ingest.topics import TopicScheme
-from registry.ids import is_device_id, is_metric_name
+from registry.ids import is_device_id, is_metric_name, is_reserved_device_id, reserved_device_id
 
 Point = tuple[datetime, str, float]
 """(device time, metric name, value)."""
@@ -125,6 +125,8 @@ class TelemetryDecoder:
                     f"device id {device[:80]!r} breaks the id rules",
                     platform=platform,
                 )
+            if is_reserved_device_id(device):
+                raise Rejected("reserved_device_id", reserved_device_id(device), platform=platform)
             decoded.append(
                 self._device(platform, device, readings, received_at, budget, gateway=gateway)
             )

@@ -3,8 +3,10 @@
     IngestError
     ├── Rejected      the input is bad: record it as a dead letter with its reason; retrying
     │                 cannot help. Carries a stable `reason` code (docs/contract.md).
-    └── Retryable     the store or broker is unavailable: keep the unacknowledged messages and
-                      try the same batch again later; nothing is acknowledged meanwhile.
+    ├── Retryable     the store or broker is unavailable: keep the unacknowledged messages and
+    │                 try the same batch again later; nothing is acknowledged meanwhile.
+    └── Unstorable    a refusal the store will not record either: stop consuming, acknowledge
+                      nothing, and fail readiness; an operator must look at the message named.
 
 Lower-layer exceptions (psycopg, aiomqtt) are translated into these at one place each:
 `ingest.writer` for the store, `ingest.mqtt` for the broker.
@@ -27,3 +29,17 @@ class Rejected(IngestError):
 
 class Retryable(IngestError):
     """A transient failure of a dependency: retry the same work later; acknowledge nothing."""
+
+
+class Unstorable(IngestError):
+    """A refused message whose dead letter the store refuses too. Consuming stops there (never
+    a loop, never an acknowledgement of what was not stored); the message names where it is."""
+
+    @staticmethod
+    def first(group: BaseExceptionGroup["Unstorable"]) -> "Unstorable":
+        """The first of a group, however deeply nested task groups wrapped it."""
+        error: BaseException = group
+        while isinstance(error, BaseExceptionGroup):
+            error = error.exceptions[0]
+        assert isinstance(error, Unstorable)
+        return error

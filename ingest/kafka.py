@@ -42,7 +42,8 @@ from psycopg_pool import AsyncConnectionPool
 
 from ingest.batching import END, EndOfStream, Origin, Received, write_ahead
 from ingest.decoding import Decoded, MessageDecoder
-from ingest.errors import Rejected
+from ingest.errors import Rejected, Unstorable
+from ingest.progress import Progress
 from ingest.settings import IngestSettings
 from ingest.sparkplug_host import SparkplugHost
 from ingest.stats import IngestStats
@@ -179,6 +180,9 @@ class KafkaIngest:
         """How often fetching was paused because the writer was behind."""
         self.lag: dict[TopicPartition, int] = {}
         """Records behind each owned partition's end, as of the last fetch."""
+        self.progress = Progress()
+        """Per owned partition, what was fetched and not yet committed; why consuming stopped,
+        if it did."""
 
     def registry_changed(self, platform: str) -> None:
         """An operator changed the registry: forget what was cached about it."""
@@ -218,7 +222,14 @@ class KafkaIngest:
                 log.warning(
                     "Kafka session ended (%s); starting again in %.1fs", group.exceptions[0], delay
                 )
+            except* Unstorable as group:
+                self.progress.failure = str(Unstorable.first(group))
             self.assigned.clear()
+            if self.progress.failure is not None:
+                # Nothing after the record can be committed before it: stay down, unready
+                # (/readyz says why), until an operator has looked (docs/contract.md).
+                log.critical("Kafka ingest stopped: %s", self.progress.failure)
+                await self._stopping.wait()
             if self._stopping.is_set():
                 break
             with contextlib.suppress(TimeoutError):
@@ -276,6 +287,8 @@ class KafkaIngest:
         finally:
             self._consumer = None
             self.assigned.clear()
+            for tp in self._epochs:
+                self.progress.forget(tp)
             await consumer.stop()
 
     async def _take(self, consumer: AIOKafkaConsumer, partitions: Sequence[TopicPartition]) -> None:
@@ -294,6 +307,7 @@ class KafkaIngest:
             self._epochs[tp] = self._epoch
             self._stored[tp] = stored.get(tp)
             self._next[tp] = start[tp]
+            self.progress.start(tp, start[tp])
         for tp in partitions:
             consumer.seek(tp, self._next[tp])
         log.info(
@@ -316,6 +330,7 @@ class KafkaIngest:
             self._stored.pop(tp, None)
             self._next.pop(tp, None)
             self.lag.pop(tp, None)
+            self.progress.forget(tp)
         self.assigned.clear()
 
     async def _load_offsets(self, topics: set[str]) -> dict[TopicPartition, int]:
@@ -335,6 +350,7 @@ class KafkaIngest:
         while True:
             fetched = await consumer.getmany(timeout_ms=1000)
             now = datetime.now(UTC)  # once per fetch: the records' times are the producer's
+            fetched_at = self.progress.now()
             for tp, records in fetched.items():
                 epoch = self._epochs.get(tp)
                 if epoch is None:
@@ -344,6 +360,7 @@ class KafkaIngest:
                 if highwater is not None:
                     self.lag[tp] = max(highwater - records[-1].offset - 1, 0)
                 next_offset = self._next.get(tp, 0)
+                self.progress.received(tp, records[-1].offset + 1, fetched_at)
                 for record in records:
                     if record.offset < next_offset:
                         continue  # queued already in this epoch (a re-fetch): once is enough
@@ -407,7 +424,10 @@ class KafkaIngest:
                 prepared = await writer.prepare(current)
             if current:
                 advanced = await self._write_until_committed(consumer, writer, prepared)
-                self._stored.update((tp, n) for tp, n in advanced.items() if tp in self._epochs)
+                for tp, n in advanced.items():
+                    if tp in self._epochs:
+                        self._stored[tp] = n
+                        self.progress.acknowledged(tp, n)
                 with contextlib.suppress(KafkaError):
                     # Only for lag tools; the database holds the truth.
                     await consumer.commit({tp: offset for tp, offset in advanced.items()})
@@ -538,7 +558,7 @@ def _received(
                 platform=outcome.platform,
             )
     ack = KafkaAck(tp, record.offset, epoch)
-    origin = Origin(tp.partition, record.offset, key, sparkplug_topic)
+    origin = Origin(tp.partition, record.offset, record.key, sparkplug_topic, record.headers)
     return Received("kafka", tp.topic, payload, received_at, outcome, ack, origin)
 
 

@@ -11,6 +11,7 @@ from typing import Protocol
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from ingest.progress import Progress
 from ingest.sparkplug_host import SparkplugHost
 from ingest.stats import IngestStats
 
@@ -20,6 +21,7 @@ class Consumer(Protocol):
 
     stats: IngestStats
     sparkplug: SparkplugHost | None
+    progress: Progress
 
     def queue_depth(self) -> int: ...
 
@@ -61,6 +63,28 @@ class IngestCollector(Collector):
         lag = GaugeMetricFamily(
             "iiot_kafka_lag", "Records behind the partition's end.", labels=["topic", "partition"]
         )
+        oldest = GaugeMetricFamily(
+            "iiot_oldest_unacked_seconds",
+            "Age of the oldest message received and not yet acknowledged (MQTT) or committed "
+            "(Kafka); 0 when none waits.",
+            labels=["source"],
+        )
+        uncommitted = GaugeMetricFamily(
+            "iiot_kafka_oldest_uncommitted_seconds",
+            "Age of the partition's oldest record fetched and not yet committed; 0 when none.",
+            labels=["topic", "partition"],
+        )
+        stalled = GaugeMetricFamily(
+            "iiot_ingest_stalled_seconds",
+            "How long the consumer has held messages without acknowledging any (the longest of "
+            "its partitions); 0 when it makes progress or holds nothing.",
+            labels=["source"],
+        )
+        failed = GaugeMetricFamily(
+            "iiot_ingest_failed",
+            "1 when the consumer stopped on a refusal the store would not record (see /readyz).",
+            labels=["source"],
+        )
         gaps = CounterMetricFamily(
             "iiot_sparkplug_seq_gaps",
             "Sparkplug seq numbers that never arrived.",
@@ -96,6 +120,17 @@ class IngestCollector(Collector):
             queue.add_metric([source], consumer.queue_depth())
             for (topic, partition), behind in sorted(consumer.partition_lag().items()):
                 lag.add_metric([topic, str(partition)], behind)
+            progress = consumer.progress
+            waiting = progress.oldest_waiting()
+            oldest.add_metric([source], max(waiting.values(), default=0.0))
+            if source == "kafka":
+                owned: set[tuple[str, int]] = set(consumer.partition_lag())
+                owned.update(tp for tp in waiting if isinstance(tp, tuple))
+                for topic, partition in sorted(owned):
+                    age = waiting.get((topic, partition), 0.0)
+                    uncommitted.add_metric([topic, str(partition)], age)
+            stalled.add_metric([source], max(progress.stalled().values(), default=0.0))
+            failed.add_metric([source], int(progress.failure is not None))
             if consumer.sparkplug is not None:
                 spb = consumer.sparkplug.sessions.stats
                 gaps.add_metric([source], spb.gaps)
@@ -114,6 +149,6 @@ class IngestCollector(Collector):
                         family.samples = labelled
                     else:
                         merged.samples += labelled
-        yield from (received, stored, duplicates, registered, rejected, queue, lag, gaps, rebirths)
-        yield from (not_stored, restamped)
+        yield from (received, stored, duplicates, registered, rejected, queue, lag)
+        yield from (oldest, uncommitted, stalled, failed, gaps, rebirths, not_stored, restamped)
         yield from histograms.values()

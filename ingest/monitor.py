@@ -5,7 +5,7 @@ process (start with `run()`, stop with `stop()`), so Kubernetes probes and Prome
 every ingest process the same way they reach the API.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from api.server import ApiServer
+from ingest.progress import Progress
 
 
 class Monitor:
@@ -28,12 +29,18 @@ class Monitor:
         consumer_ready: Callable[[], bool],
         host: str,
         port: int,
+        progress: Progress | None = None,
+        stall_seconds: float = 120.0,
     ) -> None:
-        """`consumer_ready`: whether the consumer is connected and subscribed (or assigned)."""
+        """`consumer_ready`: whether the consumer is connected and subscribed (or assigned);
+        `progress`: the consumer's, to find it stopped or stalled (no acknowledgement for
+        `stall_seconds` while it holds messages)."""
         self._registry = CollectorRegistry()
         self._registry.register(collector)
         self._pool = pool
         self._consumer_ready = consumer_ready
+        self._progress = progress
+        self._stall_seconds = stall_seconds
         app = Starlette(
             routes=[
                 Route("/metrics", self._metrics),
@@ -60,10 +67,22 @@ class Monitor:
         return JSONResponse({"status": "ok"})
 
     async def _readyz(self, request: Request) -> Response:
-        """Ready when the consumer is connected and subscribed and the store answers."""
+        """Ready when the consumer is connected and subscribed, makes progress with what it
+        holds, and the store answers."""
         problems = []
+        progress = self._progress
+        if progress is not None and progress.failure is not None:
+            problems.append(f"the consumer stopped: {progress.failure}")
         if not self._consumer_ready():
             problems.append("the consumer is not connected and subscribed")
+        if progress is not None:
+            waiting = progress.oldest_waiting()
+            for stream, seconds in sorted(progress.stalled().items(), key=str):
+                if seconds >= self._stall_seconds:
+                    problems.append(
+                        f"no progress on {stream_name(stream)} for {seconds:.0f}s; its oldest "
+                        f"message not yet acknowledged arrived {waiting[stream]:.0f}s ago"
+                    )
         try:
             async with self._pool.connection(timeout=2) as conn:
                 await conn.execute("SELECT 1")
@@ -72,3 +91,10 @@ class Monitor:
         if problems:
             return JSONResponse({"status": "not ready", "problems": problems}, status_code=503)
         return JSONResponse({"status": "ready"})
+
+
+def stream_name(stream: Hashable) -> str:
+    """A Kafka partition as topic[partition]; MQTT's one stream by its name."""
+    if isinstance(stream, tuple) and len(stream) == 2:
+        return f"{stream[0]}[{stream[1]}]"
+    return f"the {stream} session" if stream == "mqtt" else str(stream)

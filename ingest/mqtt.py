@@ -38,7 +38,9 @@ from psycopg_pool import AsyncConnectionPool
 
 from ingest.batching import END, EndOfStream, Received, write_ahead
 from ingest.decoding import MessageDecoder
+from ingest.errors import Unstorable
 from ingest.paho_speedups import Publish, acknowledge, read_in_bulk, share_property_tables
+from ingest.progress import Progress
 from ingest.settings import IngestSettings
 from ingest.sparkplug import NAMESPACE, state_online, state_payload, state_topic
 from ingest.sparkplug_host import SparkplugHost, sparkplug_filters
@@ -53,6 +55,11 @@ MqttAck = tuple[int, int]
 
 _RETRY_FIRST, _RETRY_MAX = 0.5, 10.0
 _YIELD_EVERY = 50  # messages the receiver decodes before it lets other tasks run
+# The "acknowledgement" of what the host decided itself (a silent edge node's session ending):
+# no packet of the session, so nothing to acknowledge and no position in the stream.
+_NOT_RECEIVED: MqttAck = (0, -1)
+SESSION = "mqtt"
+"""The one stream of `MqttIngest.progress`: the session's messages, acknowledged in order."""
 
 
 class MqttIngest:
@@ -94,8 +101,11 @@ class MqttIngest:
         self._state_timestamp = 0
         self._stopping = asyncio.Event()
         self._queue: asyncio.Queue[Any] | None = None
+        self._state_offline = asyncio.Event()
         self.subscribed = asyncio.Event()
         """Set while a session is subscribed (tests and readiness wait on it)."""
+        self.progress = Progress()
+        """What was received and not yet acknowledged; why consuming stopped, if it did."""
 
     def registry_changed(self, platform: str) -> None:
         """An operator changed the registry: forget what was cached about it."""
@@ -125,7 +135,15 @@ class MqttIngest:
                 log.warning(
                     "MQTT connection lost (%s); reconnecting in %.1fs", group.exceptions[0], delay
                 )
+            except* Unstorable as group:
+                self.progress.failure = str(Unstorable.first(group))
             self.subscribed.clear()
+            self.progress.forget(SESSION)  # what was not acknowledged, the broker keeps
+            if self.progress.failure is not None:
+                # Nothing after the message can be acknowledged before it: stay down, unready
+                # (/readyz says why), until an operator has looked (docs/contract.md).
+                log.critical("MQTT ingest stopped: %s", self.progress.failure)
+                await self._stopping.wait()
             if self._stopping.is_set():
                 break
             with contextlib.suppress(TimeoutError):
@@ -165,6 +183,7 @@ class MqttIngest:
                     await client.subscribe(state_topic(host_id), qos=0)
                 await self._announce_state(client, online=True)
                 self.sparkplug.connected()
+            self.progress.start(SESSION, 0)
             self.subscribed.set()
             log.info(
                 "subscribed to %s as %s",
@@ -175,7 +194,7 @@ class MqttIngest:
                 receiving = tasks.create_task(self._receive(client, arrived, queue))
                 writing = tasks.create_task(self._write(client, queue))
                 stopping = tasks.create_task(self._stopping.wait())
-                commanding = tasks.create_task(self._request_rebirths(client, queue))
+                commanding = tasks.create_task(self._act_as_host(client, queue))
                 await asyncio.wait((stopping, writing), return_when=asyncio.FIRST_COMPLETED)
                 receiving.cancel()
                 commanding.cancel()
@@ -211,27 +230,27 @@ class MqttIngest:
             payload = state_payload(online, self._state_timestamp)
             await client.publish(state_topic(host_id), payload, qos=1, retain=True)
 
-    async def _state_seen(self, client: aiomqtt.Client, payload: bytes) -> None:
-        """Our STATE says offline (a stale Will, another client): Sparkplug 3.0 has the host
-        publish its `online: true` again, with the timestamp of its current Will."""
-        if not state_online(payload):
-            log.warning("STATE of this host said offline; publishing online again")
-            await self._announce_state(client, online=True)
-
-    async def _request_rebirths(
+    async def _act_as_host(
         self, client: aiomqtt.Client, queue: "asyncio.Queue[Received[MqttAck] | EndOfStream]"
     ) -> None:
-        """Publishes the Rebirth requests the Sparkplug sessions ask for (gaps, unknown
-        aliases, data before a birth); QoS 0, as the specification has commands. Ends the
-        sessions of edge nodes silent since this connection began, through the writer as their
-        NDEATH would have (nothing to acknowledge)."""
+        """The Sparkplug host's own doings, a few times a second:
+        - its STATE said offline (a stale Will, another client): Sparkplug 3.0 has the host
+          publish `online: true` again, with the timestamp of its current Will;
+        - edge nodes silent since this connection began: their sessions end, through the writer
+          as their NDEATH would have ended them (no packet of the session: nothing to ack);
+        - the Rebirth requests the sessions ask for (gaps, unknown aliases, data before a
+          birth), QoS 0, as the specification has commands."""
         if self.sparkplug is None:
             return
         while True:
+            if self._state_offline.is_set():
+                self._state_offline.clear()
+                log.warning("STATE of this host said offline; publishing online again")
+                await self._announce_state(client, online=True)
             now = datetime.now(UTC)
             for topic, decoded in self.sparkplug.silent_ended(now):
                 log.warning("%s: silent since the host connected; its session ends", topic)
-                await queue.put(Received("mqtt", topic, b"", now, decoded, (0, 0)))
+                await queue.put(Received("mqtt", topic, b"", now, decoded, _NOT_RECEIVED))
             for topic, payload in self.sparkplug.rebirths():
                 log.info("requesting a Rebirth on %s", topic)
                 await client.publish(topic, payload, qos=0)
@@ -285,8 +304,16 @@ class MqttIngest:
         # that its iterator still wakes `_receive` and ends when the connection is lost.
         arrived: deque[Publish] = deque()
         wake = _wakeups(client).put_nowait
+        # The host's own STATE (QoS 0) is no message of the stream: noted here, answered by
+        # `_act_as_host`.
+        own_state = state_topic(s.sparkplug_host_id) if will is not None else None
+        self._state_offline.clear()
 
         def on_publish(topic: str, payload: bytes, mid: int, qos: int) -> None:
+            if topic == own_state:
+                if not state_online(payload):
+                    self._state_offline.set()
+                return
             if not arrived:
                 wake(None)
             arrived.append((topic, payload, mid, qos))
@@ -302,18 +329,17 @@ class MqttIngest:
     ) -> None:
         decode = self._decode
         sparkplug = self.sparkplug.decode if self.sparkplug is not None else None
-        own_state = state_topic(self._settings.sparkplug_host_id) if sparkplug else None
         # aiomqtt's iterator yields the wake-ups `_client` puts in its private queue (see
         # docs/adr/0002); it raises MqttError when the connection is lost.
         wakeups = cast("AsyncIterator[None]", client.messages)
+        progress = self.progress
         taken = 0
         async for _ in wakeups:
+            # What arrived is noted per burst and every _YIELD_EVERY messages, not per message.
+            progress.received(SESSION, taken + len(arrived), progress.now())
             while arrived:
                 received_at = datetime.now(UTC)
                 topic, payload, mid, qos = arrived.popleft()
-                if topic == own_state:
-                    await self._state_seen(client, payload)
-                    continue
                 if sparkplug is not None and topic.startswith(NAMESPACE):
                     outcome = sparkplug(topic, payload, received_at)
                 else:
@@ -330,14 +356,18 @@ class MqttIngest:
                     # Let the writer go on as soon as the store answers a statement: decoding
                     # a backlog in one go would leave PostgreSQL idle meanwhile.
                     await asyncio.sleep(0)
+                    progress.received(SESSION, taken + len(arrived), progress.now())
 
     async def _write(
         self, client: aiomqtt.Client, queue: "asyncio.Queue[Received[MqttAck] | EndOfStream]"
     ) -> None:
         paho = _paho(client)
         keep_births = SparkplugHost.keep_births if self.sparkplug is not None else None
+        acknowledged = 0
 
         async def commit(prepared: PreparedBatch) -> None:
+            nonlocal acknowledged
+
             async def in_transaction(conn: AsyncConnection[Any], _: Refusals) -> None:
                 if keep_births is not None:
                     await keep_births(conn, prepared.batch)
@@ -348,6 +378,8 @@ class MqttIngest:
                 # Connection gone: the broker redelivers in the next session; the writer
                 # stores the redelivered points once.
                 raise aiomqtt.MqttError("acknowledgement failed: not connected")
+            acknowledged += sum(1 for ack in acks if ack != _NOT_RECEIVED)
+            self.progress.acknowledged(SESSION, acknowledged)
 
         s = self._settings
         await write_ahead(

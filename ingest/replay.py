@@ -28,7 +28,7 @@ from ingest.writer import Refusals, TelemetryWriter
 
 SELECT_DEAD_LETTERS = """
 SELECT id, received_at, source, topic, platform_id, reason, detail, payload,
-       replayed_at, replay_outcome, kafka_key, sparkplug_topic
+       replayed_at, replay_outcome, kafka_key, sparkplug_topic, kafka_headers, raw_topic
 FROM dead_letters
 WHERE (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s))
   AND (%(platform)s::text IS NULL OR platform_id = %(platform)s)
@@ -55,8 +55,10 @@ class DeadLetter:
     payload: bytes
     replayed_at: Any
     replay_outcome: str | None
-    kafka_key: str | None = None
+    kafka_key: bytes | None = None
     sparkplug_topic: str | None = None
+    kafka_headers: list[list[bytes | None]] | None = None  # [name, value] pairs
+    raw_topic: bytes | None = None  # the topic as it arrived, when `topic` escapes it
 
 
 @dataclass(slots=True)
@@ -109,7 +111,10 @@ async def replay(
     root = settings.mqtt_topic_root
     for letter in letters:
         outcome: Decoded | Rejected
-        if letter.sparkplug_topic or letter.topic.startswith(NAMESPACE):
+        topic = (
+            letter.raw_topic.decode(errors="surrogateescape") if letter.raw_topic else letter.topic
+        )
+        if letter.sparkplug_topic is not None or topic.startswith(NAMESPACE):
             # Its meaning depends on the edge node's session at the time (aliases, seq, bdSeq).
             outcome = Rejected(
                 "not_replayable",
@@ -118,12 +123,14 @@ async def replay(
                 platform=letter.platform_id,
             )
         elif letter.source == "kafka":
-            address = f"{root}/{letter.kafka_key}/telemetry" if letter.kafka_key else ""
+            # A key that is not UTF-8 cannot name a device: refused again (bad_device_id).
+            key = letter.kafka_key.decode(errors="replace") if letter.kafka_key else ""
+            address = f"{root}/{key}/telemetry" if key else ""
             outcome = decode(address, letter.payload, letter.received_at)
         else:
-            outcome = decode(letter.topic, letter.payload, letter.received_at)
+            outcome = decode(topic, letter.payload, letter.received_at)
         message = Received(
-            letter.source, letter.topic, letter.payload, letter.received_at, outcome, letter.id
+            letter.source, topic, letter.payload, letter.received_at, outcome, letter.id
         )
 
         async def record(

@@ -106,6 +106,12 @@ class IngestSettings(Limits, TopicSettings):
     # Serve Prometheus metrics on /metrics at this port (ingest/metrics.py); unset: off.
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
     metrics_address: str = "127.0.0.1"
+    stall_seconds: float = Field(
+        default=120.0,
+        gt=0,
+        description="/readyz fails when the consumer has held messages this long without "
+        "acknowledging any (a stuck partition or store); see iiot_ingest_stalled_seconds.",
+    )
 
     batch_max_points: int = Field(default=50_000, ge=1)
     batch_max_delay_seconds: float = Field(default=0.2, gt=0)

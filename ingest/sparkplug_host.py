@@ -28,7 +28,7 @@ from ingest.sparkplug import (
     parse_topic,
     rebirth_request,
 )
-from registry.ids import is_device_id, is_platform_id
+from registry.ids import is_device_id, is_platform_id, is_reserved_device_id, reserved_device_id
 
 log = logging.getLogger(__name__)
 
@@ -93,15 +93,12 @@ class SparkplugHost:
         try:
             address = parse_topic(topic)
             platform = self.platform(address.group)
+            # Before the session sees it (a rebirth would not change it: no request).
+            _check_device_id(device_id(address.edge_node, address.device))
         except Rejected as rejected:
             rejected.platform = platform
             return rejected
         edge = address.edge_node
-        qualified = device_id(edge, address.device)
-        if not is_device_id(qualified):  # a rebirth would not change it: no request
-            return Rejected(
-                "bad_device_id", f"{qualified[:140]!r} is over 128 characters", platform=platform
-            )
         try:
             payload = decode_payload(
                 raw,
@@ -211,6 +208,13 @@ def device_id(edge_node: str, device: str | None) -> str:
     """The registry id of a Sparkplug device: its id is unique only under its edge node, so it
     is qualified by it (`edge:device`); the edge node's own metrics are the device `edge`."""
     return edge_node if device is None else f"{edge_node}:{device}"
+
+
+def _check_device_id(device: str) -> None:
+    if not is_device_id(device):
+        raise Rejected("bad_device_id", f"{device[:140]!r} is over 128 characters")
+    if is_reserved_device_id(device):
+        raise Rejected("reserved_device_id", reserved_device_id(device))
 
 
 def _decoded(

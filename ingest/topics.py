@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ingest.errors import Rejected
-from registry.ids import is_device_id, is_platform_id
+from registry.ids import is_device_id, is_platform_id, is_reserved_device_id, reserved_device_id
 
 GATEWAYS = "gateways"
 
@@ -90,6 +90,8 @@ class TopicScheme:
                 platform, gateway=gateway, kind="telemetry" if kind == "telemetry" else "status"
             )
         device = _checked(parts[1], "device", platform)
+        if is_reserved_device_id(device):
+            raise Rejected("reserved_device_id", reserved_device_id(device), platform=platform)
         return Address(
             platform, device=device, kind="telemetry" if kind == "telemetry" else "status"
         )

@@ -10,9 +10,13 @@ Duplicates (a redelivered message, or the same point twice in a batch) make the 
 fail on the primary key; the batch is then written again through a staging table with
 `ON CONFLICT DO NOTHING`, so a point (device, metric, time) is stored once (docs/adr/0002).
 
-A batch the store refuses for a reason other than its availability is split in halves until the
-message it refuses is alone; that message becomes a dead letter (`store_refused`), the rest is
-stored. Store unavailability raises Retryable with nothing committed.
+What the store refuses is sorted by SQLSTATE. A data error (classes 22 and 23) is about a
+message: the batch is split in halves until the message the store refuses is alone; that message
+becomes a dead letter (`store_refused`), the rest is stored. Any other error (connection,
+resources, schema, permissions: 08, 53, 57, 58, 42, ...) is about the store, not the data: it
+raises Retryable with nothing committed, and the batch waits, so that a broken store never turns
+a healthy stream into dead letters. Dead letters keep what arrived byte for byte; a refusal whose
+dead letter is refused too raises Unstorable, naming the message (bounded: never a loop).
 """
 
 import asyncio
@@ -35,7 +39,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from ingest.batching import Received
 from ingest.decoding import Decoded, Telemetry
-from ingest.errors import Rejected, Retryable
+from ingest.errors import Rejected, Retryable, Unstorable
 from ingest.metering import BatchMeter, MeterKey, QuotaGuard, meter_key
 from ingest.metric_names import MetricNames
 from ingest.stats import IngestStats
@@ -74,7 +78,8 @@ SELECT device_id, count(*) FROM added GROUP BY device_id
 ENSURE_PARTITIONS = "SELECT iiot_ensure_telemetry_partitions(%s, %s)"
 COPY_DEAD_LETTERS = """
 COPY dead_letters (received_at, source, topic, platform_id, reason, detail, payload,
-                  kafka_partition, kafka_offset, kafka_key, sparkplug_topic)
+                  kafka_partition, kafka_offset, kafka_key, sparkplug_topic, kafka_headers,
+                  raw_topic)
 FROM STDIN (FORMAT BINARY)
 """
 DEAD_LETTER_TYPES = (
@@ -87,9 +92,14 @@ DEAD_LETTER_TYPES = (
     "bytea",
     "int4",
     "int8",
+    "bytea",
     "text",
-    "text",
+    "bytea[]",
+    "bytea",
 )
+# SQLSTATE classes of errors that the data written causes (22 data exception, 23 integrity
+# constraint violation): only these isolate a message. Every other class is about the store.
+_DATA_ERROR_CLASSES = frozenset({"22", "23"})
 
 Row = tuple[datetime, int, int, float]
 """(time, device id, metric id, value): a row of `telemetry`."""
@@ -233,10 +243,10 @@ class TelemetryWriter:
             try:
                 async with self._pool.connection() as conn:
                     resolved = await self._resolve(conn, batch, prepared.report)
-            except psycopg.OperationalError:
-                return prepared  # the commit tries again, and reports the store's state
             except psycopg.Error as exc:
-                prepared.failure = exc
+                # Any other error: the commit tries again, and reports the store's state.
+                if is_data_error(exc):
+                    prepared.failure = exc
                 return prepared
         prepared.resolved = resolved
         await _encode(prepared, resolved)
@@ -261,9 +271,11 @@ class TelemetryWriter:
                         prepared.resolved = await self._resolve(conn, batch, prepared.report)
                         await _encode(prepared, prepared.resolved)
                     report = await self._commit(conn, prepared, in_transaction, dead_letter)
-        except psycopg.OperationalError as exc:
-            raise Retryable(f"store unavailable: {exc}") from exc
         except psycopg.Error as exc:
+            if not is_data_error(exc):
+                raise Retryable(
+                    f"store unavailable or refusing the batch (SQLSTATE {exc.sqlstate}): {exc}"
+                ) from exc
             return await self._isolate(batch, in_transaction, dead_letter, exc)
         self._count(report)
         self._stats.write_seconds.observe(time.perf_counter() - prepared.started)
@@ -305,9 +317,17 @@ class TelemetryWriter:
         dead_letter: bool,
         error: psycopg.Error,
     ) -> WriteReport:
-        """Finds what the store refuses by halving the batch; dead-letters it, stores the rest."""
+        """Finds what the store refuses by halving the batch; dead-letters it, stores the rest.
+
+        Bounded: a message found alone is written once more as a dead letter; if that is refused
+        too (it was a refusal already), Unstorable stops the consumer instead of a loop."""
         if len(batch) == 1:
             (message,) = batch
+            if isinstance(message.outcome, Rejected):
+                raise Unstorable(
+                    f"{describe(message)}: refused ({message.outcome.reason}), and the store "
+                    f"refuses its dead letter too: {type(error).__name__}: {error}"
+                ) from error
             log.error(
                 "the store refused a message on %s: %s",
                 message.topic,
@@ -644,21 +664,61 @@ async def _copy_dead_letters(
         copy.set_types(DEAD_LETTER_TYPES)
         for message, reason in rejected:
             origin = message.origin
+            topic = as_text(message.topic)
+            sparkplug_topic = origin and origin.sparkplug_topic
             await copy.write_row(
                 (
                     message.received_at,
                     message.source,
-                    message.topic,
-                    reason.platform,
+                    topic,
+                    reason.platform and as_text(reason.platform),
                     reason.reason,
-                    reason.detail,
+                    as_text(reason.detail),
                     message.payload,
                     origin and origin.partition,
                     origin and origin.offset,
                     origin and origin.key,
-                    origin and origin.sparkplug_topic,
+                    sparkplug_topic and as_text(sparkplug_topic),
+                    [[name.encode(), value] for name, value in origin.headers]
+                    if origin and origin.headers
+                    else None,
+                    message.topic.encode(errors="surrogateescape")
+                    if topic != message.topic
+                    else None,
                 )
             )
+
+
+def is_data_error(error: psycopg.Error) -> bool:
+    """Whether the data written caused `error` (isolate the message) rather than the store's
+    state (wait and retry the batch): by SQLSTATE class, docs/contract.md."""
+    state = error.sqlstate
+    if state is None:  # raised by psycopg before the server saw it: a value it cannot send
+        return isinstance(error, psycopg.DataError)
+    return state[:2] in _DATA_ERROR_CLASSES
+
+
+def as_text(text: str) -> str:
+    """`text` as a text column can hold it: a NUL, which PostgreSQL refuses, and unpaired
+    surrogates (bytes that were not UTF-8) are written as backslash escapes."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        text = text.encode(errors="backslashreplace").decode()
+    return text
+
+
+def describe(message: Received[Any]) -> str:
+    """Where a message is, for an operator: Kafka topic, partition and offset; MQTT topic and
+    packet id."""
+    origin = message.origin
+    if origin is not None:
+        return f"Kafka record {message.topic}[{origin.partition}] at offset {origin.offset}"
+    if message.source == "mqtt" and isinstance(message.ack, tuple):
+        return f"MQTT message on {message.topic!r} (packet id {message.ack[0]})"
+    return f"{message.source} message on {message.topic!r}"
 
 
 def _utc_day(ts: datetime) -> date:

@@ -10,7 +10,7 @@ import hmac
 import re
 import secrets
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Final
 
@@ -38,14 +38,17 @@ class CredentialKind(StrEnum):
 
 
 PLATFORM_EXISTS = "SELECT 1 FROM platforms WHERE id = %s"
-FIND_KEY = "SELECT id, digest, role, platform_id, revoked_at FROM api_keys WHERE prefix = %s"
+FIND_KEY = """
+SELECT id, digest, role, platform_id, revoked_at, expires_at FROM api_keys WHERE prefix = %s
+"""
 INSERT_KEY = """
-INSERT INTO api_keys (prefix, digest, role, platform_id, name, created_by)
-VALUES (%(prefix)s, %(digest)s, %(role)s, %(platform)s, %(name)s, %(by)s)
-RETURNING id, prefix, role, platform_id AS platform, name, created_at, revoked_at
+INSERT INTO api_keys (prefix, digest, role, platform_id, name, created_by, expires_at)
+VALUES (%(prefix)s, %(digest)s, %(role)s, %(platform)s, %(name)s, %(by)s, %(expires_at)s)
+RETURNING id, prefix, role, platform_id AS platform, name, created_at, revoked_at, expires_at
 """
 LIST_KEYS = """
-SELECT id, prefix, role, platform_id AS platform, name, created_at, revoked_at FROM api_keys
+SELECT id, prefix, role, platform_id AS platform, name, created_at, revoked_at, expires_at
+FROM api_keys
 WHERE (%(platform)s::text IS NULL OR platform_id = %(platform)s)
   AND (%(after)s::bigint IS NULL OR id > %(after)s)
 ORDER BY id LIMIT %(limit)s
@@ -53,7 +56,7 @@ ORDER BY id LIMIT %(limit)s
 REVOKE_KEY = """
 UPDATE api_keys SET revoked_at = coalesce(revoked_at, now())
 WHERE id = %(id)s AND (%(platform)s::text IS NULL OR platform_id = %(platform)s)
-RETURNING id, prefix, role, platform_id AS platform, name, created_at, revoked_at
+RETURNING id, prefix, role, platform_id AS platform, name, created_at, revoked_at, expires_at
 """
 REVOKE_NAMED = """
 UPDATE api_keys SET revoked_at = now()
@@ -108,6 +111,7 @@ class Principal:
     key_id: int
     role: Role
     platform: str | None  # None: all platforms (admin, broker, national viewer)
+    expires_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +123,7 @@ class ApiKey:
     name: str
     created_at: datetime
     revoked_at: datetime | None
+    expires_at: datetime | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +148,7 @@ async def create_key(
     name: str,
     created_by: int | None,
     key: str | None = None,
+    expires_at: datetime | None = None,
 ) -> tuple[ApiKey, str]:
     """A new key and its secret form, which is never stored and cannot be shown again.
 
@@ -171,6 +177,7 @@ async def create_key(
         "platform": platform,
         "name": name,
         "by": created_by,
+        "expires_at": expires_at,
     }
     async with conn.cursor(row_factory=class_row(ApiKey)) as cur:
         await cur.execute(INSERT_KEY, args)
@@ -182,7 +189,8 @@ async def create_key(
         created.prefix,
         key_id=created_by,
         platform=platform,
-        detail={"role": role.value},
+        detail={"role": role.value}
+        | ({"expires_at": expires_at.isoformat()} if expires_at else {}),
     )
     return created, key
 
@@ -203,7 +211,8 @@ async def import_key(
 
 
 async def verify_key(conn: AsyncConnection[Any], key: str) -> Principal | None:
-    """The principal a presented key stands for; None when it is unknown, malformed or revoked."""
+    """The principal a presented key stands for; None when it is unknown, malformed, revoked
+    or expired."""
     parts = key.split("_", 2)  # the secret part may contain "_" itself
     if len(parts) != 3 or parts[0] != "iiot":
         return None
@@ -211,10 +220,12 @@ async def verify_key(conn: AsyncConnection[Any], key: str) -> Principal | None:
     row = await cur.fetchone()
     if row is None:
         return None
-    key_id, stored, role, platform, revoked_at = row
+    key_id, stored, role, platform, revoked_at, expires_at = row
     if revoked_at is not None or not hmac.compare_digest(bytes(stored), digest(key)):
         return None
-    return Principal(key_id, Role(role), platform)
+    if expires_at is not None and expires_at <= datetime.now(UTC):
+        return None
+    return Principal(key_id, Role(role), platform, expires_at)
 
 
 async def list_keys(

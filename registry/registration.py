@@ -13,7 +13,9 @@ from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 
 from registry.connection import Counters, lock_gateways
-from registry.errors import NotFound
+from registry.errors import Invalid, NotFound
+from registry.ids import is_reserved_device_id, reserved_device_id
+from registry.json_limits import MAX_BYTES, MAX_KEYS
 from registry.notifications import announce
 
 MAX_BULK: Final = 10_000
@@ -34,7 +36,20 @@ SELECT %(platform)s, device_id, metadata
 FROM unnest(%(devices)s::text[], %(metadata)s::jsonb[]) AS i(device_id, metadata)
 ORDER BY device_id
 ON CONFLICT (platform_id, device_id) DO UPDATE SET metadata = devices.metadata || EXCLUDED.metadata
-RETURNING xmax = 0
+RETURNING xmax = 0, device_id
+"""
+
+# Merging adds one document's keys to another's: the merged metadata keeps the limits each
+# document was checked against (registry/json_limits.py). Its depth cannot grow (`||` merges
+# the top level). Size as jsonb's text, keys counted at every level.
+MERGED_BEYOND_LIMITS = """
+SELECT device_id, bytes, keys FROM devices,
+LATERAL (SELECT octet_length(metadata::text) AS bytes,
+                jsonb_array_length(jsonb_path_query_array(
+                    metadata, 'strict $.** ? (@.type() == "object").keyvalue()')) AS keys) s
+WHERE platform_id = %(platform)s AND device_id = ANY(%(devices)s)
+  AND (bytes > %(max_bytes)s OR keys > %(max_keys)s)
+ORDER BY device_id LIMIT 1
 """
 
 SELECT_LIVE_IDS = """
@@ -123,7 +138,11 @@ async def register_devices(
 ) -> int:
     """Registers devices (or returns decommissioned ones to service, merging metadata);
     returns how many are newly counted as registered. Call within a transaction."""
-    ordered = sorted(dict(devices).items())  # one entry per id, in lock order
+    reserved = [d for d, _ in devices if is_reserved_device_id(d)]
+    if reserved:
+        raise Invalid(f"reserved_device_id: {reserved_device_id(reserved[0])}")
+    given = dict(devices)  # one entry per id
+    ordered = sorted(given.items())  # in lock order
     args = {
         "platform": platform,
         "devices": [d for d, _ in ordered],
@@ -132,7 +151,12 @@ async def register_devices(
     cur = await conn.execute(REACTIVATE_DEVICES, args)
     returned = [row[0] for row in await cur.fetchall()]
     cur = await conn.execute(REGISTER_DEVICES, args)
-    inserted = sum(1 for row in await cur.fetchall() if row[0])
+    rows = await cur.fetchall()
+    inserted = sum(1 for new, _ in rows if new)
+    # Inserted metadata was checked by the API; merged metadata is checked as merged.
+    merged = [device for new, device in rows if not new and given[device]]
+    if merged:
+        await _check_merged(conn, platform, merged)
     added, seen_again = inserted + len(returned), sum(returned)
     counters = Counters(shard)
     counters.add(platform, registered=added, ever=seen_again)
@@ -165,10 +189,27 @@ async def decommission_devices(
 async def update_device_metadata(
     conn: AsyncConnection[Any], platform: str, device_id: str, metadata: dict[str, Any]
 ) -> Device:
+    """Merges `metadata` into the device's; call within a transaction (a merged document
+    beyond the limits raises Invalid, and the transaction must roll back)."""
     cur = await conn.execute(UPDATE_METADATA, (Jsonb(metadata), platform, device_id))
     if await cur.fetchone() is None:
         raise NotFound(f"device {device_id!r} on platform {platform!r}")
+    await _check_merged(conn, platform, [device_id])
     return await get_device(conn, platform, device_id)
+
+
+async def _check_merged(conn: AsyncConnection[Any], platform: str, devices: list[str]) -> None:
+    limits = {"max_bytes": MAX_BYTES, "max_keys": MAX_KEYS}
+    cur = await conn.execute(
+        MERGED_BEYOND_LIMITS, {"platform": platform, "devices": devices, **limits}
+    )
+    row = await cur.fetchone()
+    if row is not None:
+        device, size, keys = row
+        raise Invalid(
+            f"device {device!r}: its merged metadata would have {keys} keys and {size} bytes; "
+            f"the limits are {MAX_KEYS} keys (max_keys) and {MAX_BYTES} bytes (max_bytes)"
+        )
 
 
 async def get_device(conn: AsyncConnection[Any], platform: str, device_id: str) -> Device:

@@ -13,6 +13,7 @@ from typing import Any
 
 from psycopg import AsyncConnection
 
+from registry.csv_cells import text_cell
 from registry.errors import NotFound
 
 DEVICE_ROW = "SELECT id FROM devices WHERE platform_id = %s AND device_id = %s"
@@ -43,7 +44,8 @@ ORDER BY m.name
 POINTS = """
 SELECT time, value FROM telemetry
 WHERE device_id = %(device)s AND metric_id = %(metric)s
-  AND time >= %(start)s AND time < %(end)s AND time > %(after)s
+  AND time >= %(start)s AND time < %(end)s
+  AND time > coalesce(%(after)s::timestamptz, '-infinity')
 ORDER BY time
 LIMIT %(limit)s
 """
@@ -120,7 +122,7 @@ async def points(
             "metric": metric,
             "start": start,
             "end": end,
-            "after": after or start - timedelta(microseconds=1),
+            "after": after,
             "limit": limit,
         },
     )
@@ -175,7 +177,7 @@ async def export_csv(
             },
         )
         while rows := await cur.fetchmany(rows_per_chunk):
-            writer.writerows((t.isoformat(), name, repr(v)) for t, name, v in rows)
+            writer.writerows((t.isoformat(), text_cell(name), repr(v)) for t, name, v in rows)
             yield out.getvalue()
             out.seek(0)
             out.truncate()

@@ -31,6 +31,17 @@ from registry.settings import StoreSettings
 from registry.store import connect, create_pool
 from tests import services
 
+# A test that asks for none of these (directly or through another fixture) and starts no server
+# of its own (those are marked `slow`) needs no services: `make test-fast` runs just those.
+SERVICE_FIXTURES = frozenset({"database_url", "mqtt_url", "kafka"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        needs = SERVICE_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+        if not needs and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.fast)
+
 
 @pytest.fixture(scope="session")
 def services_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -116,6 +127,7 @@ async def api_as(store: StoreSettings) -> AsyncIterator[ApiAs]:
             database_schema=store.database_schema,
             api_rate_per_second=1e6,  # tests fire requests faster than any operator
             api_rate_burst=1_000_000,
+            api_unknown_key_burst=1_000_000,  # and try more unknown keys than any client
         )
     )
     transport = httpx.ASGITransport(app=app)
@@ -150,6 +162,19 @@ def ingest_settings(store: StoreSettings, mqtt_url: str, unique: str) -> IngestS
         sparkplug_groups="",
         batch_max_delay_seconds=0.05,
         shutdown_grace_seconds=5,
+    )
+
+
+@pytest.fixture
+def kafka_settings(ingest_settings: IngestSettings, kafka: str, unique: str) -> IngestSettings:
+    """Ingest's settings for a Kafka topic and consumer group of the test's own."""
+    return ingest_settings.model_copy(
+        update={
+            "kafka_bootstrap": kafka,
+            "kafka_topics": [f"telemetry-{unique}"],
+            "kafka_group_id": f"iiot-{unique}",
+            "kafka_client_id": f"iiot-test-{unique}",
+        }
     )
 
 

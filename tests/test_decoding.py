@@ -172,3 +172,14 @@ def test_bad_gateway_messages_are_rejected_whole(
     with pytest.raises(Rejected) as caught:
         decoder.decode_gateway("p", "edge", orjson.dumps(document), NOW)
     assert caught.value.reason == reason
+
+
+def test_a_key_given_twice_in_an_object_keeps_its_last_value(decoder: TelemetryDecoder) -> None:
+    # The fast parser (orjson) keeps the last of duplicate keys; docs/contract.md states it.
+    payload = b'{"ts": %d, "metrics": {"temp": 1, "rpm": 5, "temp": 2}, "ts": %d}' % (
+        NOW_MS - 2000,
+        NOW_MS - 1000,
+    )
+    telemetry = decoder.decode("p", "d", payload, NOW)
+    ts = NOW - timedelta(milliseconds=1000)
+    assert telemetry.points == [(ts, "temp", 2.0), (ts, "rpm", 5.0)]

@@ -26,6 +26,9 @@ from tests.conftest import eventually, payload, publisher, running, scalar
 from tests.services import amqtt_in_thread
 from tests.test_kafka_ingest import produce
 
+# Every test here starts server processes of its own.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def amqtt_url() -> Iterator[str]:
@@ -273,3 +276,36 @@ def test_a_running_postgres_data_directory_is_refused_to_another(tmp_path: Path)
     second = EmbeddedPostgres(tmp_path / "pg")  # free again once stopped
     second.start()
     second.stop()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the private directory is for runs as root")
+def test_as_root_postgres_runs_from_a_private_directory_and_opens_no_caller_directory(
+    tmp_path: Path,
+) -> None:
+    """As root the server's user needs no permission on the caller's directories (it used to get
+    o+rx added to every parent of the data directory and of the venv's binaries)."""
+    closed = tmp_path / "closed"
+    closed.mkdir(mode=0o700)
+    before = {p: p.stat().st_mode for p in [closed, *closed.parents]}
+    server = EmbeddedPostgres(closed / "pg")
+    try:
+        url = server.start()
+        with psycopg.connect(url) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert (closed / "pg").is_symlink()
+        private = (closed / "pg").resolve()
+        assert private.is_relative_to(Path("/var/lib/iiot-postgres"))
+        assert (closed / "pg" / "postmaster.pid").exists()  # the link leads to the live data
+    finally:
+        server.stop()
+    assert {p: p.stat().st_mode for p in [closed, *closed.parents]} == before
+
+    # Deleting the link (as `make clean` or pytest's clean-up does) leaves garbage that the
+    # next start of any embedded server removes.
+    (closed / "pg").unlink()
+    other = EmbeddedPostgres(tmp_path / "other")
+    try:
+        other.start()
+        assert not private.exists()
+    finally:
+        other.stop()

@@ -34,15 +34,8 @@ PARTITIONS = 4
 
 
 @pytest.fixture
-def settings(ingest_settings: IngestSettings, kafka: str, unique: str) -> IngestSettings:
-    return ingest_settings.model_copy(
-        update={
-            "kafka_bootstrap": kafka,
-            "kafka_topics": [f"telemetry-{unique}"],
-            "kafka_group_id": f"iiot-{unique}",
-            "kafka_client_id": f"iiot-test-{unique}",
-        }
-    )
+def settings(kafka_settings: IngestSettings) -> IngestSettings:
+    return kafka_settings
 
 
 @asynccontextmanager
@@ -123,13 +116,13 @@ async def test_records_are_stored_with_their_offsets_and_bad_ones_dead_lettered(
         )
     ).fetchall()
     assert [(r[0], r[5]) for r in rows] == [
-        ("bad_device_id", "plant-1/+"),
-        ("bad_key", None),
-        ("bad_key", "plant-1/press-1/extra"),
-        ("invalid_json", "plant-1/press-2"),
-        ("invalid_value", "plant-1/press-3"),
+        ("bad_device_id", b"plant-1/+"),
+        ("bad_key", b"plant-1/press-1/extra"),
+        ("bad_key", b"\xff\xfe"),  # kept as it arrived
+        ("invalid_json", b"plant-1/press-2"),
+        ("invalid_value", b"plant-1/press-3"),
         ("missing_key", None),
-        ("unknown_platform", "nowhere/press-1"),
+        ("unknown_platform", b"nowhere/press-1"),
     ]
     assert all(r[1] == topic and r[2] == "kafka" and r[3] and r[4] for r in rows)
     # Every record's offset is stored with the data: the sum of next offsets is the count.

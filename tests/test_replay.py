@@ -5,6 +5,7 @@ from typing import Any
 
 import orjson
 import psycopg
+from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
 from ingest.batching import Received
@@ -14,8 +15,10 @@ from ingest.settings import IngestSettings
 from ingest.stats import IngestStats
 from ingest.topics import TopicScheme
 from ingest.writer import TelemetryWriter
+from registry.migrate import available_migrations
 from registry.platforms import upsert_platform
 from registry.settings import StoreSettings
+from registry.store import connect, create_pool
 from tests.conftest import scalar
 
 
@@ -82,3 +85,44 @@ async def test_replay_after_the_cause_is_fixed(
         "ORDER BY 1"
     )
     assert await cur.fetchall() == [("d1", 1.0), ("d2", 2.0)]
+
+
+async def test_kafka_dead_letters_from_before_0019_keep_their_keys_and_replay(
+    database_url: str, unique: str
+) -> None:
+    """Migration 0019 turns the text keys of existing dead letters into their UTF-8 bytes."""
+    store = StoreSettings(database_url=database_url, database_schema=f"t_{unique}_old")
+    async with await connect(store, autocommit=True) as conn:
+        await conn.execute(
+            sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(store.database_schema))
+        )
+        try:
+            for migration in available_migrations():
+                if migration.version < 19:
+                    await conn.execute(migration.text.encode())
+            ts = int(datetime.now(UTC).timestamp() * 1000)
+            for key in ("later/pump-1", "later/pümp-2"):
+                await conn.execute(
+                    "INSERT INTO dead_letters (received_at, source, topic, platform_id, reason,"
+                    " detail, payload, kafka_partition, kafka_offset, kafka_key)"
+                    " VALUES (now(), 'kafka', 'telemetry', 'later', 'unknown_platform', '', %s,"
+                    " 0, 7, %s)",
+                    (orjson.dumps({"ts": ts, "metrics": {"v": 1}}), key),
+                )
+            await conn.execute(
+                next(m for m in available_migrations() if m.version == 19).text.encode()
+            )
+            letter, other = await list_dead_letters(conn)
+            assert (letter.kafka_key, other.kafka_key) == (b"later/pump-1", "later/pümp-2".encode())
+            await upsert_platform(conn, "later")
+            settings = IngestSettings(
+                database_url=database_url, database_schema=store.database_schema
+            )
+            async with create_pool(store, name="old") as pool:
+                report = await replay(pool, settings, [letter])
+            assert report.stored == [letter.id]
+            assert await scalar(conn, "SELECT device_id FROM devices") == "pump-1"
+        finally:
+            await conn.execute(
+                sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(store.database_schema))
+            )

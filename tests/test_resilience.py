@@ -27,9 +27,13 @@ from registry.settings import StoreSettings
 from registry.store import connect, create_pool
 from tests.conftest import eventually, payload, publisher, running, scalar
 
-pytestmark = pytest.mark.skipif(
-    not MosquittoBroker.available(), reason="needs the mosquitto binary for a private broker"
-)
+# Every test here starts server processes of its own.
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not MosquittoBroker.available(), reason="needs the mosquitto binary for a private broker"
+    ),
+]
 
 
 @pytest.fixture(scope="module")

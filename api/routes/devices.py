@@ -4,7 +4,6 @@ from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Query, Request, Response, status
-from pydantic import AwareDatetime
 
 from api.auth import Caller, PlatformScope, check_read, operator
 from api.deps import (
@@ -27,6 +26,7 @@ from api.models import (
     DeviceUpdate,
     DeviceView,
     HistoryPoint,
+    Instant,
     LatestValue,
     Page,
 )
@@ -37,6 +37,7 @@ from registry.counts import platform_counts
 from registry.errors import Invalid, NotFound
 from registry.history import history
 from registry.ids import DEVICE_ID_PATTERN
+from registry.json_limits import check_document
 from registry.platforms import get_platform
 
 router = APIRouter(
@@ -79,8 +80,8 @@ async def device_counts(platform: PlatformId, request: Request) -> Response:
 async def count_history(
     platform: PlatformId,
     conn: Connection,
-    start: Annotated[AwareDatetime, Query(description="Inclusive, RFC 3339.")],
-    end: Annotated[AwareDatetime | None, Query(description="Exclusive; default now.")] = None,
+    start: Annotated[Instant, Query(description="Inclusive, RFC 3339.")],
+    end: Annotated[Instant | None, Query(description="Exclusive; default now.")] = None,
     bucket_seconds: Annotated[int, Query(ge=60, le=86400 * 31)] = 3600,
 ) -> CountHistory:
     """Connected devices over time, from samples taken every minute: per bucket the lowest,
@@ -174,6 +175,10 @@ async def list_devices(
             raise Invalid("metadata must be a JSON object") from None
         if not isinstance(wanted, dict):
             raise Invalid("metadata must be a JSON object")
+        try:
+            check_document(wanted, "the metadata searched for")
+        except ValueError as exc:
+            raise Invalid(str(exc)) from None
     found = await registration.list_devices(
         conn,
         platform,

@@ -1,6 +1,7 @@
 """Operators' API keys and the audit log (docs/access.md)."""
 
 from dataclasses import asdict
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request, status
@@ -11,6 +12,7 @@ from api.models import AuditOut, KeyCreate, KeyCreated, KeyOut, Page
 from api.problems import Problem
 from registry import access
 from registry.access import Role
+from registry.errors import Invalid
 from registry.ids import PLATFORM_ID_PATTERN
 
 router = APIRouter(tags=["access"])
@@ -30,8 +32,15 @@ async def create_key(body: KeyCreate, conn: Connection, caller: Caller) -> KeyCr
         if body.role not in (Role.OPERATOR, Role.VIEWER) or body.platform is None:
             raise Problem(403, "Forbidden", "an operator creates operator and viewer keys only")
         check_write(caller, body.platform)
+    if body.expires_at is not None and body.expires_at <= datetime.now(UTC):
+        raise Invalid("expires_at must be in the future")
     created, key = await access.create_key(
-        conn, role=body.role, platform=body.platform, name=body.name, created_by=caller.key_id
+        conn,
+        role=body.role,
+        platform=body.platform,
+        name=body.name,
+        created_by=caller.key_id,
+        expires_at=body.expires_at,
     )
     return KeyCreated(**asdict(created), key=key)
 

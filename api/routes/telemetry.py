@@ -4,11 +4,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
-from pydantic import AwareDatetime
 
 from api.auth import PlatformScope
 from api.deps import Connection, DeviceId, PlatformId
 from api.models import (
+    Instant,
     LatestValue,
     LatestValues,
     TelemetryBucket,
@@ -45,14 +45,12 @@ async def telemetry_range(
     conn: Connection,
     *,
     metric: Annotated[str, Query(min_length=1, max_length=128)],
-    start: Annotated[AwareDatetime, Query(description="Inclusive, RFC 3339 with an offset.")],
-    end: Annotated[AwareDatetime | None, Query(description="Exclusive; default now.")] = None,
+    start: Annotated[Instant, Query(description="Inclusive, RFC 3339 with an offset.")],
+    end: Annotated[Instant | None, Query(description="Exclusive; default now.")] = None,
     bucket_seconds: Annotated[
         int | None, Query(ge=1, le=86400 * 31, description="Aggregate per bucket; omit for raw.")
     ] = None,
-    after: Annotated[
-        AwareDatetime | None, Query(description="Raw pages: the last time seen.")
-    ] = None,
+    after: Annotated[Instant | None, Query(description="Raw pages: the last time seen.")] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> TelemetryRange:
     """One metric of a device over a time range: raw points a page at a time, or per bucket
@@ -101,8 +99,8 @@ async def telemetry_export(
     platform: PlatformId,
     device: DeviceId,
     *,
-    start: Annotated[AwareDatetime, Query(description="Inclusive, RFC 3339 with an offset.")],
-    end: Annotated[AwareDatetime | None, Query(description="Exclusive; default now.")] = None,
+    start: Annotated[Instant, Query(description="Inclusive, RFC 3339 with an offset.")],
+    end: Annotated[Instant | None, Query(description="Exclusive; default now.")] = None,
     metric: Annotated[
         list[str] | None, Query(description="Repeat for several; all if none.")
     ] = None,

@@ -15,6 +15,7 @@ from api.deps import Connection, PlatformId
 from api.models import MinuteOut, QuotaIn, QuotaOut, RecentIngest, UsageDayOut, UsageDays
 from registry import usage
 from registry.access import audit
+from registry.csv_cells import text_cell
 from registry.errors import Invalid
 from registry.platforms import Tier, get_platform
 
@@ -61,13 +62,19 @@ def _out(day: usage.UsageDay) -> UsageDayOut:
     return UsageDayOut(**asdict(day), over_soft_quota=day.over_soft_quota)
 
 
+def _cell(value: object) -> object:
+    if value is None:
+        return ""
+    return text_cell(value) if isinstance(value, str) else value
+
+
 def _csv(days: list[usage.UsageDay], filename: str) -> Response:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     for d in days:
         row = _out(d).model_dump()
-        writer.writerow([row[c] if row[c] is not None else "" for c in CSV_COLUMNS])
+        writer.writerow([_cell(row[c]) for c in CSV_COLUMNS])
     return Response(
         out.getvalue(),
         media_type="text/csv",
