@@ -227,7 +227,7 @@ async def test_the_host_publishes_online_again_when_its_state_says_offline(
     async with publisher(mqtt_url) as watcher, publisher(mqtt_url) as other:
         await watcher.subscribe(state, qos=1)
         messages = aiter(watcher.messages)
-        async with running(host(settings, pool)):
+        async with running(host(settings, pool)) as ingest:
             async with asyncio.timeout(5):
                 first = orjson.loads((await anext(messages)).payload)
             assert first["online"] is True
@@ -239,6 +239,8 @@ async def test_the_host_publishes_online_again_when_its_state_says_offline(
                 again = orjson.loads((await anext(messages)).payload)
             # Online again, with the timestamp of its current Will (its first STATE's).
             assert again == {"online": True, "timestamp": first["timestamp"]}
+            # Its STATE is no message of the stream: nothing waits for an acknowledgement.
+            assert ingest.progress.oldest_waiting() == {}
 
 
 # Fault 4: after an NDEATH, a device returns only with its own DBIRTH.
@@ -401,13 +403,19 @@ async def test_an_edge_node_that_died_while_the_host_was_away_is_ended_after_a_r
             await eventually(lambda: _is(connected(db, platform), 2))
         await node.send("NDEATH", "ndeath_bdseq_0")  # while the host is away: to nobody
         await watcher.subscribe(f"spBv1.0/{group}/NCMD/#", qos=1)
-        async with running(host(settings, pool)):
+        async with running(host(settings, pool)) as ingest:
             async with asyncio.timeout(5):
                 ncmd = await anext(aiter(watcher.messages))  # are you there?
             assert ncmd.topic.value == f"spBv1.0/{group}/NCMD/e1"
             await eventually(lambda: _is(connected(db, platform), 0))
             await eventually(lambda: scalar(db, "SELECT count(*) = 0 FROM sparkplug_births"))
-    assert await states(db) == {"e1": "online", "e1:press": "offline", "gateway e1": "offline"}
+            # The ending was the host's own doing, no packet of its session: the stream's
+            # positions are untouched (its own STATE came back to it too).
+            await node.send("NBIRTH", "nbirth_bdseq_1")
+            await eventually(lambda: _is(connected(db, platform), 1))
+            assert ingest.progress.oldest_waiting() == {}
+            assert ingest.progress.stalled() == {}
+    assert await states(db) == {"e1": "online", "e1:press": "offline", "gateway e1": "online"}
     cur = await db.execute(
         "SELECT subject, state FROM connection_events WHERE cause = 'sparkplug silent' ORDER BY 1"
     )
