@@ -11,7 +11,7 @@ UV_COMPILE := $(BIN)/uv pip compile pyproject.toml --universal --python-version 
 	--generate-hashes --no-header --quiet
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock browser run test test-fast lint format bench bench-quick loadtest proto clean
+.PHONY: help install lock browser promtool run test test-fast lint format bench bench-quick loadtest proto clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -34,7 +34,7 @@ lock: $(STAMP) ## Re-resolve requirements/*.lock from pyproject.toml's ranges (n
 run: $(STAMP) ## Run the whole stack (embedded PostgreSQL and MQTT unless IIOT_DATABASE_URL / IIOT_MQTT_URL are set)
 	$(BIN)/iiot run
 
-test: $(STAMP) browser ## Run the test suite against real PostgreSQL and MQTT (found or started)
+test: $(STAMP) browser promtool ## Run the test suite against real PostgreSQL and MQTT (found or started)
 	$(BIN)/pytest
 
 test-fast: $(STAMP) ## Only the tests that need no service (parsing, encoding, validation, settings)
@@ -45,6 +45,12 @@ browser: ## Debian's chromium for the dashboard's browser tests (installed when 
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
 		else echo "chromium is missing: install Debian's chromium package for the dashboard tests"; fi; }
+
+promtool: ## Debian's promtool (prometheus package) for the alert rules' tests (installed when run as root)
+	@command -v promtool >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; \
+		else echo "promtool is missing: install Debian's prometheus package for the alert rule tests"; fi; }
 
 lint: $(STAMP) ## ruff and mypy (strict on the packages)
 	$(BIN)/ruff check .

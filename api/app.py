@@ -12,14 +12,17 @@ from api.body_limit import BodyLimit
 from api.broker_access import TopicRules
 from api.routes import (
     broker,
+    classification,
     counts,
     credentials,
     dashboard,
     devices,
+    enterprises,
     health,
     ingest,
     keys,
     metrics,
+    penetration,
     platforms,
     telemetry,
     usage,
@@ -83,8 +86,13 @@ def create_app(
         keys,
         broker,
         dashboard,
+        enterprises,
+        penetration,
+        classification,
     ):
         if module is devices:
             app.include_router(devices.count_router)
+        if module is classification:
+            app.include_router(classification.platform_router)
         app.include_router(module.router)
     return app

@@ -1,17 +1,21 @@
 """Settings of the API process role (`iiot api`), from `IIOT_*` environment variables."""
 
-from pydantic import Field
+from typing import Self
+
+from pydantic import Field, model_validator
 
 from ingest.settings import TopicSettings
+from registry.settings import ShardSettings
 
 
-class ApiSettings(TopicSettings):
+class ApiSettings(TopicSettings, ShardSettings):
     api_host: str = Field(default="127.0.0.1", description="Bind address; loopback unless told.")
     api_port: int = Field(default=8000, ge=0, le=65535)
     # HTTPS when both are set (PEM files); otherwise plain HTTP behind a TLS-terminating proxy.
     api_tls_cert_file: str | None = None
     api_tls_key_file: str | None = None
-    # The counter shard registrations and decommissions made through this API add to.
+    # The counter shard registrations and decommissions made through this API add to; unset:
+    # from IIOT_COUNTER_SHARDS and the pod's ordinal, else 0.
     api_counter_shard: int = Field(default=0, ge=0, le=63)
     api_key_cache_seconds: float = Field(
         default=5.0,
@@ -34,3 +38,14 @@ class ApiSettings(TopicSettings):
         ge=1024,
         description="Largest request body; larger ones get 413 before they are read.",
     )
+
+    def certificate_files(self) -> dict[str, str | None]:
+        return {**super().certificate_files(), "IIOT_API_TLS_CERT_FILE": self.api_tls_cert_file}
+
+    @model_validator(mode="after")
+    def _shard_from_range(self) -> Self:
+        if "api_counter_shard" not in self.model_fields_set:
+            ranged = self.shards_from_range()
+            if ranged is not None:
+                self.api_counter_shard = ranged
+        return self

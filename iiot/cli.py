@@ -5,6 +5,7 @@ import asyncio
 import os
 import signal
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -20,7 +21,9 @@ from iiot.stack import RunSettings, run_stack
 from ingest.replay import list_dead_letters, replay
 from ingest.settings import IngestSettings
 from registry.access import Role, create_key, import_key, revoke_key
+from registry.errors import Invalid
 from registry.migrate import migrate
+from registry.official_totals import import_totals
 from registry.platforms import PlatformType, Tier, upsert_platform
 from registry.settings import StoreSettings
 from registry.store import connect, create_pool
@@ -34,6 +37,8 @@ app.add_typer(platform_app, name="platform")
 app.add_typer(dead_letters_app, name="dead-letters")
 keys_app = typer.Typer(help="Manage API keys (bootstrap an admin key here).", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+enterprises_app = typer.Typer(help="Enterprises and penetration figures.", no_args_is_help=True)
+app.add_typer(enterprises_app, name="enterprises")
 
 
 def _logging(verbose: bool = False) -> None:
@@ -61,6 +66,8 @@ def ingest_kafka() -> None:
     settings.require_database_url()
     settings.require_kafka_bootstrap()
     settings.static_partitions()
+    _ = settings.kafka_shard  # refuses a pod beyond its IIOT_COUNTER_SHARDS now, with the reason
+    settings.kafka_client_options()  # fails now on a CA or client certificate it cannot load
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -89,6 +96,7 @@ def ingest_mqtt() -> None:
     settings = IngestSettings()
     settings.require_database_url()
     settings.mqtt_endpoint()
+    _ = settings.shard  # refuses a pod beyond its IIOT_COUNTER_SHARDS now, with the reason
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -316,3 +324,33 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+@enterprises_app.command("import-totals")
+def enterprises_import_totals(
+    file: Annotated[
+        Path,
+        typer.Argument(exists=True, dir_okay=False, help="CSV: year,region,industry,enterprises"),
+    ],
+    source: Annotated[
+        str, typer.Option(help="Where the figures come from: publication, table, date.")
+    ],
+) -> None:
+    """Import official totals of industrial enterprises above designated size (the penetration
+    rate's denominators) as a new version; a file with any bad row is refused whole."""
+    settings = StoreSettings()
+
+    async def main() -> None:
+        async with await connect(settings) as conn:
+            done = await import_totals(
+                conn, file.read_text(encoding="utf-8"), source=source, file_name=file.name
+            )
+            await conn.commit()
+        years = ", ".join(map(str, done.years))
+        typer.echo(f"import {done.id}: {done.rows} totals for {years} (sha256 {done.sha256})")
+
+    try:
+        asyncio.run(main())
+    except Invalid as exc:
+        typer.echo(f"refused: {exc}", err=True)
+        raise typer.Exit(1) from None

@@ -12,6 +12,7 @@ from typing import Literal, Protocol
 
 from psycopg_pool import AsyncConnectionPool
 
+from ingest.certificates import CertificateExpiry
 from ingest.kafka import KafkaIngest
 from ingest.metrics import Consumer, IngestCollector
 from ingest.monitor import Monitor
@@ -69,6 +70,7 @@ def ingest_services(
         services.append(
             Monitor(
                 IngestCollector(sources),
+                CertificateExpiry(settings.certificate_files()),
                 pool=pool,
                 consumer_ready=lambda: all(event.is_set() for event in ready),
                 host=settings.metrics_address,

@@ -41,6 +41,11 @@ class Simulator:
         self._stopping = asyncio.Event()
         self.published = 0
 
+    @property
+    def devices(self) -> list[str]:
+        """The ids of the simulated devices."""
+        return list(self._devices)
+
     def stop(self) -> None:
         self._stopping.set()
 

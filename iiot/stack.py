@@ -10,6 +10,7 @@ import contextlib
 import logging
 import signal
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 from pydantic import Field
@@ -17,6 +18,7 @@ from pydantic import Field
 from api.app import create_app
 from api.server import ApiServer
 from api.settings import ApiSettings
+from iiot.demo_enterprises import seed_demo
 from iiot.embedded import EmbeddedPostgres, embedded_broker
 from iiot.net import free_port, port_is_free
 from iiot.services import ingest_services, run_until
@@ -63,13 +65,6 @@ async def run_stack(settings: RunSettings) -> None:
 
         applied = await migrate(settings)
         log.info("migrations applied: %s", [m.name for m in applied] or "none pending")
-        async with await connect(settings) as conn:
-            await upsert_platform(conn, settings.demo_platform, name="Demo platform")
-            admin_key = await replace_admin_key(conn, "iiot run")
-            await conn.commit()
-
-        pool = create_pool(settings, name="ingest")
-        await resources.enter_async_context(pool)
         simulator = Simulator(
             str(settings.mqtt_url),
             platform=settings.demo_platform,
@@ -77,6 +72,17 @@ async def run_stack(settings: RunSettings) -> None:
             interval=settings.simulate_interval_seconds,
             topic_root=settings.mqtt_topic_root,
         )
+        async with await connect(settings) as conn:
+            await upsert_platform(conn, settings.demo_platform, name="Demo platform")
+            if settings.simulate_devices:
+                # Enterprises for the simulated devices, so the penetration view shows figures.
+                year = datetime.now(UTC).year - 1
+                await seed_demo(conn, settings.demo_platform, simulator.devices, year=year)
+            admin_key = await replace_admin_key(conn, "iiot run")
+            await conn.commit()
+
+        pool = create_pool(settings, name="ingest")
+        await resources.enter_async_context(pool)
         consumers = ingest_services(settings, pool)
         ingest = consumers[0]
         assert isinstance(ingest, MqttIngest)  # the first service is the consumer

@@ -49,6 +49,7 @@ from ingest.sparkplug_host import SparkplugHost
 from ingest.stats import IngestStats
 from ingest.topics import TopicScheme
 from ingest.writer import PreparedBatch, Refusals, TelemetryWriter
+from registry.devices import DeviceDirectory
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,7 @@ class KafkaIngest:
             pool,
             stats=self.stats,
             counter_shard=settings.kafka_shard,
+            directory=DeviceDirectory(max_cached_ids=settings.device_cache_max),
             renew_seconds=settings.activity_renew_seconds,
         )
         self._writers = [first] + [
@@ -248,6 +250,7 @@ class KafkaIngest:
             max_poll_records=s.kafka_max_records,
             session_timeout_ms=s.kafka_session_timeout_ms,
             heartbeat_interval_ms=max(1000, s.kafka_session_timeout_ms // 3),
+            **s.kafka_client_options(),
         )
         await consumer.start()
         self._consumer = consumer

@@ -23,8 +23,7 @@ from ingest.progress import Progress
 class Monitor:
     def __init__(
         self,
-        collector: Collector,
-        *,
+        *collectors: Collector,
         pool: AsyncConnectionPool,
         consumer_ready: Callable[[], bool],
         host: str,
@@ -36,7 +35,8 @@ class Monitor:
         `progress`: the consumer's, to find it stopped or stalled (no acknowledgement for
         `stall_seconds` while it holds messages)."""
         self._registry = CollectorRegistry()
-        self._registry.register(collector)
+        for collector in collectors:
+            self._registry.register(collector)
         self._pool = pool
         self._consumer_ready = consumer_ready
         self._progress = progress

@@ -22,7 +22,6 @@ import contextlib
 import logging
 import time
 import uuid
-import zlib
 from collections import deque
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -47,6 +46,8 @@ from ingest.sparkplug_host import SparkplugHost, sparkplug_filters
 from ingest.stats import IngestStats
 from ingest.topics import TopicScheme
 from ingest.writer import PreparedBatch, Refusals, TelemetryWriter
+from registry.devices import DeviceDirectory
+from registry.settings import hashed_shard
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +88,15 @@ class MqttIngest:
             if groups is None:
                 raise ValueError("IIOT_SPARKPLUG_GROUPS is empty: Sparkplug is off")
             self._client_id += "-sparkplug"
-            if settings.counter_shard is None:
-                shard = zlib.crc32(self._client_id.encode()) % 64
+            if settings.counter_shard is None and settings.shards_from_range() is None:
+                # A shard of its own when none is configured; a configured one it shares with
+                # the JSON consumer (colliding shards cost lock waits, never wrong counts).
+                shard = hashed_shard(self._client_id)
         self._writer = TelemetryWriter(
             pool,
             stats=self.stats,
             counter_shard=shard,
+            directory=DeviceDirectory(max_cached_ids=settings.device_cache_max),
             renew_seconds=settings.activity_renew_seconds,
         )
         self._topics = TopicScheme(settings.mqtt_topic_root)

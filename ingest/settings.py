@@ -1,16 +1,16 @@
 """Settings of the ingest process role (`iiot ingest mqtt`), from `IIOT_*` environment variables."""
 
 import ssl
-import zlib
 from datetime import timedelta
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode
 
+from registry.devices import DEFAULT_MAX_CACHED_IDS
 from registry.ids import is_platform_id
-from registry.settings import StoreSettings
+from registry.settings import ShardSettings, StoreSettings, hashed_shard
 
 
 class Limits(StoreSettings):
@@ -58,7 +58,7 @@ class TopicSettings(StoreSettings):
         return pairs
 
 
-class IngestSettings(Limits, TopicSettings):
+class IngestSettings(Limits, TopicSettings, ShardSettings):
     mqtt_url: str | None = Field(
         default=None,
         description="mqtt://[user:password@]host[:port]; unset in `iiot run` means embedded.",
@@ -102,6 +102,16 @@ class IngestSettings(Limits, TopicSettings):
     kafka_write_lanes: int = Field(default=2, ge=1, le=16)
     # Static assignment instead of the group's: IIOT_KAFKA_PARTITIONS=topic:0,topic:1
     kafka_partitions: Annotated[list[str], NoDecode] | None = None
+    # TLS (SSL, SASL_SSL): the CA to trust instead of the system's, and a client certificate;
+    # SASL (SASL_SSL, SASL_PLAINTEXT): SCRAM with a user and password. Not exercised against a
+    # broker in iiot's tests (the mock cluster has neither): kafka_client_options() is.
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_SSL", "SASL_PLAINTEXT"] = "PLAINTEXT"
+    kafka_ca_file: str | None = None
+    kafka_cert_file: str | None = None
+    kafka_key_file: str | None = None
+    kafka_sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256"] = "SCRAM-SHA-512"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
 
     # Serve Prometheus metrics on /metrics at this port (ingest/metrics.py); unset: off.
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
@@ -113,14 +123,23 @@ class IngestSettings(Limits, TopicSettings):
         "acknowledging any (a stuck partition or store); see iiot_ingest_stalled_seconds.",
     )
 
+    device_cache_max: int = Field(
+        default=DEFAULT_MAX_CACHED_IDS,
+        ge=1000,
+        description="Device ids (and gateway ids, and the gateway each device was seen through) "
+        "a process keeps in memory, oldest dropped first; each costs about 450 bytes "
+        "(bench/id_cache_memory.py). Devices beyond it are looked up in the store again.",
+    )
+
     batch_max_points: int = Field(default=50_000, ge=1)
     batch_max_delay_seconds: float = Field(default=0.2, gt=0)
     queue_max_messages: int = Field(default=20_000, ge=1)
     shutdown_grace_seconds: float = Field(default=20.0, gt=0)
     # Partitions are made this many days ahead of today (plain PostgreSQL only).
     partitions_ahead_days: int = Field(default=2, ge=1, le=60)
-    # Which row of each platform's counters this process adds to; distinct processes should
-    # use distinct shards. Unset: derived from the client id.
+    # Which row of each platform's counters this process adds to (Kafka: the first of one per
+    # write lane); distinct processes should use distinct shards. Unset: from
+    # IIOT_COUNTER_SHARDS and the pod's ordinal, else derived from the client id.
     counter_shard: int | None = Field(default=None, ge=0, le=63)
     sweep_interval_seconds: float = Field(default=1.0, gt=0)
     activity_renew_seconds: float = Field(
@@ -137,15 +156,19 @@ class IngestSettings(Limits, TopicSettings):
 
     @property
     def shard(self) -> int:
+        """The MQTT consumer's counter shard."""
         if self.counter_shard is not None:
             return self.counter_shard
-        return zlib.crc32(self.mqtt_client_id.encode()) % 64
+        ranged = self.shards_from_range()
+        return hashed_shard(self.mqtt_client_id) if ranged is None else ranged
 
     @property
     def kafka_shard(self) -> int:
+        """The first of the Kafka consumer's shards, one per write lane."""
         if self.counter_shard is not None:
             return self.counter_shard
-        return zlib.crc32(self.kafka_client_id.encode()) % 64
+        ranged = self.shards_from_range(self.kafka_write_lanes)
+        return hashed_shard(self.kafka_client_id) if ranged is None else ranged
 
     def static_partitions(self) -> list[tuple[str, int]] | None:
         """`kafka_partitions` as (topic, partition) pairs, or None to use the group's."""
@@ -175,6 +198,63 @@ class IngestSettings(Limits, TopicSettings):
                 raise ValueError("expected mqtt[s]://[user:password@]host[:port]")
         return value
 
+    @model_validator(mode="after")
+    def _kafka_security_is_whole(self) -> Self:
+        """Refuses settings aiokafka would ignore or fail on only when it connects."""
+        protocol = self.kafka_security_protocol
+        sasl = protocol.startswith("SASL_")
+        tls = protocol in ("SSL", "SASL_SSL")
+        has_credentials = self.kafka_sasl_username is not None or self.kafka_sasl_password
+        if sasl and not (self.kafka_sasl_username and self.kafka_sasl_password):
+            raise ValueError(
+                f"IIOT_KAFKA_SECURITY_PROTOCOL={protocol} needs IIOT_KAFKA_SASL_USERNAME and "
+                "IIOT_KAFKA_SASL_PASSWORD"
+            )
+        if has_credentials and not sasl:
+            raise ValueError(
+                "IIOT_KAFKA_SASL_USERNAME/PASSWORD are set but IIOT_KAFKA_SECURITY_PROTOCOL is "
+                f"{protocol}: use SASL_SSL (or SASL_PLAINTEXT)"
+            )
+        files = {
+            "IIOT_KAFKA_CA_FILE": self.kafka_ca_file,
+            "IIOT_KAFKA_CERT_FILE": self.kafka_cert_file,
+            "IIOT_KAFKA_KEY_FILE": self.kafka_key_file,
+        }
+        named = [name for name, path in files.items() if path is not None]
+        if named and not tls:
+            raise ValueError(
+                f"{', '.join(named)} set but IIOT_KAFKA_SECURITY_PROTOCOL is {protocol}: "
+                "use SSL or SASL_SSL"
+            )
+        if self.kafka_key_file is not None and self.kafka_cert_file is None:
+            raise ValueError("IIOT_KAFKA_KEY_FILE needs IIOT_KAFKA_CERT_FILE")
+        return self
+
+    def kafka_client_options(self) -> dict[str, Any]:
+        """aiokafka's connection security options for these settings."""
+        protocol = self.kafka_security_protocol
+        options: dict[str, Any] = {"security_protocol": protocol}
+        if protocol in ("SSL", "SASL_SSL"):
+            options["ssl_context"] = _tls_context(
+                self.kafka_ca_file, self.kafka_cert_file, self.kafka_key_file
+            )
+        if protocol.startswith("SASL_"):
+            assert self.kafka_sasl_password is not None  # checked by the validator
+            options["sasl_mechanism"] = self.kafka_sasl_mechanism
+            # aiokafka's names; SCRAM reads them too.
+            options["sasl_plain_username"] = self.kafka_sasl_username
+            options["sasl_plain_password"] = self.kafka_sasl_password.get_secret_value()
+        return options
+
+    def certificate_files(self) -> dict[str, str | None]:
+        return {
+            **super().certificate_files(),
+            "IIOT_MQTT_CA_FILE": self.mqtt_ca_file,
+            "IIOT_MQTT_CERT_FILE": self.mqtt_cert_file,
+            "IIOT_KAFKA_CA_FILE": self.kafka_ca_file,
+            "IIOT_KAFKA_CERT_FILE": self.kafka_cert_file,
+        }
+
     def require_kafka_bootstrap(self) -> str:
         if not self.kafka_bootstrap:
             raise ValueError("IIOT_KAFKA_BOOTSTRAP is not set")
@@ -198,7 +278,15 @@ class IngestSettings(Limits, TopicSettings):
         is verified. IIOT_MQTT_CERT_FILE/KEY_FILE add a client certificate."""
         if not self.mqtt_tls:
             return None
-        context = ssl.create_default_context(cafile=self.mqtt_ca_file)
-        if self.mqtt_cert_file is not None:
-            context.load_cert_chain(self.mqtt_cert_file, self.mqtt_key_file)
-        return context
+        return _tls_context(self.mqtt_ca_file, self.mqtt_cert_file, self.mqtt_key_file)
+
+
+def _tls_context(
+    ca_file: str | None, cert_file: str | None, key_file: str | None
+) -> ssl.SSLContext:
+    """The system's CA store or `ca_file`, the server's name verified; a client certificate
+    when `cert_file` is given (its key in it, or in `key_file`)."""
+    context = ssl.create_default_context(cafile=ca_file)
+    if cert_file is not None:
+        context.load_cert_chain(cert_file, key_file)
+    return context

@@ -111,7 +111,6 @@ _COPY_TRAILER = b"\xff\xff"
 # Field count, then (length, value) for time (µs since 2000), device_id, metric_id, value.
 _PACK_ROW = struct.Struct("!hiqiqiiid").pack
 _PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
-_RENEWALS_KEPT = 2_000_000
 _ENCODE_SLICE = 500
 _RETRY_FIRST, _RETRY_MAX = 0.5, 10.0  # seconds between attempts while the store is down
 _MICROSECOND = timedelta(microseconds=1)
@@ -539,7 +538,7 @@ class TelemetryWriter:
     def _renewed_at(self, devices: set[int], seen: datetime) -> None:
         if self._renew <= 0 or not devices:
             return
-        if len(self._renewed) > _RENEWALS_KEPT:
+        if len(self._renewed) > self.directory.max_cached_ids:
             self._renewed.clear()  # bounded memory: those devices renew again once
         at = seen.timestamp()
         self._renewed.update(dict.fromkeys(devices, at))

@@ -11,9 +11,10 @@ API, with IIOT_LOADTEST_API_KEY and IIOT_LOADTEST_MQTT), it runs these phases wi
 5. drain: the fleet stops; ingest finishes what the broker holds.
 
 After the storm, the disconnect and the rebirth, it waits for the count API to report exactly
-the simulated connected devices; after the drain, for the points stored (the usage ledger) to
-equal the points sent. It writes report.json, report.md and locust's HTML report, and exits 1
-if any check failed.
+the simulated connected devices; after the rebirth, for the platform's enterprise figures (the
+penetration rate's numerators: every gateway belongs to a simulated enterprise) to equal its
+own truth; after the drain, for the points stored (the usage ledger) to equal the points sent.
+It writes report.json, report.md and locust's HTML report, and exits 1 if any check failed.
 """
 
 from gevent import monkey
@@ -40,8 +41,10 @@ from locust.html import get_html_report  # noqa: E402
 from requests.adapters import HTTPAdapter  # noqa: E402
 from urllib3.util.retry import Retry  # noqa: E402
 
+from iiot.demo_enterprises import simulated_enterprises  # noqa: E402
 from loadtests.fleet import FleetPlan  # noqa: E402
 from loadtests.locustfile import CONTROL, ApiUser, GatewayUser  # noqa: E402
+from registry.enterprises import Declaration  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -151,6 +154,28 @@ class Api:
             return
         response.raise_for_status()
 
+    def declare_enterprises(self, declared: list[Declaration]) -> None:
+        items = [
+            {"code": d.code, "name": d.name, "industry": d.industry, "above_size": d.above_size}
+            for d in declared
+        ]
+        url = f"{self.base}/platforms/{self.platform}/enterprises"
+        self.http.post(url, json={"enterprises": items}, timeout=30).raise_for_status()
+
+    def link_gateways(self, links: dict[str, str]) -> str | None:
+        """Links gateways to enterprises; the refusal's detail, or None."""
+        url = f"{self.base}/platforms/{self.platform}/enterprise-links"
+        response = self.http.post(url, json={"gateways": links}, timeout=60)
+        return None if response.status_code == 200 else response.text[:300]
+
+    def enterprise_figures(self) -> tuple[int, int]:
+        """The platform's enterprises above designated size: served, and with a device
+        connected in the last 30 days (its part of the penetration rate's numerators)."""
+        response = self.http.get(f"{self.base}/penetration/indicators", timeout=30)
+        response.raise_for_status()
+        (row,) = [i for i in response.json()["items"] if i["platform"] == self.platform]
+        return row["enterprises_above_size"], row["enterprises_connected_30d"]
+
     def connected(self) -> int:
         response = self.http.get(f"{self.base}/platforms/{self.platform}/devices/count", timeout=10)
         response.raise_for_status()
@@ -184,6 +209,39 @@ def converge(api: Api, phase: str, expected: int, timeout: float) -> Check:
     print(f"  {phase}: {check.reported:,} connected, expected {expected:,} ({status}, "
           f"{check.seconds} s)", flush=True)  # fmt: skip
     return check
+
+
+def enterprise_plan(plan: FleetPlan) -> tuple[list[Declaration], dict[str, str]]:
+    """The simulated enterprises and each gateway's: half as many enterprises as gateways
+    own them in turn, and two more own none (served, never connected)."""
+    owners = max(1, (plan.gateways + 1) // 2)
+    declared = simulated_enterprises(owners + 2, prefix="LT")
+    links = {plan.gateway_id(g): declared[g % owners].code for g in range(plan.gateways)}
+    return declared, links
+
+
+def check_enterprises(
+    api: Api, declared: list[Declaration], owned: set[str], timeout: float
+) -> list[Check]:
+    """Waits for the platform's enterprise figures to equal the truth: every enterprise above
+    designated size is served; those owning a gateway had a device connected."""
+    served = Check("enterprises served", sum(d.above_size for d in declared))
+    connected = Check(
+        "enterprises connected 30 d", sum(d.above_size for d in declared if d.code in owned)
+    )
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        served.reported, connected.reported = api.enterprise_figures()
+        served.ok = served.reported == served.expected
+        connected.ok = connected.reported == connected.expected
+        if served.ok and connected.ok:
+            break
+        gevent.sleep(1)
+    for check in (served, connected):
+        check.seconds = round(time.monotonic() - started, 1)
+        print(f"  {check.phase}: {check.reported}, expected {check.expected} "
+              f"({'ok' if check.ok else 'MISMATCH'}, {check.seconds} s)", flush=True)  # fmt: skip
+    return [served, connected]
 
 
 def wait_for(condition: Any, timeout: float) -> bool:
@@ -258,6 +316,12 @@ def scenario(
         report.errors.append(f"only {len(CONTROL.online)} gateways connected")
     report.checks.append(converge(api, "storm", plan.devices, args.timeout))
     report.phases["storm"] = round(time.monotonic() - phase, 1)
+    # The gateways are registered now: each joins its simulated enterprise.
+    declared, links = enterprise_plan(plan)
+    api.declare_enterprises(declared)
+    refused = api.link_gateways(links)
+    if refused:
+        report.errors.append(f"gateways not linked to their enterprises: {refused}")
 
     phase = time.monotonic()
     sample_lag(api, report, began, time.monotonic() + args.steady_seconds)
@@ -281,6 +345,10 @@ def scenario(
     wait_for(lambda: len(CONTROL.online) >= plan.gateways, args.timeout)
     report.checks.append(converge(api, "rebirth", plan.devices, args.timeout))
     report.phases["rebirth and backlog"] = round(time.monotonic() - phase, 1)
+
+    phase = time.monotonic()
+    report.checks += check_enterprises(api, declared, set(links.values()), args.timeout)
+    report.phases["enterprises"] = round(time.monotonic() - phase, 1)
 
 
 def drain(args: argparse.Namespace, api: Api, report: Report) -> None:
@@ -323,7 +391,7 @@ def _write(report: Report, env: Environment, out: Path) -> None:
         f"- points stored: {report.points_stored if report.points_stored is None else format(report.points_stored, ',')}"  # noqa: E501
         f" (drain after the fleet stopped: {report.drain_seconds} s)",
         "",
-        "| phase | connected expected | count API reported | seconds to agree | ok |",
+        "| check | expected | the API reported | seconds to agree | ok |",
         "| --- | --- | --- | --- | --- |",
     ]
     lines += [

@@ -12,11 +12,13 @@ from psycopg import AsyncConnection
 
 ACTIVITY_LOCK = "SELECT pg_try_advisory_xact_lock(hashtext(current_schema() || '.activity'))"
 
-# A device was connected at some moment of the window if it is connected now, or if its newest
-# live data or its last state change (going online, or offline: it was online until then), or
-# for a device online behind a gateway the gateway's last change, lies within it.
-_DEVICES = """
-SELECT d.platform_id,
+# Every device in service, whether it is connected now and when it was last active (also read
+# by registry/penetration.py). A device was connected at some moment of a window if it is
+# connected now, or if its newest live data or its last state change (going online, or
+# offline: it was online until then), or for a device online behind a gateway the gateway's
+# last change, lies within it.
+DEVICE_ACTIVITY = """
+SELECT d.id, d.platform_id,
        coalesce(d.metadata ->> 'global_id', d.platform_id || '/' || d.device_id) AS identity,
        d.state = 'online' AND (g.id IS NULL OR g.state = 'online') AS connected,
        greatest(d.last_seen, d.state_changed_at,
@@ -27,7 +29,7 @@ WHERE d.decommissioned_at IS NULL
 """
 
 REFRESH_PLATFORMS = f"""
-WITH devices AS ({_DEVICES}),
+WITH devices AS ({DEVICE_ACTIVITY}),
 active AS (
     SELECT platform_id,
            count(*) FILTER (WHERE connected OR last_active >= now() - interval '24 hours') AS d1,
@@ -44,7 +46,7 @@ SET active_24h = excluded.active_24h, active_30d = excluded.active_30d, as_of = 
 """
 
 REFRESH_NATIONAL = f"""
-WITH devices AS ({_DEVICES})
+WITH devices AS ({DEVICE_ACTIVITY})
 INSERT INTO national_distinct (registered, connected, active_24h, active_30d, as_of)
 SELECT count(DISTINCT identity),
        count(DISTINCT identity) FILTER (WHERE connected),

@@ -1,6 +1,7 @@
 """Device and gateway registration and liveness bookkeeping, done per batch of messages."""
 
 from collections.abc import Collection, Mapping, Set
+from itertools import islice
 from typing import Any
 
 from psycopg import AsyncConnection
@@ -61,14 +62,32 @@ GROUP BY m.platform_id
 """
 
 
+DEFAULT_MAX_CACHED_IDS = 1_000_000
+# The share of a full cache dropped at once, oldest first: eviction copies what stays, so it
+# runs once per this many new ids, not with every batch.
+_EVICT_SHARE = 4
+
+
+def _evict_oldest(cache: dict[Any, Any], incoming: int, bound: int) -> dict[Any, Any]:
+    """`cache` with room for `incoming` more entries within `bound`: the oldest-cached quarter
+    (or what it takes) dropped. A new dict, so a mapping handed out earlier stays whole."""
+    if len(cache) + incoming <= bound:
+        return cache
+    drop = max(len(cache) + incoming - bound, bound // _EVICT_SHARE)
+    return dict(islice(cache.items(), drop, None))
+
+
 class Identities:
     """Maps (platform, external id) to the internal id of one table's rows, registering new ones.
 
-    Ids never change once assigned, so they are cached; only ids of committed rows may be
-    cached (`remember()` after the registering transaction committed).
+    Ids never change once assigned, so they are cached, up to `max_cached` (the oldest cached
+    are dropped first, and read from the store again when they are next seen); only ids of
+    committed rows may be cached (`remember()` after the registering transaction committed).
     """
 
-    def __init__(self, select: str, register: str, *, max_cached: int = 2_000_000) -> None:
+    def __init__(
+        self, select: str, register: str, *, max_cached: int = DEFAULT_MAX_CACHED_IDS
+    ) -> None:
         self._select_sql = select
         self._register_sql = register
         self._ids: dict[Key, int] = {}
@@ -106,10 +125,13 @@ class Identities:
         self._ids = {}
 
     def remember(self, ids: dict[Key, int]) -> None:
-        # A new dict rather than clear(): what resolve() returned stays valid for its caller.
-        if len(self._ids) + len(ids) > self._max_cached:
-            self._ids = {}
+        # Eviction makes a new dict rather than deleting: what resolve() returned (the cache
+        # itself, when every key was cached) stays valid for its caller.
+        self._ids = _evict_oldest(self._ids, len(ids), self._max_cached)
         self._ids.update(ids)
+
+    def __len__(self) -> int:
+        return len(self._ids)
 
     @staticmethod
     async def _run(conn: AsyncConnection[Any], query: str, keys: list[Key]) -> dict[Key, int]:
@@ -121,15 +143,16 @@ class DeviceDirectory:
     """Platforms, devices and gateways as ingest sees them, cached.
 
     Platforms are cached once found; a platform not found is asked for again in the next batch
-    that names it, so a platform created while ingest runs is picked up.
+    that names it, so a platform created while ingest runs is picked up. Device ids, gateway ids
+    and the gateway each device was seen through are each bounded by `max_cached_ids`
+    (IIOT_DEVICE_CACHE_MAX): what memory they take grows with it (bench/id_cache_memory.py).
     """
 
-    def __init__(self, *, max_cached_devices: int = 2_000_000) -> None:
+    def __init__(self, *, max_cached_ids: int = DEFAULT_MAX_CACHED_IDS) -> None:
+        self.max_cached_ids = max_cached_ids
         self._platforms: dict[str, Platform] = {}
-        self.devices = Identities(
-            SELECT_DEVICE_IDS, REGISTER_DEVICES, max_cached=max_cached_devices
-        )
-        self.gateways = Identities(SELECT_GATEWAY_IDS, REGISTER_GATEWAYS)
+        self.devices = Identities(SELECT_DEVICE_IDS, REGISTER_DEVICES, max_cached=max_cached_ids)
+        self.gateways = Identities(SELECT_GATEWAY_IDS, REGISTER_GATEWAYS, max_cached=max_cached_ids)
         self._via: dict[int, int] = {}
 
     async def platforms(
@@ -167,4 +190,7 @@ class DeviceDirectory:
                 counters.add(platform, connected=connected)
 
     def remember_via(self, via: dict[int, int]) -> None:
+        # A device evicted here counts as moved when next seen: its (unchanged) gateway is
+        # written again, which changes nothing.
+        self._via = _evict_oldest(self._via, len(via), self.max_cached_ids)
         self._via.update(via)

@@ -18,6 +18,7 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from registry.activity import refresh_activity
+from registry.penetration import refresh_penetration
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,7 @@ class HistorySampler:
                 async with self._pool.connection() as conn:
                     await sample(conn, self._interval)
                     await refresh_activity(conn)
+                    await refresh_penetration(conn)
             except psycopg.OperationalError as exc:
                 log.warning("count sample failed (%s); next slot", exc)
             # Wake just after the next slot starts, by the wall clock.

@@ -18,6 +18,7 @@ from registry.errors import Conflict, Invalid
 from registry.platforms import upsert_platform
 from registry.settings import StoreSettings
 from tests.conftest import ApiAs, KeyMaker, scalar
+from tests.test_enterprises import BYD
 from tests.test_writer import telemetry
 
 # One request per endpoint (method, path): path parameters name plant-1's objects; bodies are
@@ -30,6 +31,12 @@ BODIES: dict[tuple[str, str], Any] = {
     ("PATCH", "/platforms/{platform}/devices/{device}"): {"metadata": {"a": 1}},
     ("POST", "/keys"): {"role": "viewer", "platform": "plant-1", "name": "k"},
     ("PUT", "/quotas/{tier}"): {"hard_points_per_day": 1},
+    ("POST", "/platforms/{platform}/enterprises"): {
+        "enterprises": [{"code": BYD, "name": "x", "industry": "36", "above_size": True}]
+    },
+    ("POST", "/platforms/{platform}/enterprise-links"): {"devices": {"d-1": None}},
+    ("PUT", "/platforms/{platform}/enterprise-rule"): {"metadata_key": "uscc"},
+    ("PUT", "/classification/industry-mappings"): {"text": "cars", "industry": "36"},
     ("POST", "/broker/authenticate"): {"username": "plant-1/d-1", "password": "x"},
     ("POST", "/broker/authorize"): {
         "username": "plant-1/d-1",
@@ -66,6 +73,14 @@ CROSS_PLATFORM = {
     ("PUT", "/quotas/{tier}"): 403,
     ("POST", "/broker/authenticate"): 403,
     ("POST", "/broker/authorize"): 403,
+    ("GET", "/penetration"): 403,
+    ("GET", "/penetration/by/{grouping}"): 403,
+    ("GET", "/penetration/totals"): 403,
+    ("GET", "/penetration/indicators"): 200,  # its own platform's only
+    ("GET", "/classification/industries"): 200,  # the standards' names, no platform's data
+    ("GET", "/classification/regions"): 200,
+    ("GET", "/classification/unmapped-industries"): 403,
+    ("PUT", "/classification/industry-mappings"): 403,
 }
 
 
@@ -87,6 +102,8 @@ def url(path: str, key_id: int, platform: str = "plant-1") -> str:
         "key_id": str(key_id),
         "dimension": "tier",
         "tier": "basic",
+        "code": BYD,
+        "grouping": "province",
     }
     return re.sub(r"\{(\w+)\}", lambda m: values[m.group(1)], path)
 
@@ -109,6 +126,13 @@ async def two_platforms(db: psycopg.AsyncConnection[Any], pool: AsyncConnectionP
     now = datetime.now(UTC)
     await writer.write([telemetry("plant-1", "d-1", (now, "v", 42.5))])
     await writer.write([telemetry("plant-2", "e-1", (now, "v", 1.0))])
+    # An enterprise plant-1 serves, named so that a leak of it shows.
+    await db.execute(
+        "INSERT INTO enterprises (platform_id, code, name, industry, above_size, region) "
+        "VALUES ('plant-1', %s, 'Plant One Motors', '36', true, %s)",
+        (BYD, BYD[2:8]),
+    )
+    await db.execute("UPDATE devices SET enterprise = %s WHERE device_id = 'd-1'", (BYD,))
 
 
 async def plant_1_key_id(db: psycopg.AsyncConnection[Any]) -> int:

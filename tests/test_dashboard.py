@@ -15,7 +15,10 @@ from psycopg_pool import AsyncConnectionPool
 from api.settings import ApiSettings
 from ingest.stats import IngestStats
 from ingest.writer import TelemetryWriter
+from registry import uscc
 from registry.access import Role
+from registry.official_totals import import_totals
+from registry.penetration import refresh_penetration
 from registry.platforms import Tier, upsert_platform
 from registry.settings import StoreSettings
 from tests.browser import Browser, Page, chromium
@@ -163,4 +166,101 @@ async def test_an_operator_sees_only_its_own_platform(
     page = browser.open(f"{base}/dashboard#key=iiot_000000000000_{'x' * 40}")
     page.wait_for("!document.querySelector('[data-testid=login]').hidden")
     assert page.evaluate("document.querySelector('#main').hidden") is True
+    page.close()
+
+
+async def test_the_penetration_view_matches_the_api_and_drills_down_to_prefectures(
+    browser: Browser,
+    base: str,
+    make_key: KeyMaker,
+    pool: AsyncConnectionPool,
+    db: psycopg.AsyncConnection[Any],
+) -> None:
+    await upsert_platform(
+        db, "plant-1", name="Plant One", tier=Tier.LEADING, region="320000", industry="Automotive"
+    )
+    await upsert_platform(db, "plant-2", name="Plant Two", industry="gizmos")
+    admin = await make_key(Role.ADMIN, None)
+    codes = {
+        "suzhou": uscc.compose("320500", "70000001"),
+        "nanjing": uscc.compose("320100", "70000002"),
+        "shenzhen": uscc.compose("440300", "70000003"),
+    }
+    async with httpx.AsyncClient(base_url=base, headers={"X-API-Key": admin}) as api:
+        for platform, names in (
+            ("plant-1", ["suzhou", "nanjing", "shenzhen"]),
+            ("plant-2", ["suzhou"]),
+        ):
+            declared = [
+                {"code": codes[n], "name": n, "industry": "34", "above_size": True} for n in names
+            ]
+            response = await api.post(
+                f"/platforms/{platform}/enterprises", json={"enterprises": declared}
+            )
+            assert response.status_code == 200
+        await connect_devices(pool, "plant-1", ["press-1"])
+        links = {"devices": {"press-1": codes["suzhou"]}}
+        await api.post("/platforms/plant-1/enterprise-links", json=links)
+        async with db.transaction():
+            await import_totals(
+                db,
+                "year,region,industry,enterprises\n2025,000000,,100\n2025,320000,,40\n"
+                "2025,440000,,30\n2025,320500,,10\n2025,000000,C,90\n",
+                source="test totals",
+                file_name="t.csv",
+            )
+        assert await refresh_penetration(db)
+        provinces = (await api.get("/penetration/by/province")).json()["rows"]
+
+    page = browser.open(f"{base}/dashboard#key={admin}&interval=0.5")
+    refreshed_after(page, 0)
+    assert text(page, "penetration-served") == "3.0%"
+    assert text(page, "penetration-served-of").endswith("3 / 100 enterprises above designated size")
+    assert text(page, "penetration-connected") == "1.0%"
+    assert text(page, "penetration-target") == "55.0%"
+    shown = page.evaluate(
+        "[...document.querySelectorAll('[data-testid=penetration-rows] tbody tr')]"
+        ".map(r => [r.dataset.testid, r.cells[1].textContent, r.dataset.served, r.dataset.total])"
+    )
+    assert shown == [
+        [f"penetration-row-{r['key']}", r["name"], str(r["served"]), str(r["total"])]
+        for r in provinces
+    ]
+    assert [s[1] for s in shown] == ["江苏省", "广东省"]
+    assert page.evaluate("document.querySelector('#penetration-chart').dataset.bars") == "2"
+    page.screenshot(ARTIFACTS / "dashboard-penetration.png")
+
+    # Drill down into Jiangsu: its prefectures, Suzhou with its official total.
+    page.evaluate("document.querySelector('[data-testid=penetration-row-320000]').click()")
+    page.wait_for("document.querySelector('[data-testid=penetration-row-320500]') !== null")
+    suzhou = page.evaluate(
+        "document.querySelector('[data-testid=penetration-row-320500]').innerText"
+    )
+    assert "苏州市" in suzhou
+    assert "10.0%" in suzhou  # 1 of 10
+    assert "南京市" in page.evaluate(
+        "document.querySelector('[data-testid=penetration-rows] tbody').innerText"
+    )
+    page.screenshot(ARTIFACTS / "dashboard-penetration-prefectures.png")
+    page.evaluate("document.querySelector('[data-testid=penetration-by-industry]').click()")
+    page.wait_for("document.querySelector('[data-testid=penetration-row-C]') !== null")
+    assert "制造业" in text(page, "penetration-rows")
+
+    # Platform indicators, sorted by enterprises (descending) with a click on the header.
+    page.wait_for("document.querySelector('[data-testid=indicators-row-plant-2]') !== null")
+    page.evaluate(
+        "document.querySelector('[data-testid=indicators] th[data-sort=enterprises]').click()"
+    )
+    page.wait_for(
+        "document.querySelector('[data-testid=indicators] tbody tr').dataset.testid"
+        " === 'indicators-row-plant-1'"
+    )
+    first = page.evaluate("document.querySelector('[data-testid=indicators] tbody tr').innerText")
+    assert "leading" in first
+    assert "320000 江苏省" in first  # names beside codes
+    assert "36 汽车制造业" in first  # the platform's text "Automotive", mapped
+    second = page.evaluate(
+        "document.querySelector('[data-testid=indicators-row-plant-2]').innerText"
+    )
+    assert "gizmos (not mapped)" in second
     page.close()

@@ -38,6 +38,8 @@ def run_loadtest(
         "IIOT_MQTT_CLIENT_ID": f"iiot-loadtest-{unique}",
         "IIOT_API_PORT": str(free_port()),
         "IIOT_STATE_DIR": str(out / "state"),
+        # The enterprise figures are computed with each count sample: soon, for a short run.
+        "IIOT_HISTORY_INTERVAL_SECONDS": "1",
     }
     args = [
         "--platform", f"lt-{unique}", "--gateways", "6", "--devices-per-gateway", "25",
@@ -68,6 +70,10 @@ def test_a_small_fleet_is_counted_exactly_through_storm_disconnect_and_rebirth(
         ("storm", 150, 150),
         ("mass disconnect", 75, 75),
         ("rebirth", 150, 150),
+        # 6 gateways owned in turn by 3 simulated enterprises; 2 more own none, of which the
+        # first is not above designated size.
+        ("enterprises served", 4, 4),
+        ("enterprises connected 30 d", 3, 3),
     ]
     # Both kinds of gateway went down and came back (gw-00002 and gw-00005 speak Sparkplug).
     dropped = report["dropped_gateways"]
@@ -94,7 +100,9 @@ async def test_the_run_fails_and_says_why_when_devices_are_refused(
     assert report["ok"] is False
     assert report["points_stored"] == 0
     assert report["points_sent"] > 0
-    assert [c["ok"] for c in report["checks"]] == [False, False, False]
+    # Declared enterprises are served, devices or not; none had a device connected.
+    assert [c["ok"] for c in report["checks"]] == [False, False, False, True, False]
+    assert any("gateways not linked" in e for e in report["errors"])
     assert "Result: FAIL" in (tmp_path / "report.md").read_text()
 
 

@@ -151,3 +151,7 @@ async def test_api_metrics_show_counts_per_platform_and_the_drift_reconciliation
     drift = frozenset({("platform", platform), ("count", "connected")})
     assert got[("iiot_counter_drift", drift)] == 5
     assert got[("iiot_reconciliation_timestamp_seconds", frozenset())] > 0
+    assert (
+        got[("iiot_maintenance_last_success_timestamp_seconds", frozenset({("task", "reconcile")}))]
+        == (got[("iiot_reconciliation_timestamp_seconds", frozenset())])
+    )

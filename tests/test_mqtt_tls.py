@@ -41,13 +41,18 @@ def make_certificates(tmp: Path) -> None:
             cwd=tmp,
         )  # fmt: skip
     (tmp / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    sign_certificate(tmp, "server", "/CN=localhost", "-extfile", "san.ext")
+
+
+def sign_certificate(tmp: Path, name: str, subject: str, *options: str) -> None:
+    """<name>.key and <name>.pem for `subject`, signed by ca.pem."""
     openssl(
-        "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
-        "-subj", "/CN=localhost", cwd=tmp,
+        "req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+        "-subj", subject, cwd=tmp,
     )  # fmt: skip
     openssl(
-        "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-        "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "san.ext", cwd=tmp,
+        "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+        "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", *options, cwd=tmp,
     )  # fmt: skip
 
 

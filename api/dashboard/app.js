@@ -9,6 +9,11 @@ const state = {
   interval: Number(params.get("interval") || 5) * 1000,
   platform: null, // the platform shown in detail
   live: [], // [time ms, connected] of the selected platform, appended at each refresh
+  grouping: "province", // the penetration view: per province or industry, or a province's prefectures
+  province: null, // the province drilled into
+  sort: "platform", // the platform indicators' sort field and order
+  descending: false,
+  regionNames: null, // GB/T 2260 code -> name, read once
 };
 if (params.get("key")) {
   sessionStorage.setItem("iiot-key", state.key);
@@ -62,7 +67,8 @@ async function refreshNational() {
     const body = table.createTBody();
     for (const g of grouped.body.groups) {
       const row = body.insertRow();
-      cell(row, g.key);
+      const name = dimension === "region" && state.regionNames ? state.regionNames[g.key] : null;
+      cell(row, name ? `${g.key} ${name}` : g.key);
       cell(row, number(g.platforms), true);
       cell(row, number(g.connected), true);
       cell(row, number(g.registered), true);
@@ -70,6 +76,132 @@ async function refreshNational() {
     groups.append(table);
   }
   $("#groups").hidden = !shown;
+}
+
+const percent = (rate) => (rate === null || rate === undefined ? "-" : `${(rate * 100).toFixed(1)}%`);
+
+async function refreshPenetration() {
+  if (state.regionNames === null) {
+    const regions = await api("/classification/regions");
+    state.regionNames = {};
+    if (regions.status === 200) for (const r of regions.body) state.regionNames[r.code] = r.name;
+  }
+  const national = await api("/penetration");
+  $("#penetration").hidden = national.status !== 200;
+  if (national.status === 200) {
+    const n = national.body;
+    const row = n.rows[0];
+    $("[data-testid=penetration-served]").textContent = percent(row.served_rate);
+    $("[data-testid=penetration-served-of]").textContent =
+      `served: ${number(row.served)} / ${number(row.total)} enterprises above designated size`;
+    $("[data-testid=penetration-connected]").textContent = percent(row.connected_30d_rate);
+    $("[data-testid=penetration-connected-of]").textContent =
+      `with a device connected in 30 days: ${number(row.connected_30d)} / ${number(row.total)}`;
+    $("[data-testid=penetration-target]").textContent = percent(n.target_2028);
+    $("#penetration-totals").textContent = n.totals
+      ? `(totals ${n.totals.year}: ${n.totals.source}; computed ${n.as_of ? new Date(n.as_of).toLocaleString() : "not yet"})`
+      : "(no official totals imported)";
+    $("#penetration-definitions").textContent =
+      `Definitions ${n.definitions_version}: served = ${n.definitions.served} 30 d = ${n.definitions.connected_30d} ${n.disputed} enterprises are declared differently by their platforms.`;
+    const path = state.grouping === "prefecture"
+      ? `/penetration/by/prefecture?region=${state.province}`
+      : `/penetration/by/${state.grouping}${state.grouping === "industry" ? "?level=section" : ""}`;
+    const grouped = await api(path);
+    if (grouped.status === 200) drawPenetration(grouped.body.rows);
+  }
+  const indicators = await api(`/penetration/indicators?sort=${state.sort}&descending=${state.descending}`);
+  if (indicators.status === 200) {
+    const body = $("[data-testid=indicators] tbody");
+    body.replaceChildren();
+    for (const i of indicators.body.items) {
+      const row = body.insertRow();
+      row.dataset.testid = `indicators-row-${i.platform}`;
+      cell(row, i.platform);
+      cell(row, i.tier);
+      cell(row, `${i.region.code} ${i.region.name || ""}`);
+      cell(row, i.industry ? `${i.industry.code} ${i.industry.name}` : `${i.industry_text} (not mapped)`);
+      cell(row, number(i.devices_connected), true);
+      cell(row, number(i.enterprises), true);
+      cell(row, number(i.enterprises_above_size), true);
+      cell(row, number(i.enterprises_connected_30d), true);
+      cell(row, number(i.industries), true);
+      cell(row, number(i.provinces), true);
+      cell(row, number(i.prefectures), true);
+      cell(row, i.devices_per_enterprise === null ? "-" : i.devices_per_enterprise.toFixed(1), true);
+    }
+  }
+}
+
+function drawPenetration(rows) {
+  $("#penetration-caption").textContent = state.grouping === "prefecture"
+    ? `prefectures of ${state.regionNames[state.province] || state.province}`
+    : "";
+  $("[data-testid=penetration-back]").hidden = state.grouping !== "prefecture";
+  for (const button of document.querySelectorAll("#penetration button[data-grouping]")) {
+    button.classList.toggle("active", button.dataset.grouping === state.grouping);
+  }
+  const body = $("[data-testid=penetration-rows] tbody");
+  body.replaceChildren();
+  for (const r of rows) {
+    const row = body.insertRow();
+    row.dataset.testid = `penetration-row-${r.key}`;
+    row.dataset.served = r.served;
+    row.dataset.total = r.total === null ? "" : r.total;
+    cell(row, r.key);
+    cell(row, r.name || "");
+    cell(row, number(r.served), true);
+    cell(row, number(r.connected_30d), true);
+    cell(row, number(r.total), true);
+    cell(row, percent(r.served_rate), true);
+    cell(row, percent(r.connected_30d_rate), true);
+    if (state.grouping === "province") {
+      row.onclick = () => {
+        state.grouping = "prefecture";
+        state.province = r.key;
+        refreshPenetration();
+      };
+    }
+  }
+  // Bars per row: the served rate, the 30-day rate under it, and the 2028 target as a line.
+  const svg = $("#penetration-chart");
+  svg.replaceChildren();
+  const height = 20 + rows.length * 24;
+  svg.setAttribute("height", String(height));
+  const scale = (rate) => 120 + Math.min(rate || 0, 1) * 280;
+  const add = (tag, attributes, text) => {
+    const node = document.createElementNS("http://www.w3.org/2000/svg", tag);
+    for (const [name, value] of Object.entries(attributes)) node.setAttribute(name, String(value));
+    if (text) node.textContent = text;
+    svg.append(node);
+    return node;
+  };
+  rows.forEach((r, n) => {
+    const y = 10 + n * 24;
+    add("text", { x: 0, y: y + 12 }, (r.name || r.key).slice(0, 12));
+    add("rect", { class: "served", x: 120, y, width: scale(r.served_rate) - 120, height: 10 });
+    add("rect", { class: "connected", x: 120, y: y + 11, width: scale(r.connected_30d_rate) - 120, height: 8 });
+  });
+  add("line", { class: "target", x1: scale(0.55), x2: scale(0.55), y1: 0, y2: height });
+  add("text", { x: scale(0.55) + 3, y: height - 2 }, "55%");
+  svg.dataset.bars = String(rows.length);
+}
+
+for (const button of document.querySelectorAll("#penetration button[data-grouping]")) {
+  button.onclick = () => {
+    state.grouping = button.dataset.grouping;
+    refreshPenetration();
+  };
+}
+$("[data-testid=penetration-back]").onclick = () => {
+  state.grouping = "province";
+  refreshPenetration();
+};
+for (const th of document.querySelectorAll("[data-testid=indicators] th[data-sort]")) {
+  th.onclick = () => {
+    state.descending = state.sort === th.dataset.sort ? !state.descending : th.dataset.sort !== "platform";
+    state.sort = th.dataset.sort;
+    refreshPenetration();
+  };
 }
 
 async function refreshPlatforms() {
@@ -204,6 +336,7 @@ async function showDevice(device) {
 
 async function refresh() {
   try {
+    await refreshPenetration();
     await refreshNational();
     await refreshPlatforms();
     await refreshPlatformDetail();

@@ -15,7 +15,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from api.auth import Caller, check_national
-from api.deps import Connection
+from api.deps import Connection, Settings
+from ingest.certificates import CertificateExpiry
 from ingest.kafka import partition_lag
 from registry.counts import platform_gauges
 from registry.reconcile import recent_reconciliations
@@ -39,7 +40,7 @@ class _Snapshot(Collector):
     response_class=Response,
     responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}},
 )
-async def metrics(conn: Connection, caller: Caller) -> Response:
+async def metrics(conn: Connection, caller: Caller, settings: Settings) -> Response:
     """Connected, registered and active devices per platform, counter drift and Kafka lag,
     in Prometheus' text format (keys for all platforms: Prometheus scrapes with a national
     viewer key)."""
@@ -68,9 +69,17 @@ async def metrics(conn: Connection, caller: Caller) -> Response:
     last_run = GaugeMetricFamily(
         "iiot_reconciliation_timestamp_seconds", "When the latest reconciliation ran."
     )
+    # One family for every background task whose runs the store records, so one alert covers
+    # them: a task that stopped completing is a maintenance failure.
+    maintenance = GaugeMetricFamily(
+        "iiot_maintenance_last_success_timestamp_seconds",
+        "When each maintenance task last completed.",
+        labels=["task"],
+    )
     latest = await recent_reconciliations(conn, limit=1)
     if latest:
         last_run.add_metric([], latest[0].time.timestamp())
+        maintenance.add_metric(["reconcile"], latest[0].time.timestamp())
         for d in latest[0].drift:
             for count in ("registered", "connected", "ever_connected"):
                 drift.add_metric([d.platform, count], getattr(d, count))
@@ -85,5 +94,6 @@ async def metrics(conn: Connection, caller: Caller) -> Response:
             lag.add_metric([p.group_id, p.topic, str(p.partition)], p.lag)
 
     registry = CollectorRegistry()
-    registry.register(_Snapshot([*figures.values(), drift, last_run, lag]))
+    registry.register(_Snapshot([*figures.values(), drift, last_run, maintenance, lag]))
+    registry.register(CertificateExpiry(settings.certificate_files()))
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
