@@ -14,7 +14,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from ingest.certificates import CertificateExpiry
 from ingest.kafka import KafkaIngest
-from ingest.metrics import IngestCollector
+from ingest.metrics import Consumer, IngestCollector
 from ingest.monitor import Monitor
 from ingest.mqtt import MqttIngest
 from ingest.settings import IngestSettings
@@ -33,16 +33,26 @@ class Service(Protocol):
 def ingest_services(
     settings: IngestSettings, pool: AsyncConnectionPool, consumer: Literal["mqtt", "kafka"] = "mqtt"
 ) -> list[Service]:
-    """What an ingest process runs: its consumer and the registry's background work."""
+    """What an ingest process runs: its consumer (over MQTT, with the Sparkplug B host on its own
+    connection when Sparkplug is on) and the registry's background work."""
     ingest: MqttIngest | KafkaIngest
+    host: MqttIngest | None = None
     if consumer == "mqtt":
         ingest, shard = MqttIngest(settings, pool), settings.shard
+        if settings.sparkplug_platforms() is not None:
+            host = MqttIngest(settings, pool, sparkplug_host=True)
     else:
         ingest = KafkaIngest(settings, pool, partitions=settings.static_partitions())
         shard = settings.kafka_shard
+    readers = [ingest] if host is None else [ingest, host]
+
+    def registry_changed(platform: str) -> None:
+        for reader in readers:  # each writer caches registry rows
+            reader.registry_changed(platform)
+
     services: list[Service] = [
-        ingest,
-        RegistryWatcher(settings, ingest.registry_changed),
+        *readers,
+        RegistryWatcher(settings, registry_changed),
         Sweeper(
             pool,
             counter_shard=shard,
@@ -55,14 +65,17 @@ def ingest_services(
     if settings.maintain_interval_seconds > 0:
         services.append(Maintainer(settings, ingest_window=settings.window_past))
     if settings.metrics_port is not None:
-        ready = ingest.subscribed if isinstance(ingest, MqttIngest) else ingest.assigned
-        collector = IngestCollector([(consumer, ingest)])
+        ready = [ingest.subscribed if isinstance(ingest, MqttIngest) else ingest.assigned]
+        sources: list[tuple[str, Consumer]] = [(consumer, ingest)]
+        if host is not None:
+            ready.append(host.subscribed)
+            sources.append(("sparkplug", host))
         services.append(
             Monitor(
-                collector,
+                IngestCollector(sources),
                 CertificateExpiry(settings.certificate_files()),
                 pool=pool,
-                consumer_ready=ready.is_set,
+                consumer_ready=lambda: all(event.is_set() for event in ready),
                 host=settings.metrics_address,
                 port=settings.metrics_port,
                 progress=ingest.progress,

@@ -87,6 +87,11 @@ async def run_stack(settings: RunSettings) -> None:
         ingest = consumers[0]
         assert isinstance(ingest, MqttIngest)  # the first service is the consumer
         ready = [("mqtt ingest", ingest.subscribed.is_set)]
+        ready += [
+            ("sparkplug host", service.subscribed.is_set)
+            for service in consumers
+            if isinstance(service, MqttIngest) and service.sparkplug is not None
+        ]
         if settings.kafka_bootstrap:
             # A Kafka cluster configured: the stack reads its telemetry topics too (the
             # registry's background work already runs with the MQTT consumer).

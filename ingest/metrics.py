@@ -95,6 +95,17 @@ class IngestCollector(Collector):
             "Rebirth requests the host asked for.",
             labels=["source"],
         )
+        not_stored = CounterMetricFamily(
+            "iiot_sparkplug_values_not_stored",
+            "Sparkplug metric values not stored, by type: not numbers (String, Bytes, DataSet, "
+            "Template, ...) or is_transient (type 'transient').",
+            labels=["source", "type"],
+        )
+        restamped = CounterMetricFamily(
+            "iiot_sparkplug_birth_values_restamped",
+            "BIRTH values whose own time was outside the window, stored at the BIRTH's time.",
+            labels=["source"],
+        )
         histograms: dict[str, Metric] = {}
         for source, consumer in self._consumers:
             s = consumer.stats
@@ -124,6 +135,9 @@ class IngestCollector(Collector):
                 spb = consumer.sparkplug.sessions.stats
                 gaps.add_metric([source], spb.gaps)
                 rebirths.add_metric([source], spb.rebirth_requests)
+                restamped.add_metric([source], spb.birth_values_restamped)
+                for kind, count in sorted(spb.not_stored.items()):
+                    not_stored.add_metric([source, kind], count)
             for histogram in (s.batch_points, s.write_seconds, s.delay_seconds):
                 for family in histogram.collect():
                     merged = histograms.setdefault(family.name, family)
@@ -136,5 +150,5 @@ class IngestCollector(Collector):
                     else:
                         merged.samples += labelled
         yield from (received, stored, duplicates, registered, rejected, queue, lag)
-        yield from (oldest, uncommitted, stalled, failed, gaps, rebirths)
+        yield from (oldest, uncommitted, stalled, failed, gaps, rebirths, not_stored, restamped)
         yield from histograms.values()

@@ -11,6 +11,11 @@ time it was first stored at (ingest/redelivery.py).
 
 Back-pressure: the broker sends at most Receive Maximum (MQTT 5) or its in-flight limit (3.1.1)
 unacknowledged messages, so a slow store slows the broker down instead of growing memory.
+
+The Sparkplug B primary host is a second `MqttIngest` (`sparkplug_host=True`) on a connection of
+its own, as Sparkplug 3.0 specifies: a clean session (Clean Start, session expiry 0), its STATE
+as Will. The broker keeps nothing for it while it is away; the edge nodes, which watch its
+STATE, hold their data meanwhile (store and forward) and publish new BIRTHs when it returns.
 """
 
 import asyncio
@@ -38,12 +43,13 @@ from ingest.paho_speedups import Publish, acknowledge, read_in_bulk, share_prope
 from ingest.progress import Progress
 from ingest.redelivery import RedeliveryRecord
 from ingest.settings import IngestSettings
-from ingest.sparkplug import NAMESPACE, state_payload, state_topic
-from ingest.sparkplug_host import SparkplugHost
+from ingest.sparkplug import NAMESPACE, state_online, state_payload, state_topic
+from ingest.sparkplug_host import SparkplugHost, sparkplug_filters
 from ingest.stats import IngestStats
 from ingest.topics import TopicScheme
 from ingest.writer import PreparedBatch, Refusals, TelemetryWriter
 from registry.devices import DeviceDirectory
+from registry.settings import hashed_shard
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +59,9 @@ MqttAck = tuple[int, int]
 _RETRY_FIRST, _RETRY_MAX = 0.5, 10.0
 _MICROSECOND = timedelta(microseconds=1)
 _YIELD_EVERY = 50  # messages the receiver decodes before it lets other tasks run
+# The "acknowledgement" of what the host decided itself (a silent edge node's session ending):
+# no packet of the session, so nothing to acknowledge and no position in the stream.
+_NOT_RECEIVED: MqttAck = (0, -1)
 SESSION = "mqtt"
 """The one stream of `MqttIngest.progress`: the session's messages, acknowledged in order."""
 
@@ -66,30 +75,43 @@ class MqttIngest:
         pool: AsyncConnectionPool,
         *,
         stats: IngestStats | None = None,
+        sparkplug_host: bool = False,
     ) -> None:
+        """`sparkplug_host`: consume the Sparkplug B groups of `IIOT_SPARKPLUG_GROUPS` as their
+        primary host (its own client id, `{IIOT_MQTT_CLIENT_ID}-sparkplug`), instead of the JSON
+        topics."""
         share_property_tables()
         self._settings = settings
         self.stats = stats or IngestStats()
+        groups = settings.sparkplug_platforms()
+        self.sparkplug = SparkplugHost(settings, groups or {}) if sparkplug_host else None
+        self._client_id = settings.mqtt_client_id
+        shard = settings.shard
+        if self.sparkplug is not None:
+            if groups is None:
+                raise ValueError("IIOT_SPARKPLUG_GROUPS is empty: Sparkplug is off")
+            self._client_id += "-sparkplug"
+            if settings.counter_shard is None and settings.shards_from_range() is None:
+                # A shard of its own when none is configured; a configured one it shares with
+                # the JSON consumer (colliding shards cost lock waits, never wrong counts).
+                shard = hashed_shard(self._client_id)
         self._writer = TelemetryWriter(
             pool,
             stats=self.stats,
-            counter_shard=settings.shard,
+            counter_shard=shard,
             directory=DeviceDirectory(max_cached_ids=settings.device_cache_max),
             renew_seconds=settings.activity_renew_seconds,
         )
         self._topics = TopicScheme(settings.mqtt_topic_root)
         self._decode = MessageDecoder(self._topics, settings)
-        groups = settings.sparkplug_platforms()
-        self.sparkplug = SparkplugHost(settings, groups) if groups is not None else None
         self._pool = pool
         # Kept while the broker may keep a session (and a day more): it redelivers only then.
         keep = timedelta(seconds=settings.mqtt_session_expiry_seconds, days=1)
-        self._redeliveries = RedeliveryRecord(
-            pool, settings.mqtt_client_id, keep=keep, decode=self._decode
-        )
+        self._redeliveries = RedeliveryRecord(pool, self._client_id, keep=keep, decode=self._decode)
         self._state_timestamp = 0
         self._stopping = asyncio.Event()
         self._queue: asyncio.Queue[Any] | None = None
+        self._state_offline = asyncio.Event()
         self.subscribed = asyncio.Event()
         """Set while a session is subscribed (tests and readiness wait on it)."""
         self.progress = Progress()
@@ -152,25 +174,38 @@ class MqttIngest:
                 self._settings.queue_max_messages
             )
             self._queue = queue
-            for topic_filter in self._topics.filters(self._settings.mqtt_shared_group):
-                await client.subscribe(topic_filter, qos=1)
-            if self.sparkplug is not None:
+            if self.sparkplug is None:
+                for topic_filter in self._topics.filters(self._settings.mqtt_shared_group):
+                    await client.subscribe(topic_filter, qos=1)
+                groups = self._settings.sparkplug_platforms()
+                if groups is not None:
+                    # The persistent session of a version whose host shared this connection
+                    # still holds the Sparkplug subscriptions: the host has its own now.
+                    await client.unsubscribe(sparkplug_filters(groups))
+            else:
                 # Not shared: an edge node's births, deaths and seq must reach one process.
                 for topic_filter in self.sparkplug.filters():
                     await client.subscribe(topic_filter, qos=1)
+                host_id = self._settings.sparkplug_host_id
+                if host_id:
+                    # Its own STATE, to answer an `online: false` (QoS 0: nothing to acknowledge
+                    # in order with the data; losing it means losing the connection, and a new
+                    # one announces itself anyway).
+                    await client.subscribe(state_topic(host_id), qos=0)
                 await self._announce_state(client, online=True)
+                self.sparkplug.connected()
             self.progress.start(SESSION, 0)
             self.subscribed.set()
             log.info(
                 "subscribed to %s as %s",
-                self._settings.mqtt_topic_root,
-                self._settings.mqtt_client_id,
+                "Sparkplug B" if self.sparkplug else self._settings.mqtt_topic_root,
+                self._client_id,
             )
             async with asyncio.TaskGroup() as tasks:
                 receiving = tasks.create_task(self._receive(client, arrived, queue))
                 writing = tasks.create_task(self._write(client, queue))
                 stopping = tasks.create_task(self._stopping.wait())
-                commanding = tasks.create_task(self._request_rebirths(client))
+                commanding = tasks.create_task(self._act_as_host(client, queue))
                 await asyncio.wait((stopping, writing), return_when=asyncio.FIRST_COMPLETED)
                 receiving.cancel()
                 commanding.cancel()
@@ -206,12 +241,27 @@ class MqttIngest:
             payload = state_payload(online, self._state_timestamp)
             await client.publish(state_topic(host_id), payload, qos=1, retain=True)
 
-    async def _request_rebirths(self, client: aiomqtt.Client) -> None:
-        """Publishes the Rebirth requests the Sparkplug sessions ask for (gaps, unknown
-        aliases, data before a birth); QoS 0, as the specification has commands."""
+    async def _act_as_host(
+        self, client: aiomqtt.Client, queue: "asyncio.Queue[Received[MqttAck] | EndOfStream]"
+    ) -> None:
+        """The Sparkplug host's own doings, a few times a second:
+        - its STATE said offline (a stale Will, another client): Sparkplug 3.0 has the host
+          publish `online: true` again, with the timestamp of its current Will;
+        - edge nodes silent since this connection began: their sessions end, through the writer
+          as their NDEATH would have ended them (no packet of the session: nothing to ack);
+        - the Rebirth requests the sessions ask for (gaps, unknown aliases, data before a
+          birth), QoS 0, as the specification has commands."""
         if self.sparkplug is None:
             return
         while True:
+            if self._state_offline.is_set():
+                self._state_offline.clear()
+                log.warning("STATE of this host said offline; publishing online again")
+                await self._announce_state(client, online=True)
+            now = datetime.now(UTC)
+            for topic, decoded in self.sparkplug.silent_ended(now):
+                log.warning("%s: silent since the host connected; its session ends", topic)
+                await queue.put(Received("mqtt", topic, b"", now, decoded, _NOT_RECEIVED))
             for topic, payload in self.sparkplug.rebirths():
                 log.info("requesting a Rebirth on %s", topic)
                 await client.publish(topic, payload, qos=0)
@@ -221,19 +271,20 @@ class MqttIngest:
         s = self._settings
         host, port, username, password = s.mqtt_endpoint()
         # Persistent session either way: MQTT 5 via clean start off and a session expiry,
-        # MQTT 3.1.1 via clean session off.
+        # MQTT 3.1.1 via clean session off. The Sparkplug host: a clean one (Sparkplug 3.0).
+        clean = self.sparkplug is not None
         session: dict[str, Any]
         if s.mqtt_protocol == "5":
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            properties.SessionExpiryInterval = s.mqtt_session_expiry_seconds
+            properties.SessionExpiryInterval = 0 if clean else s.mqtt_session_expiry_seconds
             properties.ReceiveMaximum = s.mqtt_receive_maximum
             session = {
                 "protocol": aiomqtt.ProtocolVersion.V5,
-                "clean_start": False,
+                "clean_start": clean,
                 "properties": properties,
             }
         else:
-            session = {"protocol": aiomqtt.ProtocolVersion.V311, "clean_session": False}
+            session = {"protocol": aiomqtt.ProtocolVersion.V311, "clean_session": clean}
         will = None
         # The STATE timestamp ties the Will to the birth of this connection (Sparkplug 3.0).
         self._state_timestamp = int(time.time() * 1000)
@@ -249,7 +300,7 @@ class MqttIngest:
             port,
             username=username,
             password=password,
-            identifier=s.mqtt_client_id,
+            identifier=self._client_id,
             keepalive=s.mqtt_keepalive_seconds,
             will=will,
             tls_context=s.mqtt_tls_context(),
@@ -264,8 +315,16 @@ class MqttIngest:
         # that its iterator still wakes `_receive` and ends when the connection is lost.
         arrived: deque[Publish] = deque()
         wake = _wakeups(client).put_nowait
+        # The host's own STATE (QoS 0) is no message of the stream: noted here, answered by
+        # `_act_as_host`.
+        own_state = state_topic(s.sparkplug_host_id) if will is not None else None
+        self._state_offline.clear()
 
         def on_publish(topic: str, payload: bytes, mid: int, qos: int, dup: bool) -> None:
+            if topic == own_state:
+                if not state_online(payload):
+                    self._state_offline.set()
+                return
             if not arrived:
                 wake(None)
             arrived.append((topic, payload, mid, qos, dup))
@@ -338,7 +397,7 @@ class MqttIngest:
                 # Connection gone: the broker redelivers in the next session; the writer
                 # stores the redelivered points once.
                 raise aiomqtt.MqttError("acknowledgement failed: not connected")
-            acknowledged += len(acks)
+            acknowledged += sum(1 for ack in acks if ack != _NOT_RECEIVED)
             self.progress.acknowledged(SESSION, acknowledged)
 
         s = self._settings

@@ -82,6 +82,10 @@ class IngestSettings(Limits, TopicSettings, ShardSettings, LifecycleSettings):
     sparkplug_host_id: str = Field(default="iiot", pattern=r"^[A-Za-z0-9._:-]{0,64}$")
     # How long a seq gap may wait for the missing message before a Rebirth is requested.
     sparkplug_reorder_wait_seconds: float = Field(default=2.0, gt=0)
+    # After the host (re)connects (a clean session: an NDEATH sent meanwhile went to nobody), an
+    # edge node it knew that stays silent this long is asked for a Rebirth; silent as long
+    # again, its session ends.
+    sparkplug_confirm_seconds: float = Field(default=30.0, gt=0)
 
     kafka_bootstrap: str | None = Field(
         default=None, description="Kafka bootstrap servers, host:port[,host:port...]."

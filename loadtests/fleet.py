@@ -82,7 +82,6 @@ class Gateway:
         self.sparkplug = plan.is_sparkplug(g)
         self.session = 0  # JSON session number, or Sparkplug bdSeq
         self.online = False
-        self._birth_ms = 0
         self._seq = 0
         self._next = 0  # index of the next device due
         self._last_tick = 0.0
@@ -190,17 +189,19 @@ class Gateway:
             body = orjson.dumps({"state": "online", "session": self.session})
             self._publish(self._status_topic(), body, retain=True)
             return
-        # A new session: NBIRTH (its timestamp is the session number iiot orders by), then a
-        # DBIRTH per device defining alias 1 (with no value: only readings make points).
-        self._birth_ms = max(int(time.time() * 1000), self._birth_ms + 1)
+        # A new session: NBIRTH with the bdSeq of this connection's Will (iiot orders sessions
+        # by arrival and ties an NDEATH to its session by bdSeq, so the rebirth race needs no
+        # clock), then a DBIRTH per device defining alias 1 (with no value: only readings make
+        # points); after an NDEATH a device is back only with its DBIRTH.
+        birth_ms = int(time.time() * 1000)
         self._seq = 0
         birth = encode_payload(
-            [MetricIn("bdSeq", self.session, INT64)], seq=0, timestamp_ms=self._birth_ms
+            [MetricIn("bdSeq", self.session, INT64)], seq=0, timestamp_ms=birth_ms
         )
         self._publish(node_topic(self.plan.platform, "NBIRTH", self.id), birth)
         for name in self.names:
             body = encode_payload(
-                [MetricIn("v", None, alias=1)], seq=self._next_seq(), timestamp_ms=self._birth_ms
+                [MetricIn("v", None, alias=1)], seq=self._next_seq(), timestamp_ms=birth_ms
             )
             self._publish(node_topic(self.plan.platform, "DBIRTH", self.id, name), body)
 

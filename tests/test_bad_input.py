@@ -371,7 +371,8 @@ async def test_bad_sparkplug_input_is_dead_lettered_and_the_edge_node_goes_on(
         [MetricIn("bdSeq", 0, INT64), MetricIn("Temperature", 0.5, alias=1)], seq=0, timestamp_ms=ms
     )
     seq = 1
-    async with running(MqttIngest(settings, pool)) as ingest, publisher(mqtt_url) as client:
+    host = MqttIngest(settings, pool, sparkplug_host=True)
+    async with running(host) as ingest, publisher(mqtt_url) as client:
         await client.publish(f"spBv1.0/{group}/NBIRTH/e1", birth, qos=1)
         for n, (_, topic, body, _) in enumerate(cases):
             await client.publish(topic, body, qos=1)

@@ -145,6 +145,7 @@ class Node:
         seq: int | None = None,
         ts: int = NOW_MS,
         now: float = 0.0,
+        at: datetime = NOW,
     ) -> Outcome:
         if kind == "NBIRTH":
             self.seq = 0
@@ -157,9 +158,9 @@ class Node:
             max_bytes=65536,
             max_metrics=1000,
         )
-        return self.sessions.handle(parse_topic(topic), payload, NOW, now=now)
+        return self.sessions.handle(parse_topic(topic), payload, at, now=now)
 
-    def birth(self, bd_seq: int, ts: int = NOW_MS) -> Outcome:
+    def birth(self, bd_seq: int, ts: int = NOW_MS, at: datetime = NOW) -> Outcome:
         return self.send(
             "NBIRTH",
             [
@@ -168,6 +169,7 @@ class Node:
                 MetricIn("Inputs/Temperature 1", 20.5, DOUBLE, alias=1),
             ],
             ts=ts,
+            at=at,
         )
 
 
@@ -255,7 +257,7 @@ def test_a_stale_ndeath_does_not_end_the_newer_session() -> None:
     s = sessions()
     node = Node(s)
     node.birth(bd_seq=0, ts=NOW_MS)
-    reborn = node.birth(bd_seq=1, ts=NOW_MS + 1000)
+    reborn = node.birth(bd_seq=1, ts=NOW_MS + 1000, at=NOW + timedelta(seconds=1))
     assert reborn.changes == [SessionChange(True, NOW_MS + 1000)]
     with pytest.raises(Rejected) as caught:  # the Will of the old connection, delivered late
         node.send("NDEATH", [MetricIn("bdSeq", 0, INT64)])
@@ -278,12 +280,20 @@ def test_a_redelivered_birth_keeps_its_session_and_its_devices() -> None:
     node.send("DDATA", [MetricIn(None, 4.5, alias=7)], device="press")
 
 
-def test_a_birth_older_than_the_last_session_still_opens_a_newer_one() -> None:
-    s = sessions()
-    node = Node(s)
-    node.birth(bd_seq=0, ts=NOW_MS)
-    older_clock = node.birth(bd_seq=1, ts=NOW_MS - 60_000)  # the node's clock went back
-    assert older_clock.changes[0].session > NOW_MS
+def test_sessions_follow_arrival_not_the_edge_clock() -> None:
+    # The edge clock runs five minutes fast, then is corrected; the host restarts in between.
+    fast = NOW_MS + 300_000
+    first = Node(sessions())
+    born = first.birth(bd_seq=0, ts=fast)
+    died = first.send("NDEATH", [MetricIn("bdSeq", 0, INT64)], ts=fast + 10)
+    assert born.changes[0].session == died.changes[0].session == NOW_MS  # by arrival
+    restarted = Node(sessions())
+    later = NOW + timedelta(seconds=20)
+    again = restarted.birth(bd_seq=1, ts=NOW_MS + 20_000, at=later)
+    assert again.changes[0].session == NOW_MS + 20_000 > died.changes[0].session
+    # One arrival millisecond: each number still sorts after the one before.
+    older_clock = restarted.birth(bd_seq=2, ts=NOW_MS - 60_000, at=later)
+    assert older_clock.changes[0].session == NOW_MS + 20_001
 
 
 def test_historical_points_are_kept_apart() -> None:
@@ -317,8 +327,8 @@ def test_restored_births_give_back_aliases_and_bdseq() -> None:
         [MetricIn("bdSeq", 3, INT64), MetricIn("Temp", 1.0, alias=1)], seq=0, timestamp_ms=NOW_MS
     )
     dbirth = encode_payload([MetricIn("Speed", 1.0, alias=2)], seq=1, timestamp_ms=NOW_MS)
-    s.restore_birth(parse_topic("spBv1.0/g/NBIRTH/e1"), nbirth, NOW)
-    s.restore_birth(parse_topic("spBv1.0/g/DBIRTH/e1/press"), dbirth, NOW)
+    s.restore_birth(parse_topic("spBv1.0/g/NBIRTH/e1"), nbirth, NOW, NOW_MS + 5)
+    s.restore_birth(parse_topic("spBv1.0/g/DBIRTH/e1/press"), dbirth, NOW, None)
     node = Node(s)
     node.seq = 57  # where the node happens to be: the first message after a restore is the base
     out = node.send("DDATA", [MetricIn(None, 9.0, alias=2)], device="press")
@@ -326,8 +336,20 @@ def test_restored_births_give_back_aliases_and_bdseq() -> None:
     with pytest.raises(Rejected) as caught:
         node.send("NDEATH", [MetricIn("bdSeq", 2, INT64)])
     assert caught.value.reason == "stale_death"
+    # The numbers the sessions were given (a BIRTH stored before numbers: its arrival).
     assert node.send("NDEATH", [MetricIn("bdSeq", 3, INT64)]).changes == [
-        SessionChange(False, NOW_MS)
+        SessionChange(False, NOW_MS + 5),
+        SessionChange(False, NOW_MS, "press"),
     ]
     s.expire_gaps(now=1e9)
     assert s.take_rebirths() == []
+
+
+def test_device_births_before_the_node_birth_do_not_use_up_the_rebirth_requests() -> None:
+    s = sessions(rebirth_interval=0.0)
+    node = Node(s)
+    for attempt in range(5):  # a restarted host that missed the NBIRTH: each asks again
+        with pytest.raises(Rejected) as caught:
+            node.send("DBIRTH", [MetricIn("Speed", 1.0, alias=2)], device="press", now=attempt)
+        assert caught.value.reason == "no_birth"
+        assert s.take_rebirths() == [("g", "e1")]

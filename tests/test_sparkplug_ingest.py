@@ -132,7 +132,7 @@ async def test_an_edge_node_with_devices_through_birth_data_death_and_rebirth(
     host = settings.sparkplug_host_id
     async with (
         watching(mqtt_url, f"spBv1.0/STATE/{host}", f"spBv1.0/{group}/NCMD/#") as seen,
-        running(MqttIngest(settings, pool)) as ingest,
+        running(MqttIngest(settings, pool, sparkplug_host=True)) as ingest,
         publisher(mqtt_url) as client,
     ):
         state = await next_message(seen)
@@ -221,13 +221,14 @@ async def test_a_restarted_host_remembers_the_open_sessions(
     group = f"sp-{unique}"
     async with publisher(mqtt_url) as client:
         node = EdgeNode(client, group)
-        async with running(MqttIngest(settings, pool)):
+        async with running(MqttIngest(settings, pool, sparkplug_host=True)):
             await node.birth(7, "press-1")
             await eventually(lambda: scalar(db, "SELECT count(*) = 2 FROM sparkplug_births"))
-        # While ingest is down: data by alias only, then the stale Will of an older session.
-        await node.send("DDATA", [MetricIn(None, 5.0, alias=2)], device="press-1")
-        await node.death(6)
-        async with running(MqttIngest(settings, pool)):
+        async with running(MqttIngest(settings, pool, sparkplug_host=True)):
+            # Data by alias only, then the stale Will of an older session: the restored BIRTHs
+            # know both.
+            await node.send("DDATA", [MetricIn(None, 5.0, alias=2)], device="press-1")
+            await node.death(6)
             await eventually(
                 lambda: scalar(db, "SELECT count(*) = 1 FROM telemetry WHERE value = 5")
             )
