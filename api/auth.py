@@ -2,10 +2,11 @@
 
 `KeyMiddleware` checks every request but the public paths before routing: it reads
 `Authorization: Bearer <key>` (or `X-API-Key: <key>`), verifies the key (cached for
-`api_key_cache_seconds`, so a revocation through another API process takes effect within that
-time; through this one, at once), takes a token from the key's bucket (empty: 429 with
-`Retry-After`), and leaves the principal in the request's state. Doing this once per request in
-plain ASGI, not in a chain of dependencies, keeps a cached check to microseconds.
+`api_key_cache_seconds`; a revocation drops it at once in the process that made it, and in
+the others when its notification arrives, within the cache time at worst), takes a token from
+the key's bucket (empty: 429 with `Retry-After`), and leaves the principal in the request's
+state. Doing this once per request in plain ASGI, not in a chain of dependencies, keeps a
+cached check to microseconds.
 
 Platform checks answer 404 for another platform's objects, exactly as for objects that do not
 exist, so a key learns nothing about platforms it may not see; a viewer trying to write, or a
@@ -78,6 +79,9 @@ class Authenticator:
         self._unknown_rate = settings.api_unknown_key_rate_per_second
         self._unknown_burst = float(settings.api_unknown_key_burst)
         self._unknown: dict[str, _Bucket] = {}
+        # Counts revocations seen: a lookup that a revocation overtook is not cached, since it
+        # may have read the key before the revocation committed.
+        self._generation = 0
 
     async def principal(self, pool: Any, key: str, client: str = "") -> Principal:
         """`client`: the caller's address, whose unknown keys are rate-limited."""
@@ -92,6 +96,7 @@ class Authenticator:
         ):
             detail = f"too many unknown keys from this address; retry in {wait} s"
             raise _too_many(wait, detail)
+        generation = self._generation
         async with pool.connection() as conn:
             principal = await verify_key(conn, key)
         if principal is None:
@@ -108,13 +113,16 @@ class Authenticator:
         if principal.expires_at is not None:
             left = (principal.expires_at - datetime.now(UTC)).total_seconds()
             until = min(until, now + left)
-        self._verified[fingerprint] = (principal, until)
+        if generation == self._generation:
+            self._verified[fingerprint] = (principal, until)
         return principal
 
-    def forget(self, key_id: int) -> None:
-        """Drops a revoked key from the cache at once."""
+    def forget(self, key_id: int | None) -> None:
+        """Drops a revoked key (None: every key) from the cache; call once the revocation has
+        committed."""
+        self._generation += 1
         for fingerprint, (principal, _) in list(self._verified.items()):
-            if principal.key_id == key_id:
+            if key_id is None or principal.key_id == key_id:
                 del self._verified[fingerprint]
 
     def admit(self, principal: Principal) -> None:

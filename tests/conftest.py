@@ -1,6 +1,9 @@
 """Fixtures on real services: each test gets its own schema and its own MQTT topic root."""
 
 import asyncio
+import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -224,6 +227,46 @@ def served_api(settings: ApiSettings) -> Iterator[str]:
     finally:
         server.stop()
         thread.join(10)
+
+
+@asynccontextmanager
+async def api_process(store: StoreSettings, log: Path, **settings: str) -> AsyncIterator[str]:
+    """`iiot api` as a process of its own on the test's schema (what a client meets over a real
+    socket: the response is sent when uvicorn sends it); yields its base URL. `settings`:
+    `IIOT_*` variables, e.g. `api_key_cache_seconds="300"`; its log goes to `log`."""
+    port = free_port()
+    env = os.environ | {
+        "IIOT_DATABASE_URL": str(store.database_url),
+        "IIOT_DATABASE_SCHEMA": store.database_schema,
+        "IIOT_API_PORT": str(port),
+        "IIOT_API_RATE_PER_SECOND": "1000000",
+        "IIOT_API_RATE_BURST": "1000000",
+    }
+    env |= {f"IIOT_{name.upper()}": value for name, value in settings.items()}
+    with log.open("ab") as out:
+        process = subprocess.Popen(  # noqa: ASYNC220 - starting it does not block
+            [sys.executable, "-m", "iiot.cli", "api"], env=env, stdout=out, stderr=out
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient(base_url=base) as client:
+
+            async def ready() -> bool:
+                assert process.poll() is None, f"the API process ended; see {log}"
+                try:
+                    return (await client.get("/healthz")).status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            await eventually(ready, timeout=30, interval=0.1)
+        yield base
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def payload(document: Any) -> bytes:
