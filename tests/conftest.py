@@ -19,6 +19,7 @@ import psycopg
 import pytest
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
+from starlette.applications import Starlette
 
 from api.app import create_app
 from api.server import ApiServer
@@ -213,8 +214,15 @@ async def publisher(mqtt_url: str, protocol: str = "5") -> AsyncIterator[aiomqtt
 def served_api(settings: ApiSettings) -> Iterator[str]:
     """The API under uvicorn in a thread of its own (for clients outside this process: a
     browser, schemathesis); yields its base URL."""
+    with served(create_app(settings)) as url:
+        yield url
+
+
+@contextmanager
+def served(app: Starlette) -> Iterator[str]:
+    """An ASGI app under uvicorn in a thread of its own; yields its base URL."""
     port = free_port()
-    server = ApiServer(create_app(settings), host="127.0.0.1", port=port)
+    server = ApiServer(app, host="127.0.0.1", port=port)
     thread = threading.Thread(target=asyncio.run, args=(server.run(),), daemon=True)
     thread.start()
     deadline = time.monotonic() + 20

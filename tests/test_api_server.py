@@ -11,7 +11,7 @@ import psycopg
 from registry.access import Role
 from registry.platforms import upsert_platform
 from registry.settings import StoreSettings
-from tests.conftest import KeyMaker, api_process, scalar
+from tests.conftest import KeyMaker, api_process, eventually, scalar
 
 TRIES = 100
 
@@ -107,3 +107,51 @@ async def test_a_commit_that_fails_answers_a_5xx_problem_and_changes_nothing(
         fine = await client.post("/platforms", json={"id": "fine", "name": "Fine"})
         assert fine.status_code == 201, fine.text
     assert await scalar(db, "SELECT count(*) FROM platforms") == 1
+
+
+async def test_a_revocation_through_one_api_process_reaches_another_by_notification(
+    store: StoreSettings, make_key: KeyMaker, db: psycopg.AsyncConnection[Any], tmp_path: Path
+) -> None:
+    """The other process trusts what it verified for 300 s: only the notification can end it
+    sooner (docs/access.md: within moments, the cache lifetime at worst)."""
+    await upsert_platform(db, "plant-1", auto_provision=False)
+    await db.execute("INSERT INTO devices (platform_id, device_id) VALUES ('plant-1', 'd-1')")
+    admin = as_key(await make_key(Role.ADMIN, None))
+    broker = as_key(await make_key(Role.BROKER, None))
+    async with (
+        api_process(store, tmp_path / "a.log") as a,
+        api_process(store, tmp_path / "b.log", api_key_cache_seconds="300") as b,
+        httpx.AsyncClient(base_url=a) as first,
+        httpx.AsyncClient(base_url=b) as second,
+    ):
+        secret = await first.post("/platforms/plant-1/devices/d-1/credential", headers=admin)
+        assert secret.status_code == 200
+        authz = {"username": "plant-1/d-1", "topic": "iiot/v1/plant-1/d-1/telemetry"}
+        authz |= {"action": "publish"}
+
+        async def publish_allowed() -> bool:
+            answer = await second.post("/broker/authorize", json=authz, headers=broker)
+            return bool(answer.json()["result"] == "allow")
+
+        for _ in range(5):
+            key = await first.post("/keys", json={"role": "viewer", "name": "v"}, headers=admin)
+            viewer = as_key(key.json()["key"])
+            assert (await second.get("/platforms", headers=viewer)).status_code == 200  # cached
+            assert await publish_allowed()  # cached too
+            revoked = await first.delete(f"/keys/{key.json()['id']}", headers=admin)
+            assert revoked.status_code == 200
+
+            async def refused(headers: dict[str, str] = viewer) -> bool:
+                return (await second.get("/platforms", headers=headers)).status_code == 401
+
+            await eventually(refused, timeout=30)
+
+        # A client's standing too: its secret revoked through the first process, the second
+        # stops allowing what it had cached.
+        gone = await first.delete("/platforms/plant-1/devices/d-1/credential", headers=admin)
+        assert gone.status_code == 204
+
+        async def denied() -> bool:
+            return not await publish_allowed()
+
+        await eventually(denied, timeout=30)

@@ -5,7 +5,7 @@ from fastapi import APIRouter, Request
 
 from api.auth import Broker
 from api.broker_access import TopicRules, is_service, may_connect
-from api.deps import Connection
+from api.deps import read_connection
 from api.models import BrokerAnswer, BrokerAuthn, BrokerAuthz
 
 router = APIRouter(prefix="/broker", tags=["broker"])
@@ -16,17 +16,18 @@ def _answer(allowed: bool) -> BrokerAnswer:
 
 
 @router.post("/authenticate", operation_id="broker_authenticate", response_model=BrokerAnswer)
-async def authenticate(body: BrokerAuthn, conn: Connection, _: Broker) -> BrokerAnswer:
+async def authenticate(body: BrokerAuthn, request: Request, _: Broker) -> BrokerAnswer:
     """May this client connect with this user name and password?"""
-    if await is_service(conn, body.username, body.password):
-        return BrokerAnswer(result="allow", is_superuser=True)
-    return _answer(await may_connect(conn, body.username, body.password))
+    async with read_connection(request) as conn:
+        if await is_service(conn, body.username, body.password):
+            return BrokerAnswer(result="allow", is_superuser=True)
+        return _answer(await may_connect(conn, body.username, body.password))
 
 
 @router.post("/authorize", operation_id="broker_authorize", response_model=BrokerAnswer)
-async def authorize(
-    body: BrokerAuthz, request: Request, conn: Connection, _: Broker
-) -> BrokerAnswer:
-    """May this (authenticated) client publish to, or subscribe to, this topic?"""
+async def authorize(body: BrokerAuthz, request: Request, _: Broker) -> BrokerAnswer:
+    """May this (authenticated) client publish to, or subscribe to, this topic? Only while it
+    still stands (docs/access.md)."""
     rules: TopicRules = request.app.state.topic_rules
-    return _answer(await rules.may(conn, body.username, body.topic, body.action))
+    allowed = await rules.may(request.app.state.pool, body.username, body.topic, body.action)
+    return _answer(allowed)
