@@ -384,3 +384,24 @@ async def test_a_broker_api_that_is_down_does_not_undo_the_change(
         assert await connect(broker, "plant-1/d-1", issued["secret"]) == "allow"
         assert (await api.delete("/platforms/plant-1/devices/d-1/credential")).status_code == 204
     assert await connect(broker, "plant-1/d-1", issued["secret"]) == "deny"
+
+
+async def test_the_brokers_key_has_a_limit_of_its_own_sized_for_reconnect_storms(
+    store: StoreSettings, make_key: KeyMaker, db: psycopg.AsyncConnection[Any]
+) -> None:
+    await upsert_platform(db, "plant-1")
+    # A person's limit that a storm would meet at once; the broker's left at its default.
+    settings = ApiSettings(
+        database_url=store.database_url,
+        database_schema=store.database_schema,
+        api_rate_per_second=1,
+        api_rate_burst=5,
+    )
+    storm = 500  # connects of a fleet coming back at once
+    body = {"clientid": "c", "username": "plant-1/d-1", "password": "x"}
+    async with api_with(settings, await make_key(Role.BROKER, None)) as broker:
+        answers = [(await broker.post("/broker/authenticate", json=body)) for _ in range(storm)]
+        assert {a.status_code for a in answers} == {200}
+    async with api_with(settings, await make_key(Role.OPERATOR, "plant-1")) as operator:
+        statuses = [(await operator.get("/platforms/plant-1")).status_code for _ in range(6)]
+        assert statuses == [200] * 5 + [429]
