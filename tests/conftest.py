@@ -145,6 +145,21 @@ async def api_as(store: StoreSettings) -> AsyncIterator[ApiAs]:
         yield client
 
 
+@asynccontextmanager
+async def api_in_process(settings: ApiSettings, key: str) -> AsyncIterator[httpx.AsyncClient]:
+    """An API of these settings, in process (its lifespan running): a client presenting `key`."""
+    app = create_app(settings)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app),
+            base_url="http://iiot",
+            headers={"X-API-Key": key},
+        ) as client,
+    ):
+        yield client
+
+
 @pytest.fixture
 async def api(api_as: ApiAs, make_key: KeyMaker) -> AsyncIterator[httpx.AsyncClient]:
     """The API, in process, on the test's schema, called with an admin key."""

@@ -1,7 +1,5 @@
 """Device credentials and the broker's access hooks, as EMQX calls them (docs/access.md)."""
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
@@ -12,13 +10,12 @@ from starlette.requests import Request as StarletteRequest
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from api.app import create_app
 from api.settings import ApiSettings
 from iiot.net import free_port
 from registry.access import Role
 from registry.platforms import upsert_platform
 from registry.settings import StoreSettings
-from tests.conftest import ApiAs, KeyMaker, scalar, served
+from tests.conftest import ApiAs, KeyMaker, api_in_process, scalar, served
 
 
 @pytest.fixture
@@ -306,20 +303,6 @@ class FakeEmqx:
         return Response(status_code=204)
 
 
-@asynccontextmanager
-async def api_with(settings: ApiSettings, key: str) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app),
-            base_url="http://iiot",
-            headers={"X-API-Key": key},
-        ) as client,
-    ):
-        yield client
-
-
 async def test_clients_whose_access_ended_are_kicked_through_emqxs_api(
     store: StoreSettings, make_key: KeyMaker, db: psycopg.AsyncConnection[Any]
 ) -> None:
@@ -335,7 +318,7 @@ async def test_clients_whose_access_ended_are_kicked_through_emqxs_api(
             emqx_api_key="iiot",
             emqx_api_secret="s3cret",
         )
-        async with api_with(settings, await make_key(Role.ADMIN, None)) as api:
+        async with api_in_process(settings, await make_key(Role.ADMIN, None)) as api:
             await api.post("/platforms/plant-1/devices", json={"devices": devices})
             # Each answer comes after the kick: nothing to wait for.
             assert (await api.post("/platforms/plant-1/devices/d-1/credential")).is_success
@@ -379,7 +362,7 @@ async def test_a_broker_api_that_is_down_does_not_undo_the_change(
         emqx_api_secret="s3cret",
         emqx_api_timeout_seconds=2,
     )
-    async with api_with(settings, await make_key(Role.ADMIN, None)) as api:
+    async with api_in_process(settings, await make_key(Role.ADMIN, None)) as api:
         issued = (await api.post("/platforms/plant-1/devices/d-1/credential")).json()
         assert await connect(broker, "plant-1/d-1", issued["secret"]) == "allow"
         assert (await api.delete("/platforms/plant-1/devices/d-1/credential")).status_code == 204
@@ -399,9 +382,9 @@ async def test_the_brokers_key_has_a_limit_of_its_own_sized_for_reconnect_storms
     )
     storm = 500  # connects of a fleet coming back at once
     body = {"clientid": "c", "username": "plant-1/d-1", "password": "x"}
-    async with api_with(settings, await make_key(Role.BROKER, None)) as broker:
+    async with api_in_process(settings, await make_key(Role.BROKER, None)) as broker:
         answers = [(await broker.post("/broker/authenticate", json=body)) for _ in range(storm)]
         assert {a.status_code for a in answers} == {200}
-    async with api_with(settings, await make_key(Role.OPERATOR, "plant-1")) as operator:
+    async with api_in_process(settings, await make_key(Role.OPERATOR, "plant-1")) as operator:
         statuses = [(await operator.get("/platforms/plant-1")).status_code for _ in range(6)]
         assert statuses == [200] * 5 + [429]
