@@ -78,6 +78,8 @@ class BrokerKicker:
                 await asyncio.gather(*(one(username) for username in usernames))
         except TimeoutError:
             failed.append(f"the rest: not done within {self._timeout:g} s")
+        if kicked:
+            log.info("disconnected %d clients through EMQX's API", kicked)
         if failed:
             log.warning(
                 "EMQX's API did not disconnect the clients of %s; the authorize hook denies "
