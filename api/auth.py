@@ -135,9 +135,7 @@ class Authenticator:
             rate, burst = self._broker_rate, self._broker_burst
         bucket = self._buckets.setdefault(principal.key_id, _Bucket(burst, now))
         if wait := bucket.wait(now, rate, burst):
-            raise _too_many(
-                wait, f"this key may make {rate:g} requests per second; retry later"
-            )
+            raise _too_many(wait, f"this key may make {rate:g} requests per second; retry later")
         bucket.tokens -= 1
 
 

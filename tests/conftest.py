@@ -264,6 +264,9 @@ async def api_process(store: StoreSettings, log: Path, **settings: str) -> Async
         "IIOT_API_PORT": str(port),
         "IIOT_API_RATE_PER_SECOND": "1000000",
         "IIOT_API_RATE_BURST": "1000000",
+        # Revoked keys presented again and again from one address are the point of some tests.
+        "IIOT_API_UNKNOWN_KEY_RATE_PER_SECOND": "1000000",
+        "IIOT_API_UNKNOWN_KEY_BURST": "1000000",
     }
     env |= {f"IIOT_{name.upper()}": value for name, value in settings.items()}
     with log.open("ab") as out:
