@@ -92,7 +92,10 @@ def create_app(
 
     app.openapi = openapi  # type: ignore[method-assign]
     # KeyMiddleware checks an API key on every request but health's (api/auth.py).
+    # The broker hooks first: EMQX calls them for every connect and uncached publish, and
+    # routes are matched in order (matching forty routes costs a request more than the hook).
     for module in (
+        broker,
         health,
         metrics,
         platforms,
@@ -103,7 +106,6 @@ def create_app(
         ingest,
         usage,
         keys,
-        broker,
         dashboard,
         enterprises,
         penetration,
