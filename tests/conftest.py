@@ -22,10 +22,10 @@ from psycopg_pool import AsyncConnectionPool
 from starlette.applications import Starlette
 
 from api.app import create_app
-from api.server import ApiServer
 from api.settings import ApiSettings
 from iiot.kafka_mock import MockKafkaCluster
 from iiot.net import free_port
+from iiot.server import ApiServer
 from ingest.mqtt import MqttIngest
 from ingest.settings import IngestSettings
 from registry.access import Role, create_key
