@@ -9,6 +9,10 @@ was received but not acknowledged when a connection or the process died is deliv
 Redelivered points are stored once by the writer; a redelivered message without `ts` gets the
 time it was first stored at (ingest/redelivery.py).
 
+Reading and acknowledging go through ingest/paho_speedups.py, which relies on paho's private
+internals; where the installed release lacks them (ingest/mqtt_internals.py, checked when `run()`
+starts) or `IIOT_MQTT_PAHO_SPEEDUPS` is off, through paho's public `on_message` and `ack`.
+
 Back-pressure: the broker sends at most Receive Maximum (MQTT 5) or its in-flight limit (3.1.1)
 unacknowledged messages, so a slow store slows the broker down instead of growing memory.
 
@@ -29,7 +33,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import aiomqtt
-from paho.mqtt.client import Client as PahoClient
 from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -39,7 +42,15 @@ from psycopg_pool import AsyncConnectionPool
 from ingest.batching import END, EndOfStream, Received, write_ahead
 from ingest.decoding import MessageDecoder
 from ingest.errors import Unstorable
-from ingest.paho_speedups import Publish, acknowledge, read_in_bulk, share_property_tables
+from ingest.mqtt_internals import paho_of, use_fast_path, wakeups_of
+from ingest.paho_speedups import (
+    Publish,
+    acknowledge,
+    acknowledge_each,
+    read_in_bulk,
+    read_publicly,
+    share_property_tables,
+)
 from ingest.progress import Progress
 from ingest.redelivery import RedeliveryRecord
 from ingest.settings import IngestSettings
@@ -80,8 +91,10 @@ class MqttIngest:
         """`sparkplug_host`: consume the Sparkplug B groups of `IIOT_SPARKPLUG_GROUPS` as their
         primary host (its own client id, `{IIOT_MQTT_CLIENT_ID}-sparkplug`), instead of the JSON
         topics."""
-        share_property_tables()
         self._settings = settings
+        self.speedups = False
+        """Whether this run reads and acknowledges through ingest/paho_speedups.py (set by
+        `run()`: the setting, and paho's and aiomqtt's internals being there)."""
         self.stats = stats or IngestStats()
         groups = settings.sparkplug_platforms()
         self.sparkplug = SparkplugHost(settings, groups or {}) if sparkplug_host else None
@@ -135,6 +148,9 @@ class MqttIngest:
 
     async def run(self) -> None:
         delay = _RETRY_FIRST
+        self.speedups = use_fast_path(self._settings.mqtt_paho_speedups)
+        if self.speedups:
+            share_property_tables()
         if self.sparkplug is not None:
             await self.sparkplug.restore(self._pool)
         while not self._stopping.is_set():
@@ -308,13 +324,14 @@ class MqttIngest:
         )
         # Must happen before connecting: the backlog delivered at connect would otherwise be
         # acknowledged automatically (docs/adr/0002).
-        paho = _paho(client)
+        paho = paho_of(client)
         paho.manual_ack_set(True)
         # Received messages collect in `arrived` as (topic, payload, packet id, QoS, DUP), without
-        # paho's or aiomqtt's message objects. aiomqtt's queue gets one wake-up per burst, so
-        # that its iterator still wakes `_receive` and ends when the connection is lost.
+        # paho's or aiomqtt's message objects on the fast path. There aiomqtt's queue gets one
+        # wake-up per burst, so that its iterator still wakes `_receive` and ends when the
+        # connection is lost; on paho's public path, aiomqtt's own message per message does.
         arrived: deque[Publish] = deque()
-        wake = _wakeups(client).put_nowait
+        wake = wakeups_of(client).put_nowait if self.speedups else None
         # The host's own STATE (QoS 0) is no message of the stream: noted here, answered by
         # `_act_as_host`.
         own_state = state_topic(s.sparkplug_host_id) if will is not None else None
@@ -325,11 +342,14 @@ class MqttIngest:
                 if not state_online(payload):
                     self._state_offline.set()
                 return
-            if not arrived:
+            if not arrived and wake is not None:
                 wake(None)
             arrived.append((topic, payload, mid, qos, dup))
 
-        read_in_bulk(paho, on_publish=on_publish)
+        if self.speedups:
+            read_in_bulk(paho, on_publish=on_publish)
+        else:
+            read_publicly(paho, on_publish)
         return client, arrived
 
     async def _receive(
@@ -340,9 +360,10 @@ class MqttIngest:
     ) -> None:
         decode = self._decode
         sparkplug = self.sparkplug.decode if self.sparkplug is not None else None
-        # aiomqtt's iterator yields the wake-ups `_client` puts in its private queue (see
-        # docs/adr/0002); it raises MqttError when the connection is lost.
-        wakeups = cast("AsyncIterator[None]", client.messages)
+        # aiomqtt's iterator yields the wake-ups `_client` puts in its private queue (or, on
+        # paho's public path, its own messages, unread); it raises MqttError when the
+        # connection is lost.
+        wakeups = cast("AsyncIterator[object]", client.messages)
         progress = self.progress
         taken = 0
         last = datetime.now(UTC)
@@ -378,7 +399,8 @@ class MqttIngest:
     async def _write(
         self, client: aiomqtt.Client, queue: "asyncio.Queue[Received[MqttAck] | EndOfStream]"
     ) -> None:
-        paho = _paho(client)
+        paho = paho_of(client)
+        send_acks = acknowledge if self.speedups else acknowledge_each
         keep_births = SparkplugHost.keep_births if self.sparkplug is not None else None
         acknowledged = 0
         redeliveries = self._redeliveries
@@ -393,7 +415,7 @@ class MqttIngest:
 
             await self._writer.commit_until_done(prepared, in_transaction=in_transaction)
             acks = [message.ack for message in prepared.collected]
-            if acknowledge(paho, acks) != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            if send_acks(paho, acks) != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 # Connection gone: the broker redelivers in the next session; the writer
                 # stores the redelivered points once.
                 raise aiomqtt.MqttError("acknowledgement failed: not connected")
@@ -409,13 +431,3 @@ class MqttIngest:
             max_delay=s.batch_max_delay_seconds,
             revise=redeliveries.recorded_times,
         )
-
-
-def _wakeups(client: aiomqtt.Client) -> "asyncio.Queue[None]":
-    # aiomqtt's message queue, which `MqttIngest._client` fills with wake-ups (docs/adr/0002).
-    return cast("asyncio.Queue[None]", client._queue)
-
-
-def _paho(client: aiomqtt.Client) -> PahoClient:
-    # aiomqtt keeps its paho client private; manual acknowledgement needs it (docs/adr/0002).
-    return client._client

@@ -6,6 +6,9 @@ property name): about 55 µs per received message, more than half of ingest's CP
 The tables are never modified after construction, so every instance can share one set.
 
 `read_in_bulk` and `acknowledge`: see their docstrings.
+
+All three rely on paho's private attributes; ingest/mqtt_internals.py checks them at start-up,
+and `read_publicly` and `acknowledge_each` are paho's public path when they are missing.
 """
 
 import ssl
@@ -91,14 +94,25 @@ def read_in_bulk(client: PahoClient, on_publish: OnPublish | None = None) -> Non
     client.loop_read = reader.loop_read  # type: ignore[method-assign]
     client._on_message_filtered = _EmptyMatcher()  # type: ignore[no-untyped-call]
     if on_publish is not None:
-        deliver = on_publish
+        client.on_message = _on_message(on_publish, then=None)
 
-        def on_message(_: PahoClient, __: object, message: MQTTMessage) -> None:
-            deliver(
-                message.topic, bytes(message.payload), message.mid, message.qos, bool(message.dup)
-            )
 
-        client.on_message = on_message
+def read_publicly(client: PahoClient, on_publish: OnPublish) -> None:
+    """paho's public path, for releases whose internals `read_in_bulk` cannot rely on
+    (ingest/mqtt_internals.py): paho reads and parses every packet, and each message goes to
+    `on_publish` from paho's on_message, then to the on_message set before (aiomqtt's, which
+    wakes its message iterator)."""
+    client.on_message = _on_message(on_publish, then=client.on_message)
+
+
+def _on_message(on_publish: OnPublish, then: Any) -> Callable[[PahoClient, Any, MQTTMessage], None]:
+    def on_message(paho: PahoClient, userdata: Any, message: MQTTMessage) -> None:
+        dup = bool(message.dup)
+        on_publish(message.topic, bytes(message.payload), message.mid, message.qos, dup)
+        if then is not None:
+            then(paho, userdata, message)
+
+    return on_message
 
 
 class _BulkReader:
@@ -229,12 +243,19 @@ def acknowledge(client: PahoClient, acks: Sequence[tuple[int, int]]) -> MQTTErro
     if client._sock is None:
         return MQTTErrorCode.MQTT_ERR_NO_CONN
     if any(qos == 2 for _, qos in acks):
-        for mid, qos in acks:
-            if qos and (rc := client.ack(mid, qos)) != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                return rc
-        return MQTTErrorCode.MQTT_ERR_SUCCESS
+        return acknowledge_each(client, acks)
     pack = _PUBACK.pack
     data = b"".join([pack(PUBACK, 2, mid) for mid, qos in acks if qos == 1])
     if not data:
         return MQTTErrorCode.MQTT_ERR_SUCCESS
     return client._packet_queue(PUBACK, data, 0, 1)
+
+
+def acknowledge_each(client: PahoClient, acks: Sequence[tuple[int, int]]) -> MQTTErrorCode:
+    """paho's public path: one `ack` per received message (packet id, QoS), in this order."""
+    if not client.is_connected():
+        return MQTTErrorCode.MQTT_ERR_NO_CONN  # paho would queue them for the next connection
+    for mid, qos in acks:
+        if qos > 0 and (rc := client.ack(mid, qos)) != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            return rc
+    return MQTTErrorCode.MQTT_ERR_SUCCESS

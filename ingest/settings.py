@@ -77,6 +77,9 @@ class IngestSettings(Limits, TopicSettings, ShardSettings, LifecycleSettings):
     mqtt_receive_maximum: int = Field(default=65535, ge=1, le=65535)
     mqtt_keepalive_seconds: int = Field(default=30, ge=5)
     mqtt_shared_group: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]+$")
+    # Off: paho reads and acknowledges every message itself (its public API), slower; taken
+    # anyway when paho or aiomqtt lack the internals the speedups use (ingest/mqtt_internals.py).
+    mqtt_paho_speedups: bool = True
 
     # The primary host id announced on spBv1.0/STATE/{id} (retained, with a Will); empty: none.
     sparkplug_host_id: str = Field(default="iiot", pattern=r"^[A-Za-z0-9._:-]{0,64}$")

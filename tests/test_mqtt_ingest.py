@@ -128,6 +128,7 @@ async def test_large_and_small_messages_read_in_bulk_arrive_whole(
     assert await scalar(db, "SELECT sum(value) FROM telemetry") == 3 * sum(range(200))
 
 
+@pytest.mark.parametrize("speedups", [True, False], ids=["speedups", "paho-public"])
 async def test_messages_are_acknowledged_only_after_their_batch_commits(
     ingest_settings: IngestSettings,
     pool: AsyncConnectionPool,
@@ -135,11 +136,16 @@ async def test_messages_are_acknowledged_only_after_their_batch_commits(
     db: psycopg.AsyncConnection[Any],
     platform: str,
     mqtt_url: str,
+    speedups: bool,
 ) -> None:
     """With acknowledgement on receipt this loses the messages: the first consumer receives them
-    and cannot commit, so only a broker redelivery to the second consumer can store them."""
+    and cannot commit, so only a broker redelivery to the second consumer can store them.
+    On paho's public path too (`IIOT_MQTT_PAHO_SPEEDUPS` off, as when paho's internals are
+    missing)."""
     topics = TopicScheme(ingest_settings.mqtt_topic_root)
-    settings = ingest_settings.model_copy(update={"shutdown_grace_seconds": 0.5})
+    settings = ingest_settings.model_copy(
+        update={"shutdown_grace_seconds": 0.5, "mqtt_paho_speedups": speedups}
+    )
     # Warm up: the session exists and the partition for today is there.
     async with running(MqttIngest(settings, pool)), publisher(mqtt_url) as client:
         await client.publish(
@@ -153,6 +159,7 @@ async def test_messages_are_acknowledged_only_after_their_batch_commits(
     )
     first = MqttIngest(settings, pool)
     async with running(first), publisher(mqtt_url) as client:
+        assert first.speedups is speedups
         for n in range(20):
             await client.publish(
                 topics.telemetry(platform, f"d{n}"), payload({"metrics": {"v": n}}), qos=1
@@ -169,6 +176,7 @@ async def test_messages_are_acknowledged_only_after_their_batch_commits(
     assert await scalar(db, "SELECT sum(value) FROM telemetry") == sum(range(20))
 
 
+@pytest.mark.parametrize("speedups", [True, False], ids=["speedups", "paho-public"])
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
 async def test_acknowledged_messages_are_not_delivered_again(
     ingest_settings: IngestSettings,
@@ -177,11 +185,15 @@ async def test_acknowledged_messages_are_not_delivered_again(
     platform: str,
     mqtt_url: str,
     protocol: str,
+    speedups: bool,
 ) -> None:
-    """The acknowledgements of each batch go out as one write (ingest/paho_speedups.py): if
-    the broker did not take them, it would deliver the 300 messages again to the next session
-    (which would store no duplicate, so only the count of messages received shows it)."""
-    settings = ingest_settings.model_copy(update={"mqtt_protocol": protocol})
+    """The acknowledgements of each batch go out as one write (ingest/paho_speedups.py), or one
+    `ack` each on paho's public path: if the broker did not take them, it would deliver the 300
+    messages again to the next session (which would store no duplicate, so only the count of
+    messages received shows it)."""
+    settings = ingest_settings.model_copy(
+        update={"mqtt_protocol": protocol, "mqtt_paho_speedups": speedups}
+    )
     topics = TopicScheme(settings.mqtt_topic_root)
     async with running(MqttIngest(settings, pool)), publisher(mqtt_url, protocol) as client:
         for n in range(300):

@@ -147,7 +147,11 @@ def publish_all(url: str, messages: list[tuple[str, bytes]], protocol: str) -> N
 
 
 @pytest.mark.slow  # starts a broker and consumer processes of its own
-@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+@pytest.mark.parametrize(
+    ("protocol", "speedups"),
+    [("5", True), ("3.1.1", True), ("5", False)],
+    ids=["5", "3.1.1", "5-paho-public"],
+)
 async def test_kills_after_commits_store_every_message_once_and_repeats_twice(
     ingest_settings: IngestSettings,
     pool: AsyncConnectionPool,
@@ -156,7 +160,10 @@ async def test_kills_after_commits_store_every_message_once_and_repeats_twice(
     private_broker: str,
     tmp_path: Path,
     protocol: str,
+    speedups: bool,
 ) -> None:
+    """`5-paho-public`: on paho's public path (as when paho's internals are missing), the DUP
+    flag and acknowledgement after the commit must hold all the same."""
     settings = ingest_settings.model_copy(
         update={"mqtt_url": private_broker, "mqtt_protocol": protocol}
     )
@@ -187,6 +194,7 @@ async def test_kills_after_commits_store_every_message_once_and_repeats_twice(
         "IIOT_MQTT_TOPIC_ROOT": settings.mqtt_topic_root,
         "IIOT_SPARKPLUG_GROUPS": "",
         "IIOT_BATCH_MAX_POINTS": "400",  # many commits to kill after
+        "IIOT_MQTT_PAHO_SPEEDUPS": str(speedups).lower(),
     }
     log = (tmp_path / "consumer.log").open("w")
 
@@ -222,6 +230,7 @@ async def test_kills_after_commits_store_every_message_once_and_repeats_twice(
         consumer.wait(30)
         log.close()
     assert kills == 5
+    assert ("taking paho's public path" in (tmp_path / "consumer.log").read_text()) is not speedups
     assert stored_at_last_kill < len(messages)  # the kills happened mid-backlog
     cur = await db.execute("SELECT value::int, count(*) FROM telemetry GROUP BY 1")
     assert dict(await cur.fetchall()) == expected

@@ -220,14 +220,17 @@ async def test_a_node_whose_clock_was_corrected_comes_back_after_a_host_restart(
 # Fault 3: the host answers an `online: false` on its own STATE topic.
 
 
+@pytest.mark.parametrize("speedups", [True, False], ids=["speedups", "paho-public"])
 async def test_the_host_publishes_online_again_when_its_state_says_offline(
-    settings: IngestSettings, pool: AsyncConnectionPool, mqtt_url: str
+    settings: IngestSettings, pool: AsyncConnectionPool, mqtt_url: str, speedups: bool
 ) -> None:
+    settings = settings.model_copy(update={"mqtt_paho_speedups": speedups})
     state = f"spBv1.0/STATE/{settings.sparkplug_host_id}"
     async with publisher(mqtt_url) as watcher, publisher(mqtt_url) as other:
         await watcher.subscribe(state, qos=1)
         messages = aiter(watcher.messages)
         async with running(host(settings, pool)) as ingest:
+            assert ingest.speedups is speedups
             async with asyncio.timeout(5):
                 first = orjson.loads((await anext(messages)).payload)
             assert first["online"] is True

@@ -120,6 +120,7 @@ async def device_states(db: psycopg.AsyncConnection[Any]) -> dict[str, str]:
     return dict(await cur.fetchall())
 
 
+@pytest.mark.parametrize("speedups", [True, False], ids=["speedups", "paho-public"])
 async def test_an_edge_node_with_devices_through_birth_data_death_and_rebirth(
     settings: IngestSettings,
     pool: AsyncConnectionPool,
@@ -127,7 +128,9 @@ async def test_an_edge_node_with_devices_through_birth_data_death_and_rebirth(
     platform: str,
     mqtt_url: str,
     unique: str,
+    speedups: bool,
 ) -> None:
+    settings = settings.model_copy(update={"mqtt_paho_speedups": speedups})
     group = f"sp-{unique}"
     host = settings.sparkplug_host_id
     async with (
@@ -138,6 +141,7 @@ async def test_an_edge_node_with_devices_through_birth_data_death_and_rebirth(
         state = await next_message(seen)
         assert state.topic.value == f"spBv1.0/STATE/{host}"
         assert orjson.loads(state.payload)["online"] is True
+        assert ingest.speedups is speedups
 
         node = EdgeNode(client, group)
         await node.birth(0, "press-1", "press-2")
