@@ -23,7 +23,6 @@ import asyncio
 import logging
 import math
 import operator
-import struct
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -38,6 +37,7 @@ from psycopg.errors import UniqueViolation
 from psycopg_pool import AsyncConnectionPool
 
 from ingest.batching import Received
+from ingest.copy_encoding import COPY_TELEMETRY, TelemetryCopy
 from ingest.decoding import Decoded, Telemetry
 from ingest.errors import Rejected, Retryable, Unstorable
 from ingest.metering import BatchMeter, MeterKey, QuotaGuard, meter_key
@@ -55,8 +55,6 @@ from registry.usage import record_usage
 
 log = logging.getLogger(__name__)
 
-COPY_TELEMETRY = "COPY telemetry (time, device_id, metric_id, value) FROM STDIN (FORMAT BINARY)"
-TELEMETRY_TYPES = ("timestamptz", "int8", "int4", "float8")
 CREATE_STAGING = """
 CREATE TEMP TABLE IF NOT EXISTS telemetry_staging
     (time timestamptz, device_id int8, metric_id int4, value float8) ON COMMIT DELETE ROWS
@@ -101,19 +99,8 @@ DEAD_LETTER_TYPES = (
 # constraint violation): only these isolate a message. Every other class is about the store.
 _DATA_ERROR_CLASSES = frozenset({"22", "23"})
 
-Row = tuple[datetime, int, int, float]
-"""(time, device id, metric id, value): a row of `telemetry`."""
-
-# Binary COPY (PostgreSQL's "COPY ... FORMAT BINARY" file layout), packed here rather than by
-# psycopg's row writer: one struct call per point instead of a row tuple and four dumpers.
-_COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\0" + bytes(8)  # signature, flags, header extension
-_COPY_TRAILER = b"\xff\xff"
-# Field count, then (length, value) for time (µs since 2000), device_id, metric_id, value.
-_PACK_ROW = struct.Struct("!hiqiqiiid").pack
-_PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 _ENCODE_SLICE = 500
 _RETRY_FIRST, _RETRY_MAX = 0.5, 10.0  # seconds between attempts while the store is down
-_MICROSECOND = timedelta(microseconds=1)
 _NAME = operator.itemgetter(1)  # of a point (time, name, value)
 Refusals = list[tuple[Received[Any], Rejected]]
 InTransaction = Callable[[AsyncConnection[Any], Refusals], Awaitable[None]]
@@ -179,17 +166,6 @@ class PreparedBatch:
     via: dict[int, int] = field(default_factory=dict)  # device -> the gateway it came through
     # What the consumer collected (batch may be a part of it): what it acknowledges.
     collected: Sequence[Received[Any]] = ()
-
-
-def encode_rows(rows: Sequence[Row]) -> bytes:
-    """Rows as binary COPY data (the benchmarks' baseline encodes its rows with this)."""
-    parts = [_COPY_SIGNATURE]
-    parts += [
-        _PACK_ROW(4, 8, (ts - _PG_EPOCH) // _MICROSECOND, 8, device, 4, metric, 8, value)
-        for ts, device, metric, value in rows
-    ]
-    parts.append(_COPY_TRAILER)
-    return b"".join(parts)
 
 
 class TelemetryWriter:
@@ -586,22 +562,16 @@ async def _encode(prepared: PreparedBatch, resolved: _Resolved) -> None:
 
     Yields to the event loop every _ENCODE_SLICE messages: the previous batch's commit is
     waiting on PostgreSQL meanwhile, and goes on sooner when the store answers."""
-    metric_ids, meter = resolved.metric_ids, resolved.meter
-    parts = [_COPY_SIGNATURE]
-    pack, epoch, microsecond = _PACK_ROW, _PG_EPOCH, _MICROSECOND
+    meter = resolved.meter
+    points = TelemetryCopy(resolved.metric_ids)
+    add = points.add
     first: datetime | None = None
     last: datetime | None = None
     for n, accepted in enumerate(resolved.telemetry, 1):
         if n % _ENCODE_SLICE == 0:
             await asyncio.sleep(0)
         device, telemetry = accepted.device, accepted.telemetry
-        # The points of one reading share their time: convert it once.
-        stamp: datetime | None = None
-        micros = 0
-        for ts, name, value in telemetry.points:
-            if ts is not stamp:
-                stamp, micros = ts, (ts - epoch) // microsecond
-            parts.append(pack(4, 8, micros, 8, device, 4, metric_ids[name], 8, value))
+        add(device, telemetry.points)
         meter.points(accepted.key, device, len(telemetry.points))
         first = telemetry.first if first is None else min(first, telemetry.first)
         last = telemetry.last if last is None else max(last, telemetry.last)
@@ -611,10 +581,9 @@ async def _encode(prepared: PreparedBatch, resolved: _Resolved) -> None:
             prepared.via[device] = accepted.gateway
         if not telemetry.historical:
             prepared.live_devices.add(device)
-    parts.append(_COPY_TRAILER)
-    prepared.rows = len(parts) - 2
+    prepared.rows = points.rows
     if prepared.rows:
-        prepared.points = b"".join(parts)
+        prepared.points = points.data()
     if first is not None and last is not None:
         prepared.days = (_utc_day(first), _utc_day(last))
     for message, reason in resolved.rejected:
