@@ -10,13 +10,9 @@ Duplicates (a redelivered message, or the same point twice in a batch) make the 
 fail on the primary key; the batch is then written again through a staging table with
 `ON CONFLICT DO NOTHING`, so a point (device, metric, time) is stored once (docs/adr/0002).
 
-What the store refuses is sorted by SQLSTATE. A data error (classes 22 and 23) is about a
-message: the batch is split in halves until the message the store refuses is alone; that message
-becomes a dead letter (`store_refused`), the rest is stored. Any other error (connection,
-resources, schema, permissions: 08, 53, 57, 58, 42, ...) is about the store, not the data: it
-raises Retryable with nothing committed, and the batch waits, so that a broken store never turns
-a healthy stream into dead letters. Dead letters keep what arrived byte for byte; a refusal whose
-dead letter is refused too raises Unstorable, naming the message (bounded: never a loop).
+What the store refuses is sorted by SQLSTATE (ingest/isolation.py): a data error isolates the
+message that caused it into a dead letter and stores the rest; any other error is about the
+store and raises Retryable with nothing committed, so that the batch waits.
 """
 
 import asyncio
@@ -39,7 +35,8 @@ from psycopg_pool import AsyncConnectionPool
 from ingest.batching import Received
 from ingest.copy_encoding import COPY_TELEMETRY, TelemetryCopy
 from ingest.decoding import Decoded, Telemetry
-from ingest.errors import Rejected, Retryable, Unstorable
+from ingest.errors import Rejected, Retryable
+from ingest.isolation import copy_dead_letters, is_data_error, isolate
 from ingest.metering import BatchMeter, MeterKey, QuotaGuard, meter_key
 from ingest.metric_names import MetricNames
 from ingest.stats import IngestStats
@@ -74,31 +71,6 @@ WITH added AS (
 SELECT device_id, count(*) FROM added GROUP BY device_id
 """
 ENSURE_PARTITIONS = "SELECT iiot_ensure_telemetry_partitions(%s, %s)"
-COPY_DEAD_LETTERS = """
-COPY dead_letters (received_at, source, topic, platform_id, reason, detail, payload,
-                  kafka_partition, kafka_offset, kafka_key, sparkplug_topic, kafka_headers,
-                  raw_topic)
-FROM STDIN (FORMAT BINARY)
-"""
-DEAD_LETTER_TYPES = (
-    "timestamptz",
-    "text",
-    "text",
-    "text",
-    "text",
-    "text",
-    "bytea",
-    "int4",
-    "int8",
-    "bytea",
-    "text",
-    "bytea[]",
-    "bytea",
-)
-# SQLSTATE classes of errors that the data written causes (22 data exception, 23 integrity
-# constraint violation): only these isolate a message. Every other class is about the store.
-_DATA_ERROR_CLASSES = frozenset({"22", "23"})
-
 _ENCODE_SLICE = 500
 _RETRY_FIRST, _RETRY_MAX = 0.5, 10.0  # seconds between attempts while the store is down
 _NAME = operator.itemgetter(1)  # of a point (time, name, value)
@@ -292,49 +264,11 @@ class TelemetryWriter:
         dead_letter: bool,
         error: psycopg.Error,
     ) -> WriteReport:
-        """Finds what the store refuses by halving the batch; dead-letters it, stores the rest.
+        async def write(part: Sequence[Received[Any]], last: bool) -> WriteReport:
+            run = in_transaction if last else None
+            return await self.write(part, in_transaction=run, dead_letter=dead_letter)
 
-        Bounded: a message found alone is written once more as a dead letter; if that is refused
-        too (it was a refusal already), Unstorable stops the consumer instead of a loop."""
-        if len(batch) == 1:
-            (message,) = batch
-            if isinstance(message.outcome, Rejected):
-                raise Unstorable(
-                    f"{describe(message)}: refused ({message.outcome.reason}), and the store "
-                    f"refuses its dead letter too: {type(error).__name__}: {error}"
-                ) from error
-            log.error(
-                "the store refused a message on %s: %s",
-                message.topic,
-                error,
-                extra={"topic": message.topic},
-            )
-            platform = (
-                None if isinstance(message.outcome, Rejected) else message.outcome[0].platform
-            )
-            refused = Rejected(
-                "store_refused", f"{type(error).__name__}: {error}"[:2000], platform=platform
-            )
-            replacement = Received(
-                message.source,
-                message.topic,
-                message.payload,
-                message.received_at,
-                refused,
-                message.ack,
-                message.origin,
-            )
-            return await self.write(
-                [replacement], in_transaction=in_transaction, dead_letter=dead_letter
-            )
-        middle = len(batch) // 2
-        # The caller's statements run once, with the second half: they must commit with the
-        # batch's end (Kafka offsets), and see only that half's refusals.
-        first = await self.write(batch[:middle], dead_letter=dead_letter)
-        second = await self.write(
-            batch[middle:], in_transaction=in_transaction, dead_letter=dead_letter
-        )
-        return first.add(second)
+        return await isolate(batch, error, write)
 
     async def _commit(
         self,
@@ -381,7 +315,7 @@ class TelemetryWriter:
                 # In arrival order, as operators read them (decoding refusals were found first).
                 position = {id(message): n for n, message in enumerate(batch)}
                 rejected.sort(key=lambda refusal: position[id(refusal[0])])
-                await _copy_dead_letters(conn, rejected)
+                await copy_dead_letters(conn, rejected)
             if in_transaction is not None:
                 await in_transaction(conn, rejected)
             await counters.flush(conn)
@@ -623,70 +557,6 @@ def _refusal(
                 platform=platform,
             )
     return None
-
-
-async def _copy_dead_letters(
-    conn: AsyncConnection[Any], rejected: list[tuple[Received[Any], Rejected]]
-) -> None:
-    async with conn.cursor() as cur, cur.copy(COPY_DEAD_LETTERS) as copy:
-        copy.set_types(DEAD_LETTER_TYPES)
-        for message, reason in rejected:
-            origin = message.origin
-            topic = as_text(message.topic)
-            sparkplug_topic = origin and origin.sparkplug_topic
-            await copy.write_row(
-                (
-                    message.received_at,
-                    message.source,
-                    topic,
-                    reason.platform and as_text(reason.platform),
-                    reason.reason,
-                    as_text(reason.detail),
-                    message.payload,
-                    origin and origin.partition,
-                    origin and origin.offset,
-                    origin and origin.key,
-                    sparkplug_topic and as_text(sparkplug_topic),
-                    [[name.encode(), value] for name, value in origin.headers]
-                    if origin and origin.headers
-                    else None,
-                    message.topic.encode(errors="surrogateescape")
-                    if topic != message.topic
-                    else None,
-                )
-            )
-
-
-def is_data_error(error: psycopg.Error) -> bool:
-    """Whether the data written caused `error` (isolate the message) rather than the store's
-    state (wait and retry the batch): by SQLSTATE class, docs/contract.md."""
-    state = error.sqlstate
-    if state is None:  # raised by psycopg before the server saw it: a value it cannot send
-        return isinstance(error, psycopg.DataError)
-    return state[:2] in _DATA_ERROR_CLASSES
-
-
-def as_text(text: str) -> str:
-    """`text` as a text column can hold it: a NUL, which PostgreSQL refuses, and unpaired
-    surrogates (bytes that were not UTF-8) are written as backslash escapes."""
-    if "\x00" in text:
-        text = text.replace("\x00", "\\x00")
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        text = text.encode(errors="backslashreplace").decode()
-    return text
-
-
-def describe(message: Received[Any]) -> str:
-    """Where a message is, for an operator: Kafka topic, partition and offset; MQTT topic and
-    packet id."""
-    origin = message.origin
-    if origin is not None:
-        return f"Kafka record {message.topic}[{origin.partition}] at offset {origin.offset}"
-    if message.source == "mqtt" and isinstance(message.ack, tuple):
-        return f"MQTT message on {message.topic!r} (packet id {message.ack[0]})"
-    return f"{message.source} message on {message.topic!r}"
 
 
 def _utc_day(ts: datetime) -> date:
