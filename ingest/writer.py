@@ -1,7 +1,8 @@
 """Writes a batch of received messages to the store.
 
 Per batch: resolve platforms, gateways, devices (registering new ones) and metric names in a
-short transaction of their own; make sure the telemetry partitions exist; then, in one
+short transaction of their own (ingest/resolution.py); encode the points for COPY
+(ingest/copy_encoding.py); make sure the telemetry partitions exist; then, in one
 transaction, COPY the points, record gateways and liveness, store the dead letters, and run the
 caller's own statements (for example Kafka offsets). Only after that commit may the consumer
 acknowledge the batch.
@@ -18,10 +19,9 @@ store and raises Retryable with nothing committed, so that the batch waits.
 import asyncio
 import logging
 import math
-import operator
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -34,20 +34,18 @@ from psycopg_pool import AsyncConnectionPool
 
 from ingest.batching import Received
 from ingest.copy_encoding import COPY_TELEMETRY, TelemetryCopy
-from ingest.decoding import Decoded, Telemetry
 from ingest.errors import Rejected, Retryable
 from ingest.isolation import copy_dead_letters, is_data_error, isolate
-from ingest.metering import BatchMeter, MeterKey, QuotaGuard, meter_key
-from ingest.metric_names import MetricNames
+from ingest.metering import meter_key
+from ingest.resolution import Resolved, Resolver
 from ingest.stats import IngestStats
 from registry.connection import (
     Counters,
-    SessionEvent,
     apply_sessions,
     lock_gateways,
     record_activity,
 )
-from registry.devices import DeviceDirectory, Key
+from registry.devices import DeviceDirectory
 from registry.usage import record_usage
 
 log = logging.getLogger(__name__)
@@ -73,7 +71,6 @@ SELECT device_id, count(*) FROM added GROUP BY device_id
 ENSURE_PARTITIONS = "SELECT iiot_ensure_telemetry_partitions(%s, %s)"
 _ENCODE_SLICE = 500
 _RETRY_FIRST, _RETRY_MAX = 0.5, 10.0  # seconds between attempts while the store is down
-_NAME = operator.itemgetter(1)  # of a point (time, name, value)
 Refusals = list[tuple[Received[Any], Rejected]]
 InTransaction = Callable[[AsyncConnection[Any], Refusals], Awaitable[None]]
 """Statements a caller runs in the batch's transaction (for example, storing Kafka offsets),
@@ -97,28 +94,6 @@ class WriteReport:
 
 
 @dataclass(slots=True)
-class _Accepted:
-    device: int
-    gateway: int | None
-    telemetry: Telemetry
-    key: MeterKey
-
-
-@dataclass(slots=True)
-class _Resolved:
-    """A batch split into what can be written and what is refused."""
-
-    telemetry: list[_Accepted]
-    gateway_sessions: list[SessionEvent]
-    device_sessions: list[SessionEvent]
-    rejected: list[tuple[Received[Any], Rejected]]
-    metric_ids: dict[str, int]
-    platforms: set[str]
-    # Accepted messages are metered where they are accepted; refusals once the batch is split.
-    meter: BatchMeter = field(default_factory=BatchMeter)
-
-
-@dataclass(slots=True)
 class PreparedBatch:
     """A batch resolved and encoded by `TelemetryWriter.prepare`, ready to commit."""
 
@@ -127,7 +102,7 @@ class PreparedBatch:
     started: float
     report: WriteReport = field(default_factory=WriteReport)
     # None: not resolved yet (the store was unavailable); commit resolves it.
-    resolved: _Resolved | None = None
+    resolved: Resolved | None = None
     # A refusal of the store while resolving: commit isolates the message it refuses.
     failure: psycopg.Error | None = None
     points: bytes = b""  # the points as binary COPY data
@@ -154,9 +129,8 @@ class TelemetryWriter:
         self._stats = stats
         self._shard = counter_shard
         self.directory = directory or DeviceDirectory()
-        self._metrics = MetricNames()
+        self._resolver = Resolver(self.directory, counter_shard=counter_shard)
         self._partition_days: set[date] = set()
-        self._quotas = QuotaGuard()
         self._id = uuid.uuid4().hex[:8]  # names this writer's batches in the logs
         self._batches = 0
         # Devices' activity renewals are written at most once per renew_seconds: when each
@@ -189,13 +163,12 @@ class TelemetryWriter:
         with structlog.contextvars.bound_contextvars(batch=prepared.name):
             try:
                 async with self._pool.connection() as conn:
-                    resolved = await self._resolve(conn, batch, prepared.report)
+                    resolved = await self._resolver.resolve(conn, batch)
             except psycopg.Error as exc:
                 # Any other error: the commit tries again, and reports the store's state.
                 if is_data_error(exc):
                     prepared.failure = exc
                 return prepared
-        prepared.resolved = resolved
         await _encode(prepared, resolved)
         return prepared
 
@@ -215,8 +188,7 @@ class TelemetryWriter:
             with structlog.contextvars.bound_contextvars(batch=prepared.name):
                 async with self._pool.connection() as conn:
                     if prepared.resolved is None:
-                        prepared.resolved = await self._resolve(conn, batch, prepared.report)
-                        await _encode(prepared, prepared.resolved)
+                        await _encode(prepared, await self._resolver.resolve(conn, batch))
                     report = await self._commit(conn, prepared, in_transaction, dead_letter)
         except psycopg.Error as exc:
             if not is_data_error(exc):
@@ -337,75 +309,6 @@ class TelemetryWriter:
             )
         return report
 
-    async def _resolve(
-        self, conn: AsyncConnection[Any], batch: Sequence[Received[Any]], report: WriteReport
-    ) -> _Resolved:
-        """Splits the batch into what can be written and what is refused, registering what is
-        new on platforms that provision automatically.
-
-        Runs in its own transaction: registrations commit even if the batch later fails, so the
-        cached ids always name rows that exist.
-        """
-        resolved = _Resolved([], [], [], [], {}, set())
-        decoded: list[tuple[Received[Any], Decoded]] = []
-        for message in batch:
-            if isinstance(message.outcome, Rejected):
-                resolved.rejected.append((message, message.outcome))
-            else:
-                decoded.append((message, message.outcome))
-        directory = self.directory
-        # The platforms named, refused messages' too: refusals are metered where they exist.
-        named = {d[0].platform for _, d in decoded}
-        named |= {r.platform for _, r in resolved.rejected if r.platform is not None}
-        if not decoded:
-            if named:
-                async with conn.transaction():
-                    resolved.platforms = set(await directory.platforms(conn, named))
-            return resolved
-        async with conn.transaction():
-            platforms = await directory.platforms(conn, named)
-            resolved.platforms = set(platforms)
-            today = max(m.received_at for m, _ in decoded).astimezone(UTC).date()
-            over_quota = await self._quotas.over_hard_quota(conn, platforms.values(), today)
-            known = [item for _, items in decoded for item in items if item.platform in platforms]
-            provision = {p for p, platform in platforms.items() if platform.auto_provision}
-            device_keys = {(i.platform, i.device) for i in known if i.device is not None}
-            gateway_keys = {(i.platform, i.gateway) for i in known if i.gateway is not None}
-            device_ids, new_devices, registered = await directory.devices.resolve(
-                conn, device_keys, provision=provision
-            )
-            gateway_ids, new_gateways, _ = await directory.gateways.resolve(
-                conn, gateway_keys, provision=provision
-            )
-            names: set[str] = set()
-            for item in known:
-                if isinstance(item, Telemetry):
-                    names.update(map(_NAME, item.points))
-            resolved.metric_ids = await self._metrics.resolve(conn, names)
-            counters = Counters(self._shard)
-            for platform, _ in registered:
-                counters.add(platform, registered=1)
-            await counters.flush(conn)
-        directory.devices.remember(new_devices)
-        directory.gateways.remember(new_gateways)
-        self._metrics.remember(resolved.metric_ids)
-        report.devices_registered = len(registered)
-
-        for message, items in decoded:
-            reason = _refusal(items, platforms.keys(), device_ids, gateway_ids)
-            platform = items[0].platform
-            if reason is None and platform in over_quota and _has_points(items):
-                reason = Rejected("quota_exceeded", over_quota[platform], platform=platform)
-            if reason is not None:
-                resolved.rejected.append((message, reason))
-                continue
-            key = meter_key(platform, message.received_at, message.source)
-            resolved.meter.accepted(key, len(message.payload))
-            _sort_items(
-                resolved, message, items, key, device_ids=device_ids, gateway_ids=gateway_ids
-            )
-        return resolved
-
     async def _ensure_partitions(self, conn: AsyncConnection[Any], first: date, last: date) -> None:
         days = {first + timedelta(days=n) for n in range((last - first).days + 1)}
         if days <= self._partition_days:
@@ -462,40 +365,15 @@ class TelemetryWriter:
         stats.devices_registered += report.devices_registered
 
 
-def _sort_items(
-    resolved: _Resolved,
-    message: Received[Any],
-    items: Decoded,
-    key: MeterKey,
-    *,
-    device_ids: Mapping[Key, int],
-    gateway_ids: Mapping[Key, int],
-) -> None:
-    """Files an accepted message's readings and session changes under their row ids."""
-    for item in items:
-        device = device_ids[(item.platform, item.device)] if item.device else None
-        gateway = gateway_ids[(item.platform, item.gateway)] if item.gateway else None
-        if isinstance(item, Telemetry):
-            assert device is not None  # readings always name their device
-            resolved.telemetry.append(_Accepted(device, gateway, item, key))
-            continue
-        subject, events = (
-            (device, resolved.device_sessions)
-            if device is not None
-            else (gateway, resolved.gateway_sessions)
-        )
-        assert subject is not None  # a status names its device or gateway
-        events.append(
-            SessionEvent(subject, item.online, item.session, message.received_at, item.cause)
-        )
-
-
-async def _encode(prepared: PreparedBatch, resolved: _Resolved) -> None:
-    """Encodes the accepted points for COPY and meters them; notes the gateways and devices
-    they came from, and meters the refused messages of platforms that exist.
+async def _encode(prepared: PreparedBatch, resolved: Resolved) -> None:
+    """Takes the resolved batch into `prepared`: encodes the accepted points for COPY and
+    meters them; notes the gateways and devices they came from, and meters the refused
+    messages of platforms that exist.
 
     Yields to the event loop every _ENCODE_SLICE messages: the previous batch's commit is
     waiting on PostgreSQL meanwhile, and goes on sooner when the store answers."""
+    prepared.resolved = resolved
+    prepared.report.devices_registered = resolved.devices_registered
     meter = resolved.meter
     points = TelemetryCopy(resolved.metric_ids)
     add = points.add
@@ -523,40 +401,6 @@ async def _encode(prepared: PreparedBatch, resolved: _Resolved) -> None:
     for message, reason in resolved.rejected:
         if reason.platform in resolved.platforms:
             meter.refused(meter_key(reason.platform, message.received_at, message.source))
-
-
-def _has_points(items: Decoded) -> bool:
-    return any(isinstance(item, Telemetry) and item.points for item in items)
-
-
-def _refusal(
-    items: Decoded,
-    platforms: Any,
-    devices: Mapping[Key, int],
-    gateways: Mapping[Key, int],
-) -> Rejected | None:
-    """Why a decoded message cannot be stored whole, if it cannot."""
-    platform = items[0].platform
-    if platform not in platforms:
-        return Rejected(
-            "unknown_platform", f"no platform {platform!r} is registered", platform=platform
-        )
-    for item in items:
-        if item.gateway is not None and (platform, item.gateway) not in gateways:
-            return Rejected(
-                "unknown_gateway",
-                f"gateway {item.gateway!r} is not registered and platform {platform!r} "
-                "does not provision automatically",
-                platform=platform,
-            )
-        if item.device is not None and (platform, item.device) not in devices:
-            return Rejected(
-                "unknown_device",
-                f"device {item.device!r} is not registered and platform {platform!r} "
-                "does not provision automatically",
-                platform=platform,
-            )
-    return None
 
 
 def _utc_day(ts: datetime) -> date:
