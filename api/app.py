@@ -1,7 +1,8 @@
 """The FastAPI application: built by `create_app(settings)`, which owns the connection pool."""
 
+import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
@@ -9,7 +10,8 @@ from fastapi import FastAPI
 from api import problems
 from api.auth import Authenticator, KeyMiddleware, document_security
 from api.body_limit import BodyLimit
-from api.broker_access import TopicRules
+from api.broker_access import Standings, TopicRules
+from api.broker_control import BrokerKicker
 from api.routes import (
     broker,
     classification,
@@ -29,6 +31,7 @@ from api.routes import (
 )
 from api.settings import ApiSettings
 from ingest.topics import TopicScheme
+from registry.notifications import RegistryWatcher
 from registry.store import create_pool
 
 
@@ -43,15 +46,31 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with pool:
+        authenticator = Authenticator(settings)
+        standings = Standings(settings.api_key_cache_seconds)
+        # Revocations and client changes made through other API processes drop what this one
+        # cached when their notification arrives (docs/access.md).
+        watcher = RegistryWatcher(
+            settings,
+            standings.forget,
+            on_key_revoked=lambda key: authenticator.forget(None if key == "*" else int(key)),
+        )
+        async with pool, AsyncExitStack() as stack:
             app.state.pool = pool
             app.state.settings = settings
             app.state.consumers = list(consumers)
-            app.state.authenticator = Authenticator(settings)
+            app.state.authenticator = authenticator
             app.state.topic_rules = TopicRules(
-                TopicScheme(settings.mqtt_topic_root), settings.sparkplug_platforms()
+                TopicScheme(settings.mqtt_topic_root), settings.sparkplug_platforms(), standings
             )
-            yield
+            kicker = BrokerKicker.configured(settings)
+            app.state.kicker = kicker and await stack.enter_async_context(kicker)
+            listening = asyncio.create_task(watcher.run(), name="api-registry-watcher")
+            try:
+                yield
+            finally:
+                watcher.stop()
+                await listening
 
     app = FastAPI(
         title="iiot",
@@ -73,7 +92,10 @@ def create_app(
 
     app.openapi = openapi  # type: ignore[method-assign]
     # KeyMiddleware checks an API key on every request but health's (api/auth.py).
+    # The broker hooks first: EMQX calls them for every connect and uncached publish, and
+    # routes are matched in order (matching forty routes costs a request more than the hook).
     for module in (
+        broker,
         health,
         metrics,
         platforms,
@@ -84,7 +106,6 @@ def create_app(
         ingest,
         usage,
         keys,
-        broker,
         dashboard,
         enterprises,
         penetration,

@@ -2,10 +2,11 @@
 
 `KeyMiddleware` checks every request but the public paths before routing: it reads
 `Authorization: Bearer <key>` (or `X-API-Key: <key>`), verifies the key (cached for
-`api_key_cache_seconds`, so a revocation through another API process takes effect within that
-time; through this one, at once), takes a token from the key's bucket (empty: 429 with
-`Retry-After`), and leaves the principal in the request's state. Doing this once per request in
-plain ASGI, not in a chain of dependencies, keeps a cached check to microseconds.
+`api_key_cache_seconds`; a revocation drops it at once in the process that made it, and in
+the others when its notification arrives, within the cache time at worst), takes a token from
+the key's bucket (empty: 429 with `Retry-After`), and leaves the principal in the request's
+state. Doing this once per request in plain ASGI, not in a chain of dependencies, keeps a
+cached check to microseconds.
 
 Platform checks answer 404 for another platform's objects, exactly as for objects that do not
 exist, so a key learns nothing about platforms it may not see; a viewer trying to write, or a
@@ -72,12 +73,17 @@ class Authenticator:
         self._ttl = settings.api_key_cache_seconds
         self._rate = settings.api_rate_per_second
         self._burst = float(settings.api_rate_burst)
+        self._broker_rate = settings.api_broker_rate_per_second
+        self._broker_burst = float(settings.api_broker_rate_burst)
         self._verified: dict[bytes, tuple[Principal, float]] = {}
         self._buckets: dict[int, _Bucket] = {}
         # Unknown keys, per client address: each costs a lookup in the store.
         self._unknown_rate = settings.api_unknown_key_rate_per_second
         self._unknown_burst = float(settings.api_unknown_key_burst)
         self._unknown: dict[str, _Bucket] = {}
+        # Counts revocations seen: a lookup that a revocation overtook is not cached, since it
+        # may have read the key before the revocation committed.
+        self._generation = 0
 
     async def principal(self, pool: Any, key: str, client: str = "") -> Principal:
         """`client`: the caller's address, whose unknown keys are rate-limited."""
@@ -92,6 +98,7 @@ class Authenticator:
         ):
             detail = f"too many unknown keys from this address; retry in {wait} s"
             raise _too_many(wait, detail)
+        generation = self._generation
         async with pool.connection() as conn:
             principal = await verify_key(conn, key)
         if principal is None:
@@ -108,23 +115,27 @@ class Authenticator:
         if principal.expires_at is not None:
             left = (principal.expires_at - datetime.now(UTC)).total_seconds()
             until = min(until, now + left)
-        self._verified[fingerprint] = (principal, until)
+        if generation == self._generation:
+            self._verified[fingerprint] = (principal, until)
         return principal
 
-    def forget(self, key_id: int) -> None:
-        """Drops a revoked key from the cache at once."""
+    def forget(self, key_id: int | None) -> None:
+        """Drops a revoked key (None: every key) from the cache; call once the revocation has
+        committed."""
+        self._generation += 1
         for fingerprint, (principal, _) in list(self._verified.items()):
-            if principal.key_id == key_id:
+            if key_id is None or principal.key_id == key_id:
                 del self._verified[fingerprint]
 
     def admit(self, principal: Principal) -> None:
         """Takes one token from the key's bucket, or refuses with the wait until the next."""
         now = time.monotonic()
-        bucket = self._buckets.setdefault(principal.key_id, _Bucket(self._burst, now))
-        if wait := bucket.wait(now, self._rate, self._burst):
-            raise _too_many(
-                wait, f"this key may make {self._rate:g} requests per second; retry later"
-            )
+        rate, burst = self._rate, self._burst
+        if principal.role is Role.BROKER:  # a whole fleet's reconnect storm, not a person
+            rate, burst = self._broker_rate, self._broker_burst
+        bucket = self._buckets.setdefault(principal.key_id, _Bucket(burst, now))
+        if wait := bucket.wait(now, rate, burst):
+            raise _too_many(wait, f"this key may make {rate:g} requests per second; retry later")
         bucket.tokens -= 1
 
 
@@ -204,17 +215,15 @@ async def operator(request: Request) -> Principal:
     return principal
 
 
-async def _broker(request: Request) -> Principal:
-    principal = _principal(request)
-    if principal.role not in GLOBAL_ROLES:
+def check_broker(request: Request) -> None:
+    """403 unless the request holds a broker (or admin) key. Called in the hooks themselves:
+    the broker calls them more than anything else, and a dependency costs each call."""
+    if _principal(request).role not in GLOBAL_ROLES:
         raise Problem(403, "Forbidden", "only a broker (or admin) key may ask this")
-    return principal
 
 
 Caller = Annotated[Principal, Depends(operator)]
 """An operator's key (admin, operator or viewer)."""
-Broker = Annotated[Principal, Depends(_broker)]
-"""The MQTT broker's key (or an admin's)."""
 
 
 def can_see(principal: Principal, platform: str) -> bool:

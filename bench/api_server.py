@@ -1,9 +1,9 @@
 """`iiot api` plus one constant endpoint, the API benchmark's baseline in the same server."""
 
 from api.app import create_app
-from api.server import ApiServer
 from api.settings import ApiSettings
 from iiot.loop import serve
+from iiot.server import ApiServer
 
 
 def main() -> None:

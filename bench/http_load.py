@@ -65,10 +65,13 @@ async def _exchange(
     return int(head[9:12])
 
 
-def _request(path: str, headers: dict[str, str]) -> bytes:
-    lines = [f"GET {path} HTTP/1.1", "Host: 127.0.0.1"]
+def _request(path: str, headers: dict[str, str], body: bytes | None = None) -> bytes:
+    """A GET, or a POST of a JSON `body`."""
+    lines = [f"{'GET' if body is None else 'POST'} {path} HTTP/1.1", "Host: 127.0.0.1"]
     lines += [f"{k}: {v}" for k, v in headers.items()]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+    if body is not None:
+        lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + (body or b"")
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:
@@ -116,10 +119,17 @@ async def latency_samples(
 
 
 async def load(
-    port: int, path: str, *, headers: dict[str, str], connections: int, seconds: float
+    port: int,
+    path: str,
+    *,
+    headers: dict[str, str],
+    connections: int,
+    seconds: float,
+    body: bytes | None = None,
 ) -> dict[str, Any]:
-    """Requests/s and latency of GET `path` from `connections` keep-alive connections."""
-    request = _request(path, headers)
+    """Requests/s and latency of GET `path` (POST `body`, when given) from `connections`
+    keep-alive connections."""
+    request = _request(path, headers, body)
     samples: list[float] = []
     errors: list[int] = []
     started = time.perf_counter()

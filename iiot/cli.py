@@ -11,10 +11,10 @@ from typing import Annotated, Any
 import typer
 
 from api.app import create_app
-from api.server import ApiServer
 from api.settings import ApiSettings
 from iiot import logs
 from iiot.loop import serve
+from iiot.server import ApiServer
 from iiot.services import ingest_services, run_until
 from iiot.simulator import Simulator
 from iiot.stack import RunSettings, run_stack

@@ -12,10 +12,10 @@ from typing import Literal, Protocol
 
 from psycopg_pool import AsyncConnectionPool
 
+from iiot.monitor import Monitor
 from ingest.certificates import CertificateExpiry
 from ingest.kafka import KafkaIngest
 from ingest.metrics import Consumer, IngestCollector
-from ingest.monitor import Monitor
 from ingest.mqtt import MqttIngest
 from ingest.settings import IngestSettings
 from registry.history import HistorySampler

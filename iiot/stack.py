@@ -16,11 +16,11 @@ from pathlib import Path
 from pydantic import Field
 
 from api.app import create_app
-from api.server import ApiServer
 from api.settings import ApiSettings
 from iiot.demo_enterprises import seed_demo
 from iiot.embedded import EmbeddedPostgres, embedded_broker
 from iiot.net import free_port, port_is_free
+from iiot.server import ApiServer
 from iiot.services import ingest_services, run_until
 from iiot.simulator import Simulator
 from ingest.kafka import KafkaIngest

@@ -74,13 +74,6 @@ FROM unnest(%(topics)s::text[], %(partitions)s::int4[], %(next)s::int8[], %(ends
      AS w(topic, partition, next_offset, log_end_offset)
 ON CONFLICT DO NOTHING
 """
-LAG = """
-SELECT group_id, topic, partition, next_offset, log_end_offset,
-       greatest(log_end_offset - next_offset, 0) AS lag, updated_at
-FROM kafka_offsets
-WHERE %(group)s::text IS NULL OR group_id = %(group)s
-ORDER BY group_id, topic, partition
-"""
 
 _RETRY_FIRST, _RETRY_MAX = 0.5, 10.0
 _YIELD_EVERY = 50  # records the fetcher decodes before it lets other tasks run
@@ -99,23 +92,6 @@ class KafkaAck:
 
 class Fenced(Exception):
     """Another consumer advanced a partition we were writing: roll back and start over."""
-
-
-@dataclass(frozen=True, slots=True)
-class PartitionLag:
-    group_id: str
-    topic: str
-    partition: int
-    next_offset: int
-    log_end_offset: int | None
-    lag: int | None
-    updated_at: datetime
-
-
-async def partition_lag(conn: AsyncConnection[Any], group: str | None = None) -> list[PartitionLag]:
-    """Each partition's stored offset and how far behind the partition's end it was."""
-    cursor = await conn.execute(LAG, {"group": group})
-    return [PartitionLag(*row) for row in await cursor.fetchall()]
 
 
 class KafkaIngest:

@@ -2,7 +2,7 @@
 
 Nothing is counted twice on the hot path: the consumers keep plain totals (`IngestStats`,
 Sparkplug session stats, Kafka lag) and this collector turns them into metrics when Prometheus
-asks. `IIOT_METRICS_PORT` makes `iiot ingest ...` serve them on `/metrics` (ingest/monitor.py).
+asks. `IIOT_METRICS_PORT` makes `iiot ingest ...` serve them on `/metrics` (iiot/monitor.py).
 """
 
 from collections.abc import Iterable, Iterator

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from ingest.sparkplug import INT64, MetricIn, encode_payload, node_topic
 from loadtests.mqtt_wire import MqttConnection
+from loadtests.sparkplug_payloads import INT64, Metric, encode, node_topic
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +131,7 @@ class Gateway:
     def stale_will(self) -> None:
         """The previous session's Will, arriving late (a rebirth race): must change nothing."""
         if self.sparkplug:
-            stale = encode_payload([MetricIn("bdSeq", self.session - 1, INT64)])
+            stale = encode([Metric("bdSeq", self.session - 1, INT64)])
             self._publish(node_topic(self.plan.platform, "NDEATH", self.id), stale)
         else:
             body = orjson.dumps({"state": "offline", "session": self.session - 1})
@@ -167,8 +167,8 @@ class Gateway:
         ms = int(at * 1000)
         if self.sparkplug:
             for i in indices:
-                metric = MetricIn(None, float(ms % 100_000), alias=1, historical=historical)
-                body = encode_payload([metric], seq=self._next_seq(), timestamp_ms=ms)
+                metric = Metric(None, float(ms % 100_000), alias=1, historical=historical)
+                body = encode([metric], seq=self._next_seq(), timestamp_ms=ms)
                 self._publish(node_topic(self.plan.platform, "DDATA", self.id, self.names[i]), body)
                 self.tally.add(1, 1, 1 if historical else 0)  # counted as acknowledged
             return
@@ -195,19 +195,15 @@ class Gateway:
         # points); after an NDEATH a device is back only with its DBIRTH.
         birth_ms = int(time.time() * 1000)
         self._seq = 0
-        birth = encode_payload(
-            [MetricIn("bdSeq", self.session, INT64)], seq=0, timestamp_ms=birth_ms
-        )
+        birth = encode([Metric("bdSeq", self.session, INT64)], seq=0, timestamp_ms=birth_ms)
         self._publish(node_topic(self.plan.platform, "NBIRTH", self.id), birth)
         for name in self.names:
-            body = encode_payload(
-                [MetricIn("v", None, alias=1)], seq=self._next_seq(), timestamp_ms=birth_ms
-            )
+            body = encode([Metric("v", None, alias=1)], seq=self._next_seq(), timestamp_ms=birth_ms)
             self._publish(node_topic(self.plan.platform, "DBIRTH", self.id, name), body)
 
     def _will(self) -> tuple[str, bytes]:
         if self.sparkplug:
-            death = encode_payload([MetricIn("bdSeq", self.session, INT64)])
+            death = encode([Metric("bdSeq", self.session, INT64)])
             return node_topic(self.plan.platform, "NDEATH", self.id), death
         return self._status_topic(), orjson.dumps({"state": "offline", "session": self.session})
 

@@ -19,6 +19,7 @@ from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 
 from registry.errors import Conflict, Invalid, NotFound
+from registry.notifications import announce, announce_key_revoked
 
 
 class Role(StrEnum):
@@ -60,18 +61,25 @@ RETURNING id, prefix, role, platform_id AS platform, name, created_at, revoked_a
 """
 REVOKE_NAMED = """
 UPDATE api_keys SET revoked_at = now()
-WHERE name = %s AND role = 'admin' AND revoked_at IS NULL RETURNING prefix
+WHERE name = %s AND role = 'admin' AND revoked_at IS NULL RETURNING id, prefix
 """
 
+# Issuing over a revoked credential starts it afresh (an issue, not a rotation).
 UPSERT_CREDENTIAL = """
 INSERT INTO credentials (platform_id, kind, subject, digest)
 VALUES (%(platform)s, %(kind)s, %(subject)s, %(digest)s)
 ON CONFLICT (platform_id, kind, subject)
-DO UPDATE SET digest = excluded.digest, rotated_at = now()
+DO UPDATE SET digest = excluded.digest,
+    created_at = CASE WHEN credentials.revoked_at IS NULL
+                      THEN credentials.created_at ELSE now() END,
+    rotated_at = CASE WHEN credentials.revoked_at IS NULL THEN now() END,
+    revoked_at = NULL
 RETURNING created_at, rotated_at
 """
-DELETE_CREDENTIAL = """
-DELETE FROM credentials WHERE platform_id = %s AND kind = %s AND subject = %s RETURNING 1
+# Kept, marked revoked: a revoked client must not fall back to the provisioning secret.
+REVOKE_CREDENTIAL = """
+UPDATE credentials SET revoked_at = now()
+WHERE platform_id = %s AND kind = %s AND subject = %s AND revoked_at IS NULL RETURNING 1
 """
 # A credential needs its subject: a registered device, a gateway (registered here if new), or
 # the platform itself. Each returns whether the subject exists (now).
@@ -246,13 +254,15 @@ async def revoke_key(
     if revoked is None:
         raise NotFound(f"API key {key_id}")
     await audit(conn, "api_key.revoke", revoked.prefix, key_id=by, platform=revoked.platform)
+    await announce_key_revoked(conn, key_id)
     return revoked
 
 
 async def replace_admin_key(conn: AsyncConnection[Any], name: str) -> str:
     """Revokes the admin keys called `name` and makes a new one (`iiot run`'s key per run)."""
-    for (prefix,) in await (await conn.execute(REVOKE_NAMED, (name,))).fetchall():
+    for key_id, prefix in await (await conn.execute(REVOKE_NAMED, (name,))).fetchall():
         await audit(conn, "api_key.revoke", prefix, key_id=None, platform=None)
+        await announce_key_revoked(conn, key_id)
     _, key = await create_key(conn, role=Role.ADMIN, platform=None, name=name, created_by=None)
     return key
 
@@ -279,16 +289,20 @@ async def issue_credential(
     created_at, rotated_at = stamped
     action = "credential.rotate" if rotated_at else "credential.issue"
     await audit(conn, action, f"{kind.value}:{subject}", key_id=by, platform=platform)
+    await announce(conn, platform)  # API processes forget what they cached of its clients
     return secret, created_at, rotated_at
 
 
 async def revoke_credential(
     conn: AsyncConnection[Any], platform: str, kind: CredentialKind, subject: str, *, by: int
 ) -> None:
-    cur = await conn.execute(DELETE_CREDENTIAL, (platform, kind.value, subject))
+    """Revokes a device's or gateway's secret: refused from the commit on, and the client is
+    not admitted by the provisioning secret either, until a new secret is issued."""
+    cur = await conn.execute(REVOKE_CREDENTIAL, (platform, kind.value, subject))
     if await cur.fetchone() is None:
         raise NotFound(f"credential of {kind.value} {subject!r} on platform {platform!r}")
     await audit(conn, "credential.revoke", f"{kind.value}:{subject}", key_id=by, platform=platform)
+    await announce(conn, platform)
 
 
 async def audit(

@@ -1,6 +1,9 @@
 """Fixtures on real services: each test gets its own schema and its own MQTT topic root."""
 
 import asyncio
+import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -16,12 +19,13 @@ import psycopg
 import pytest
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
+from starlette.applications import Starlette
 
 from api.app import create_app
-from api.server import ApiServer
 from api.settings import ApiSettings
 from iiot.kafka_mock import MockKafkaCluster
 from iiot.net import free_port
+from iiot.server import ApiServer
 from ingest.mqtt import MqttIngest
 from ingest.settings import IngestSettings
 from registry.access import Role, create_key
@@ -141,6 +145,21 @@ async def api_as(store: StoreSettings) -> AsyncIterator[ApiAs]:
         yield client
 
 
+@asynccontextmanager
+async def api_in_process(settings: ApiSettings, key: str) -> AsyncIterator[httpx.AsyncClient]:
+    """An API of these settings, in process (its lifespan running): a client presenting `key`."""
+    app = create_app(settings)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app),
+            base_url="http://iiot",
+            headers={"X-API-Key": key},
+        ) as client,
+    ):
+        yield client
+
+
 @pytest.fixture
 async def api(api_as: ApiAs, make_key: KeyMaker) -> AsyncIterator[httpx.AsyncClient]:
     """The API, in process, on the test's schema, called with an admin key."""
@@ -210,8 +229,15 @@ async def publisher(mqtt_url: str, protocol: str = "5") -> AsyncIterator[aiomqtt
 def served_api(settings: ApiSettings) -> Iterator[str]:
     """The API under uvicorn in a thread of its own (for clients outside this process: a
     browser, schemathesis); yields its base URL."""
+    with served(create_app(settings)) as url:
+        yield url
+
+
+@contextmanager
+def served(app: Starlette) -> Iterator[str]:
+    """An ASGI app under uvicorn in a thread of its own; yields its base URL."""
     port = free_port()
-    server = ApiServer(create_app(settings), host="127.0.0.1", port=port)
+    server = ApiServer(app, host="127.0.0.1", port=port)
     thread = threading.Thread(target=asyncio.run, args=(server.run(),), daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -224,6 +250,49 @@ def served_api(settings: ApiSettings) -> Iterator[str]:
     finally:
         server.stop()
         thread.join(10)
+
+
+@asynccontextmanager
+async def api_process(store: StoreSettings, log: Path, **settings: str) -> AsyncIterator[str]:
+    """`iiot api` as a process of its own on the test's schema (what a client meets over a real
+    socket: the response is sent when uvicorn sends it); yields its base URL. `settings`:
+    `IIOT_*` variables, e.g. `api_key_cache_seconds="300"`; its log goes to `log`."""
+    port = free_port()
+    env = os.environ | {
+        "IIOT_DATABASE_URL": str(store.database_url),
+        "IIOT_DATABASE_SCHEMA": store.database_schema,
+        "IIOT_API_PORT": str(port),
+        "IIOT_API_RATE_PER_SECOND": "1000000",
+        "IIOT_API_RATE_BURST": "1000000",
+        # Revoked keys presented again and again from one address are the point of some tests.
+        "IIOT_API_UNKNOWN_KEY_RATE_PER_SECOND": "1000000",
+        "IIOT_API_UNKNOWN_KEY_BURST": "1000000",
+    }
+    env |= {f"IIOT_{name.upper()}": value for name, value in settings.items()}
+    with log.open("ab") as out:
+        process = subprocess.Popen(  # noqa: ASYNC220 - starting it does not block
+            [sys.executable, "-m", "iiot.cli", "api"], env=env, stdout=out, stderr=out
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient(base_url=base) as client:
+
+            async def ready() -> bool:
+                assert process.poll() is None, f"the API process ended; see {log}"
+                try:
+                    return (await client.get("/healthz")).status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            await eventually(ready, timeout=30, interval=0.1)
+        yield base
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def payload(document: Any) -> bytes:

@@ -17,7 +17,7 @@ from registry.access import Role, import_key
 from registry.errors import Conflict, Invalid
 from registry.platforms import upsert_platform
 from registry.settings import StoreSettings
-from tests.conftest import ApiAs, KeyMaker, scalar
+from tests.conftest import ApiAs, KeyMaker, api_in_process, scalar
 from tests.test_enterprises import BYD
 from tests.test_writer import telemetry
 
@@ -281,22 +281,12 @@ async def test_keys_are_shown_once_stored_hashed_revocable_and_audited(
 async def test_a_revocation_through_another_api_process_applies_within_the_cache_time(
     store: StoreSettings, make_key: KeyMaker, two_platforms: None, api: httpx.AsyncClient
 ) -> None:
-    key = await make_key(Role.VIEWER, "plant-1")
-    other = create_app(
-        ApiSettings(
-            database_url=store.database_url,
-            database_schema=store.database_schema,
-            api_key_cache_seconds=0,
-        )
+    settings = ApiSettings(
+        database_url=store.database_url,
+        database_schema=store.database_schema,
+        api_key_cache_seconds=0,
     )
-    async with (
-        other.router.lifespan_context(other),
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=other),
-            base_url="http://iiot",
-            headers={"X-API-Key": key},
-        ) as client,
-    ):
+    async with api_in_process(settings, await make_key(Role.VIEWER, "plant-1")) as client:
         assert (await client.get("/platforms/plant-1")).status_code == 200
         key_id = (await api.get("/keys")).json()["items"][-1]["id"]
         assert (await api.delete(f"/keys/{key_id}")).status_code == 200

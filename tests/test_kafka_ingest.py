@@ -22,11 +22,12 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from psycopg_pool import AsyncConnectionPool
 
-from ingest.kafka import KafkaIngest, partition_lag
+from ingest.kafka import KafkaIngest
 from ingest.replay import list_dead_letters, replay
 from ingest.settings import IngestSettings
 from ingest.sparkplug import INT64, MetricIn, encode_payload
 from registry.counts import platform_counts
+from registry.kafka_offsets import partition_lag
 from registry.platforms import upsert_platform
 from tests.conftest import eventually, payload, scalar
 

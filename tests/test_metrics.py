@@ -9,10 +9,10 @@ import psycopg
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg_pool import AsyncConnectionPool
 
+from iiot.monitor import Monitor
 from iiot.net import free_port
 from iiot.services import ingest_services, run_until
 from ingest.metrics import IngestCollector
-from ingest.monitor import Monitor
 from ingest.settings import IngestSettings
 from ingest.topics import TopicScheme
 from registry.platforms import Tier, upsert_platform

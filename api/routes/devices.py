@@ -6,6 +6,7 @@ import orjson
 from fastapi import APIRouter, Query, Request, Response, status
 
 from api.auth import Caller, PlatformScope, check_read, operator
+from api.broker_control import clients_changed
 from api.deps import (
     Connection,
     DeviceId,
@@ -130,16 +131,24 @@ async def register_devices(
 
 @router.post("/decommission", operation_id="decommission_devices", response_model=Affected)
 async def decommission_devices(
-    platform: PlatformId, body: DeviceIds, conn: Connection, settings: Settings, caller: Caller
+    platform: PlatformId,
+    body: DeviceIds,
+    request: Request,
+    *,
+    conn: Connection,
+    settings: Settings,
+    caller: Caller,
 ) -> Affected:
-    """Take devices out of service in bulk: no longer registered or connected, their data
-    refused. Returns how many were in service."""
+    """Take devices out of service in bulk: no longer registered or connected (disconnected
+    from the broker where EMQX's API is configured), their data refused. Returns how many were
+    in service."""
     await get_platform(conn, platform)
     async with conn.transaction():
         removed = await registration.decommission_devices(
             conn, platform, body.device_ids, shard=settings.api_counter_shard
         )
         ids = body.device_ids
+        clients_changed(request, platform, [f"{platform}/{device}" for device in ids])
         await audit(
             conn,
             "device.decommission",
@@ -240,7 +249,13 @@ async def update_device(
     "/{device}", operation_id="decommission_device", status_code=status.HTTP_204_NO_CONTENT
 )
 async def decommission_device(
-    platform: PlatformId, device: DeviceId, conn: Connection, settings: Settings, caller: Caller
+    platform: PlatformId,
+    device: DeviceId,
+    request: Request,
+    *,
+    conn: Connection,
+    settings: Settings,
+    caller: Caller,
 ) -> None:
     async with conn.transaction():
         removed = await registration.decommission_devices(
@@ -248,6 +263,7 @@ async def decommission_device(
         )
         if not removed:
             raise NotFound(f"device {device!r} on platform {platform!r}")
+        clients_changed(request, platform, [f"{platform}/{device}"])
         await audit(conn, "device.decommission", device, key_id=caller.key_id, platform=platform)
 
 

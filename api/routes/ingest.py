@@ -5,7 +5,7 @@ from fastapi import APIRouter, Query
 from api.auth import Caller, check_national
 from api.deps import Connection
 from api.models import KafkaPartitionLag
-from ingest.kafka import partition_lag
+from registry.kafka_offsets import partition_lag
 
 router = APIRouter(prefix="/ingest", tags=["ingest"])
 

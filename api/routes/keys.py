@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, Request, status
 
 from api.auth import Authenticator, Caller, check_read, check_write
-from api.deps import Connection
+from api.deps import Connection, after_commit
 from api.models import AuditOut, KeyCreate, KeyCreated, KeyOut, Page
 from api.problems import Problem
 from registry import access
@@ -64,12 +64,13 @@ async def list_keys(
 
 @router.delete("/keys/{key_id}", operation_id="revoke_key", response_model=KeyOut)
 async def revoke_key(key_id: KeyId, request: Request, conn: Connection, caller: Caller) -> KeyOut:
-    """Revoke a key: refused from now on (by other API processes within the key cache time)."""
+    """Revoke a key: refused by this API process once answered, by the others when they hear
+    of it (docs/access.md)."""
     if caller.role is Role.VIEWER:
         raise Problem(403, "Forbidden", "a viewer key cannot change anything")
     revoked = await access.revoke_key(conn, key_id, platform=caller.platform, by=caller.key_id)
     authenticator: Authenticator = request.app.state.authenticator
-    authenticator.forget(key_id)
+    after_commit(request, lambda: authenticator.forget(key_id))
     return KeyOut(**asdict(revoked))
 
 

@@ -19,8 +19,8 @@ from prometheus_client.registry import Collector
 from api.auth import Caller, check_national
 from api.deps import Connection, Settings
 from ingest.certificates import CertificateExpiry
-from ingest.kafka import partition_lag
 from registry.counts import platform_gauges
+from registry.kafka_offsets import partition_lag
 from registry.maintenance import last_runs, table_figures
 from registry.reconcile import recent_reconciliations
 

@@ -1,9 +1,10 @@
 from dataclasses import asdict
 from typing import Annotated
 
-from fastapi import APIRouter, Query, status
+from fastapi import APIRouter, Query, Request, status
 
 from api.auth import Caller, PlatformScope, check_admin
+from api.broker_control import clients_changed
 from api.deps import Connection, PlatformId
 from api.models import Page, PlatformCreate, PlatformOut, PlatformUpdate
 from api.problems import Problem
@@ -70,7 +71,7 @@ async def get_platform(platform: PlatformId, conn: Connection) -> PlatformOut:
     dependencies=[PlatformScope],
 )
 async def update_platform(
-    platform: PlatformId, body: PlatformUpdate, conn: Connection, caller: Caller
+    platform: PlatformId, body: PlatformUpdate, request: Request, conn: Connection, caller: Caller
 ) -> PlatformOut:
     """Change the given fields; the others keep their values. The classification (tier, type,
     region, industry) is the administrator's to change."""
@@ -78,6 +79,7 @@ async def update_platform(
     if caller.role is not Role.ADMIN and changes.keys() & CLASSIFICATION:
         raise Problem(403, "Forbidden", "only an admin key may change tier, type, region, industry")
     updated = await platforms.update_platform(conn, platform, changes)
+    clients_changed(request, platform)  # auto-provisioning decides which clients stand
     await audit(
         conn, "platform.update", platform, key_id=caller.key_id, platform=platform, detail=changes
     )

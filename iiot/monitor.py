@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from api.server import ApiServer
+from iiot.server import ApiServer
 from ingest.progress import Progress
 
 

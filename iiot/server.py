@@ -1,4 +1,5 @@
-"""Runs the API under uvicorn as a start/stop service that its owner composes with others."""
+"""Runs a Starlette app (the API, an ingest process's monitoring endpoints) under uvicorn as a
+start/stop service that its owner composes with others."""
 
 import contextlib
 from collections.abc import Generator
