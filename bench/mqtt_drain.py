@@ -41,10 +41,10 @@ from bench.draining import Drain, until_stored
 from bench.figures import Figure, record
 from iiot.embedded import MosquittoBroker
 from iiot.loop import serve
+from ingest.copy_encoding import COPY_TELEMETRY, TELEMETRY_TYPES, encode_rows
 from ingest.mqtt import MqttIngest
 from ingest.settings import IngestSettings
 from ingest.sparkplug import INT64, MetricIn, encode_payload
-from ingest.writer import COPY_TELEMETRY, TELEMETRY_TYPES, encode_rows
 from registry.migrate import migrate
 from registry.platforms import upsert_platform
 from registry.settings import StoreSettings

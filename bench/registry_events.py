@@ -40,10 +40,10 @@ from bench.figures import Figure, record
 from bench.http_load import latency_samples, percentiles, start_api
 from iiot.loop import serve
 from iiot.net import free_port
-from ingest.batching import END, EndOfStream, Received, write_ahead
+from ingest.batching import END, EndOfStream, Received
 from ingest.decoding import Status
 from ingest.stats import IngestStats
-from ingest.writer import PreparedBatch, TelemetryWriter
+from ingest.writer import PreparedBatch, TelemetryWriter, write_ahead
 from registry.access import Role, create_key
 from registry.activity import refresh_activity
 from registry.counts import platform_counts

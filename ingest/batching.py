@@ -1,16 +1,13 @@
 """Messages on their way from receive to acknowledge, and the collection of them into batches."""
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
+from typing import Final, Generic, TypeVar
 
 from ingest.decoding import Decoded, Telemetry
 from ingest.errors import Rejected
-
-if TYPE_CHECKING:
-    from ingest.writer import PreparedBatch, TelemetryWriter
 
 AckT = TypeVar("AckT")
 
@@ -91,45 +88,3 @@ async def collect(
         batch.append(item)
         points += item.weight
     return batch, False
-
-
-async def write_ahead(
-    queue: "asyncio.Queue[Received[AckT] | EndOfStream]",
-    writer: "TelemetryWriter",
-    commit: Callable[["PreparedBatch"], Awaitable[None]],
-    *,
-    max_points: int,
-    max_delay: float,
-    keep: Callable[[list[Received[AckT]]], Sequence[Received[Any]]] | None = None,
-    revise: Callable[[Sequence[Received[Any]]], Awaitable[Sequence[Received[Any]]]] | None = None,
-) -> None:
-    """Collects batches from `queue` and prepares each while the batch before it commits;
-    `commit` gets each prepared batch in arrival order, until the end of the stream.
-
-    Preparing (resolving ids, encoding the points) is CPU work in this process and committing
-    is mostly PostgreSQL's; in sequence, each waited for the other and the two cores were half
-    idle (`make bench`). One prepared batch waits while one commits and the next is prepared,
-    so at most three batches are between the queue and the acknowledgement. `keep` filters a
-    batch before it is prepared (Kafka drops records of partitions it no longer owns); what
-    was collected stays in `PreparedBatch.collected` either way. `revise` may replace messages
-    of a batch before it is prepared (MQTT gives redeliveries their first arrival time).
-    """
-    ready: asyncio.Queue[PreparedBatch | EndOfStream] = asyncio.Queue(1)
-
-    async def prepare_ahead() -> None:
-        ended = False
-        while not ended:
-            batch, ended = await collect(queue, max_points=max_points, max_delay=max_delay)
-            if batch:
-                kept: Sequence[Received[Any]] = keep(batch) if keep is not None else batch
-                if revise is not None:
-                    kept = await revise(kept)
-                prepared = await writer.prepare(kept)
-                prepared.collected = batch
-                await ready.put(prepared)
-        await ready.put(END)
-
-    async with asyncio.TaskGroup() as tasks:
-        tasks.create_task(prepare_ahead())
-        while not isinstance(prepared := await ready.get(), EndOfStream):
-            await commit(prepared)

@@ -9,7 +9,7 @@
                       nothing, and fail readiness; an operator must look at the message named.
 
 Lower-layer exceptions (psycopg, aiomqtt) are translated into these at one place each:
-`ingest.writer` for the store, `ingest.mqtt` for the broker.
+`ingest.writer` for the store (classified by `ingest.isolation`), `ingest.mqtt` for the broker.
 """
 
 

@@ -40,7 +40,7 @@ from aiokafka.errors import KafkaError
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from ingest.batching import END, EndOfStream, Origin, Received, write_ahead
+from ingest.batching import END, EndOfStream, Origin, Received
 from ingest.decoding import Decoded, MessageDecoder
 from ingest.errors import Rejected, Unstorable
 from ingest.progress import Progress
@@ -48,7 +48,7 @@ from ingest.settings import IngestSettings
 from ingest.sparkplug_host import SparkplugHost
 from ingest.stats import IngestStats
 from ingest.topics import TopicScheme
-from ingest.writer import PreparedBatch, Refusals, TelemetryWriter
+from ingest.writer import PreparedBatch, Refusals, TelemetryWriter, write_ahead
 from registry.devices import DeviceDirectory
 
 log = logging.getLogger(__name__)

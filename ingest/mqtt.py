@@ -39,7 +39,7 @@ from paho.mqtt.properties import Properties
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from ingest.batching import END, EndOfStream, Received, write_ahead
+from ingest.batching import END, EndOfStream, Received
 from ingest.decoding import MessageDecoder
 from ingest.errors import Unstorable
 from ingest.mqtt_internals import paho_of, use_fast_path, wakeups_of
@@ -58,7 +58,7 @@ from ingest.sparkplug import NAMESPACE, state_online, state_payload, state_topic
 from ingest.sparkplug_host import SparkplugHost, sparkplug_filters
 from ingest.stats import IngestStats
 from ingest.topics import TopicScheme
-from ingest.writer import PreparedBatch, Refusals, TelemetryWriter
+from ingest.writer import PreparedBatch, Refusals, TelemetryWriter, write_ahead
 from registry.devices import DeviceDirectory
 from registry.settings import hashed_shard
 

@@ -1,7 +1,8 @@
 """Writes a batch of received messages to the store.
 
 Per batch: resolve platforms, gateways, devices (registering new ones) and metric names in a
-short transaction of their own; make sure the telemetry partitions exist; then, in one
+short transaction of their own (ingest/resolution.py); encode the points for COPY
+(ingest/copy_encoding.py); make sure the telemetry partitions exist; then, in one
 transaction, COPY the points, record gateways and liveness, store the dead letters, and run the
 caller's own statements (for example Kafka offsets). Only after that commit may the consumer
 acknowledge the batch.
@@ -10,23 +11,17 @@ Duplicates (a redelivered message, or the same point twice in a batch) make the 
 fail on the primary key; the batch is then written again through a staging table with
 `ON CONFLICT DO NOTHING`, so a point (device, metric, time) is stored once (docs/adr/0002).
 
-What the store refuses is sorted by SQLSTATE. A data error (classes 22 and 23) is about a
-message: the batch is split in halves until the message the store refuses is alone; that message
-becomes a dead letter (`store_refused`), the rest is stored. Any other error (connection,
-resources, schema, permissions: 08, 53, 57, 58, 42, ...) is about the store, not the data: it
-raises Retryable with nothing committed, and the batch waits, so that a broken store never turns
-a healthy stream into dead letters. Dead letters keep what arrived byte for byte; a refusal whose
-dead letter is refused too raises Unstorable, naming the message (bounded: never a loop).
+What the store refuses is sorted by SQLSTATE (ingest/isolation.py): a data error isolates the
+message that caused it into a dead letter and stores the rest; any other error is about the
+store and raises Retryable with nothing committed, so that the batch waits.
 """
 
 import asyncio
 import logging
 import math
-import operator
-import struct
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -37,26 +32,24 @@ from psycopg import AsyncConnection
 from psycopg.errors import UniqueViolation
 from psycopg_pool import AsyncConnectionPool
 
-from ingest.batching import Received
-from ingest.decoding import Decoded, Telemetry
-from ingest.errors import Rejected, Retryable, Unstorable
-from ingest.metering import BatchMeter, MeterKey, QuotaGuard, meter_key
-from ingest.metric_names import MetricNames
+from ingest.batching import END, AckT, EndOfStream, Received, collect
+from ingest.copy_encoding import COPY_TELEMETRY, TelemetryCopy
+from ingest.errors import Rejected, Retryable
+from ingest.isolation import copy_dead_letters, is_data_error, isolate
+from ingest.metering import meter_key
+from ingest.resolution import Resolved, Resolver
 from ingest.stats import IngestStats
 from registry.connection import (
     Counters,
-    SessionEvent,
     apply_sessions,
     lock_gateways,
     record_activity,
 )
-from registry.devices import DeviceDirectory, Key
+from registry.devices import DeviceDirectory
 from registry.usage import record_usage
 
 log = logging.getLogger(__name__)
 
-COPY_TELEMETRY = "COPY telemetry (time, device_id, metric_id, value) FROM STDIN (FORMAT BINARY)"
-TELEMETRY_TYPES = ("timestamptz", "int8", "int4", "float8")
 CREATE_STAGING = """
 CREATE TEMP TABLE IF NOT EXISTS telemetry_staging
     (time timestamptz, device_id int8, metric_id int4, value float8) ON COMMIT DELETE ROWS
@@ -76,45 +69,8 @@ WITH added AS (
 SELECT device_id, count(*) FROM added GROUP BY device_id
 """
 ENSURE_PARTITIONS = "SELECT iiot_ensure_telemetry_partitions(%s, %s)"
-COPY_DEAD_LETTERS = """
-COPY dead_letters (received_at, source, topic, platform_id, reason, detail, payload,
-                  kafka_partition, kafka_offset, kafka_key, sparkplug_topic, kafka_headers,
-                  raw_topic)
-FROM STDIN (FORMAT BINARY)
-"""
-DEAD_LETTER_TYPES = (
-    "timestamptz",
-    "text",
-    "text",
-    "text",
-    "text",
-    "text",
-    "bytea",
-    "int4",
-    "int8",
-    "bytea",
-    "text",
-    "bytea[]",
-    "bytea",
-)
-# SQLSTATE classes of errors that the data written causes (22 data exception, 23 integrity
-# constraint violation): only these isolate a message. Every other class is about the store.
-_DATA_ERROR_CLASSES = frozenset({"22", "23"})
-
-Row = tuple[datetime, int, int, float]
-"""(time, device id, metric id, value): a row of `telemetry`."""
-
-# Binary COPY (PostgreSQL's "COPY ... FORMAT BINARY" file layout), packed here rather than by
-# psycopg's row writer: one struct call per point instead of a row tuple and four dumpers.
-_COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\0" + bytes(8)  # signature, flags, header extension
-_COPY_TRAILER = b"\xff\xff"
-# Field count, then (length, value) for time (µs since 2000), device_id, metric_id, value.
-_PACK_ROW = struct.Struct("!hiqiqiiid").pack
-_PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 _ENCODE_SLICE = 500
 _RETRY_FIRST, _RETRY_MAX = 0.5, 10.0  # seconds between attempts while the store is down
-_MICROSECOND = timedelta(microseconds=1)
-_NAME = operator.itemgetter(1)  # of a point (time, name, value)
 Refusals = list[tuple[Received[Any], Rejected]]
 InTransaction = Callable[[AsyncConnection[Any], Refusals], Awaitable[None]]
 """Statements a caller runs in the batch's transaction (for example, storing Kafka offsets),
@@ -138,28 +94,6 @@ class WriteReport:
 
 
 @dataclass(slots=True)
-class _Accepted:
-    device: int
-    gateway: int | None
-    telemetry: Telemetry
-    key: MeterKey
-
-
-@dataclass(slots=True)
-class _Resolved:
-    """A batch split into what can be written and what is refused."""
-
-    telemetry: list[_Accepted]
-    gateway_sessions: list[SessionEvent]
-    device_sessions: list[SessionEvent]
-    rejected: list[tuple[Received[Any], Rejected]]
-    metric_ids: dict[str, int]
-    platforms: set[str]
-    # Accepted messages are metered where they are accepted; refusals once the batch is split.
-    meter: BatchMeter = field(default_factory=BatchMeter)
-
-
-@dataclass(slots=True)
 class PreparedBatch:
     """A batch resolved and encoded by `TelemetryWriter.prepare`, ready to commit."""
 
@@ -168,7 +102,7 @@ class PreparedBatch:
     started: float
     report: WriteReport = field(default_factory=WriteReport)
     # None: not resolved yet (the store was unavailable); commit resolves it.
-    resolved: _Resolved | None = None
+    resolved: Resolved | None = None
     # A refusal of the store while resolving: commit isolates the message it refuses.
     failure: psycopg.Error | None = None
     points: bytes = b""  # the points as binary COPY data
@@ -179,17 +113,6 @@ class PreparedBatch:
     via: dict[int, int] = field(default_factory=dict)  # device -> the gateway it came through
     # What the consumer collected (batch may be a part of it): what it acknowledges.
     collected: Sequence[Received[Any]] = ()
-
-
-def encode_rows(rows: Sequence[Row]) -> bytes:
-    """Rows as binary COPY data (the benchmarks' baseline encodes its rows with this)."""
-    parts = [_COPY_SIGNATURE]
-    parts += [
-        _PACK_ROW(4, 8, (ts - _PG_EPOCH) // _MICROSECOND, 8, device, 4, metric, 8, value)
-        for ts, device, metric, value in rows
-    ]
-    parts.append(_COPY_TRAILER)
-    return b"".join(parts)
 
 
 class TelemetryWriter:
@@ -206,9 +129,8 @@ class TelemetryWriter:
         self._stats = stats
         self._shard = counter_shard
         self.directory = directory or DeviceDirectory()
-        self._metrics = MetricNames()
+        self._resolver = Resolver(self.directory, counter_shard=counter_shard)
         self._partition_days: set[date] = set()
-        self._quotas = QuotaGuard()
         self._id = uuid.uuid4().hex[:8]  # names this writer's batches in the logs
         self._batches = 0
         # Devices' activity renewals are written at most once per renew_seconds: when each
@@ -241,13 +163,12 @@ class TelemetryWriter:
         with structlog.contextvars.bound_contextvars(batch=prepared.name):
             try:
                 async with self._pool.connection() as conn:
-                    resolved = await self._resolve(conn, batch, prepared.report)
+                    resolved = await self._resolver.resolve(conn, batch)
             except psycopg.Error as exc:
                 # Any other error: the commit tries again, and reports the store's state.
                 if is_data_error(exc):
                     prepared.failure = exc
                 return prepared
-        prepared.resolved = resolved
         await _encode(prepared, resolved)
         return prepared
 
@@ -267,8 +188,7 @@ class TelemetryWriter:
             with structlog.contextvars.bound_contextvars(batch=prepared.name):
                 async with self._pool.connection() as conn:
                     if prepared.resolved is None:
-                        prepared.resolved = await self._resolve(conn, batch, prepared.report)
-                        await _encode(prepared, prepared.resolved)
+                        await _encode(prepared, await self._resolver.resolve(conn, batch))
                     report = await self._commit(conn, prepared, in_transaction, dead_letter)
         except psycopg.Error as exc:
             if not is_data_error(exc):
@@ -316,49 +236,11 @@ class TelemetryWriter:
         dead_letter: bool,
         error: psycopg.Error,
     ) -> WriteReport:
-        """Finds what the store refuses by halving the batch; dead-letters it, stores the rest.
+        async def write(part: Sequence[Received[Any]], last: bool) -> WriteReport:
+            run = in_transaction if last else None
+            return await self.write(part, in_transaction=run, dead_letter=dead_letter)
 
-        Bounded: a message found alone is written once more as a dead letter; if that is refused
-        too (it was a refusal already), Unstorable stops the consumer instead of a loop."""
-        if len(batch) == 1:
-            (message,) = batch
-            if isinstance(message.outcome, Rejected):
-                raise Unstorable(
-                    f"{describe(message)}: refused ({message.outcome.reason}), and the store "
-                    f"refuses its dead letter too: {type(error).__name__}: {error}"
-                ) from error
-            log.error(
-                "the store refused a message on %s: %s",
-                message.topic,
-                error,
-                extra={"topic": message.topic},
-            )
-            platform = (
-                None if isinstance(message.outcome, Rejected) else message.outcome[0].platform
-            )
-            refused = Rejected(
-                "store_refused", f"{type(error).__name__}: {error}"[:2000], platform=platform
-            )
-            replacement = Received(
-                message.source,
-                message.topic,
-                message.payload,
-                message.received_at,
-                refused,
-                message.ack,
-                message.origin,
-            )
-            return await self.write(
-                [replacement], in_transaction=in_transaction, dead_letter=dead_letter
-            )
-        middle = len(batch) // 2
-        # The caller's statements run once, with the second half: they must commit with the
-        # batch's end (Kafka offsets), and see only that half's refusals.
-        first = await self.write(batch[:middle], dead_letter=dead_letter)
-        second = await self.write(
-            batch[middle:], in_transaction=in_transaction, dead_letter=dead_letter
-        )
-        return first.add(second)
+        return await isolate(batch, error, write)
 
     async def _commit(
         self,
@@ -405,7 +287,7 @@ class TelemetryWriter:
                 # In arrival order, as operators read them (decoding refusals were found first).
                 position = {id(message): n for n, message in enumerate(batch)}
                 rejected.sort(key=lambda refusal: position[id(refusal[0])])
-                await _copy_dead_letters(conn, rejected)
+                await copy_dead_letters(conn, rejected)
             if in_transaction is not None:
                 await in_transaction(conn, rejected)
             await counters.flush(conn)
@@ -426,75 +308,6 @@ class TelemetryWriter:
                 },
             )
         return report
-
-    async def _resolve(
-        self, conn: AsyncConnection[Any], batch: Sequence[Received[Any]], report: WriteReport
-    ) -> _Resolved:
-        """Splits the batch into what can be written and what is refused, registering what is
-        new on platforms that provision automatically.
-
-        Runs in its own transaction: registrations commit even if the batch later fails, so the
-        cached ids always name rows that exist.
-        """
-        resolved = _Resolved([], [], [], [], {}, set())
-        decoded: list[tuple[Received[Any], Decoded]] = []
-        for message in batch:
-            if isinstance(message.outcome, Rejected):
-                resolved.rejected.append((message, message.outcome))
-            else:
-                decoded.append((message, message.outcome))
-        directory = self.directory
-        # The platforms named, refused messages' too: refusals are metered where they exist.
-        named = {d[0].platform for _, d in decoded}
-        named |= {r.platform for _, r in resolved.rejected if r.platform is not None}
-        if not decoded:
-            if named:
-                async with conn.transaction():
-                    resolved.platforms = set(await directory.platforms(conn, named))
-            return resolved
-        async with conn.transaction():
-            platforms = await directory.platforms(conn, named)
-            resolved.platforms = set(platforms)
-            today = max(m.received_at for m, _ in decoded).astimezone(UTC).date()
-            over_quota = await self._quotas.over_hard_quota(conn, platforms.values(), today)
-            known = [item for _, items in decoded for item in items if item.platform in platforms]
-            provision = {p for p, platform in platforms.items() if platform.auto_provision}
-            device_keys = {(i.platform, i.device) for i in known if i.device is not None}
-            gateway_keys = {(i.platform, i.gateway) for i in known if i.gateway is not None}
-            device_ids, new_devices, registered = await directory.devices.resolve(
-                conn, device_keys, provision=provision
-            )
-            gateway_ids, new_gateways, _ = await directory.gateways.resolve(
-                conn, gateway_keys, provision=provision
-            )
-            names: set[str] = set()
-            for item in known:
-                if isinstance(item, Telemetry):
-                    names.update(map(_NAME, item.points))
-            resolved.metric_ids = await self._metrics.resolve(conn, names)
-            counters = Counters(self._shard)
-            for platform, _ in registered:
-                counters.add(platform, registered=1)
-            await counters.flush(conn)
-        directory.devices.remember(new_devices)
-        directory.gateways.remember(new_gateways)
-        self._metrics.remember(resolved.metric_ids)
-        report.devices_registered = len(registered)
-
-        for message, items in decoded:
-            reason = _refusal(items, platforms.keys(), device_ids, gateway_ids)
-            platform = items[0].platform
-            if reason is None and platform in over_quota and _has_points(items):
-                reason = Rejected("quota_exceeded", over_quota[platform], platform=platform)
-            if reason is not None:
-                resolved.rejected.append((message, reason))
-                continue
-            key = meter_key(platform, message.received_at, message.source)
-            resolved.meter.accepted(key, len(message.payload))
-            _sort_items(
-                resolved, message, items, key, device_ids=device_ids, gateway_ids=gateway_ids
-            )
-        return resolved
 
     async def _ensure_partitions(self, conn: AsyncConnection[Any], first: date, last: date) -> None:
         days = {first + timedelta(days=n) for n in range((last - first).days + 1)}
@@ -552,56 +365,67 @@ class TelemetryWriter:
         stats.devices_registered += report.devices_registered
 
 
-def _sort_items(
-    resolved: _Resolved,
-    message: Received[Any],
-    items: Decoded,
-    key: MeterKey,
+async def write_ahead(
+    queue: "asyncio.Queue[Received[AckT] | EndOfStream]",
+    writer: TelemetryWriter,
+    commit: Callable[[PreparedBatch], Awaitable[None]],
     *,
-    device_ids: Mapping[Key, int],
-    gateway_ids: Mapping[Key, int],
+    max_points: int,
+    max_delay: float,
+    keep: Callable[[list[Received[AckT]]], Sequence[Received[Any]]] | None = None,
+    revise: Callable[[Sequence[Received[Any]]], Awaitable[Sequence[Received[Any]]]] | None = None,
 ) -> None:
-    """Files an accepted message's readings and session changes under their row ids."""
-    for item in items:
-        device = device_ids[(item.platform, item.device)] if item.device else None
-        gateway = gateway_ids[(item.platform, item.gateway)] if item.gateway else None
-        if isinstance(item, Telemetry):
-            assert device is not None  # readings always name their device
-            resolved.telemetry.append(_Accepted(device, gateway, item, key))
-            continue
-        subject, events = (
-            (device, resolved.device_sessions)
-            if device is not None
-            else (gateway, resolved.gateway_sessions)
-        )
-        assert subject is not None  # a status names its device or gateway
-        events.append(
-            SessionEvent(subject, item.online, item.session, message.received_at, item.cause)
-        )
+    """Collects batches from `queue` and prepares each while the batch before it commits;
+    `commit` gets each prepared batch in arrival order, until the end of the stream.
+
+    Preparing (resolving ids, encoding the points) is CPU work in this process and committing
+    is mostly PostgreSQL's; in sequence, each waited for the other and the two cores were half
+    idle (`make bench`). One prepared batch waits while one commits and the next is prepared,
+    so at most three batches are between the queue and the acknowledgement. `keep` filters a
+    batch before it is prepared (Kafka drops records of partitions it no longer owns); what
+    was collected stays in `PreparedBatch.collected` either way. `revise` may replace messages
+    of a batch before it is prepared (MQTT gives redeliveries their first arrival time).
+    """
+    ready: asyncio.Queue[PreparedBatch | EndOfStream] = asyncio.Queue(1)
+
+    async def prepare_ahead() -> None:
+        ended = False
+        while not ended:
+            batch, ended = await collect(queue, max_points=max_points, max_delay=max_delay)
+            if batch:
+                kept: Sequence[Received[Any]] = keep(batch) if keep is not None else batch
+                if revise is not None:
+                    kept = await revise(kept)
+                prepared = await writer.prepare(kept)
+                prepared.collected = batch
+                await ready.put(prepared)
+        await ready.put(END)
+
+    async with asyncio.TaskGroup() as tasks:
+        tasks.create_task(prepare_ahead())
+        while not isinstance(prepared := await ready.get(), EndOfStream):
+            await commit(prepared)
 
 
-async def _encode(prepared: PreparedBatch, resolved: _Resolved) -> None:
-    """Encodes the accepted points for COPY and meters them; notes the gateways and devices
-    they came from, and meters the refused messages of platforms that exist.
+async def _encode(prepared: PreparedBatch, resolved: Resolved) -> None:
+    """Takes the resolved batch into `prepared`: encodes the accepted points for COPY and
+    meters them; notes the gateways and devices they came from, and meters the refused
+    messages of platforms that exist.
 
     Yields to the event loop every _ENCODE_SLICE messages: the previous batch's commit is
     waiting on PostgreSQL meanwhile, and goes on sooner when the store answers."""
-    metric_ids, meter = resolved.metric_ids, resolved.meter
-    parts = [_COPY_SIGNATURE]
-    pack, epoch, microsecond = _PACK_ROW, _PG_EPOCH, _MICROSECOND
+    prepared.resolved = resolved
+    prepared.report.devices_registered = resolved.devices_registered
+    meter = resolved.meter
+    points = TelemetryCopy(resolved.metric_ids)
+    add = points.add
     first: datetime | None = None
     last: datetime | None = None
     for n, accepted in enumerate(resolved.telemetry, 1):
         if n % _ENCODE_SLICE == 0:
             await asyncio.sleep(0)
         device, telemetry = accepted.device, accepted.telemetry
-        # The points of one reading share their time: convert it once.
-        stamp: datetime | None = None
-        micros = 0
-        for ts, name, value in telemetry.points:
-            if ts is not stamp:
-                stamp, micros = ts, (ts - epoch) // microsecond
-            parts.append(pack(4, 8, micros, 8, device, 4, metric_ids[name], 8, value))
+        add(device, telemetry.points)
         meter.points(accepted.key, device, len(telemetry.points))
         first = telemetry.first if first is None else min(first, telemetry.first)
         last = telemetry.last if last is None else max(last, telemetry.last)
@@ -611,113 +435,14 @@ async def _encode(prepared: PreparedBatch, resolved: _Resolved) -> None:
             prepared.via[device] = accepted.gateway
         if not telemetry.historical:
             prepared.live_devices.add(device)
-    parts.append(_COPY_TRAILER)
-    prepared.rows = len(parts) - 2
+    prepared.rows = points.rows
     if prepared.rows:
-        prepared.points = b"".join(parts)
+        prepared.points = points.data()
     if first is not None and last is not None:
         prepared.days = (_utc_day(first), _utc_day(last))
     for message, reason in resolved.rejected:
         if reason.platform in resolved.platforms:
             meter.refused(meter_key(reason.platform, message.received_at, message.source))
-
-
-def _has_points(items: Decoded) -> bool:
-    return any(isinstance(item, Telemetry) and item.points for item in items)
-
-
-def _refusal(
-    items: Decoded,
-    platforms: Any,
-    devices: Mapping[Key, int],
-    gateways: Mapping[Key, int],
-) -> Rejected | None:
-    """Why a decoded message cannot be stored whole, if it cannot."""
-    platform = items[0].platform
-    if platform not in platforms:
-        return Rejected(
-            "unknown_platform", f"no platform {platform!r} is registered", platform=platform
-        )
-    for item in items:
-        if item.gateway is not None and (platform, item.gateway) not in gateways:
-            return Rejected(
-                "unknown_gateway",
-                f"gateway {item.gateway!r} is not registered and platform {platform!r} "
-                "does not provision automatically",
-                platform=platform,
-            )
-        if item.device is not None and (platform, item.device) not in devices:
-            return Rejected(
-                "unknown_device",
-                f"device {item.device!r} is not registered and platform {platform!r} "
-                "does not provision automatically",
-                platform=platform,
-            )
-    return None
-
-
-async def _copy_dead_letters(
-    conn: AsyncConnection[Any], rejected: list[tuple[Received[Any], Rejected]]
-) -> None:
-    async with conn.cursor() as cur, cur.copy(COPY_DEAD_LETTERS) as copy:
-        copy.set_types(DEAD_LETTER_TYPES)
-        for message, reason in rejected:
-            origin = message.origin
-            topic = as_text(message.topic)
-            sparkplug_topic = origin and origin.sparkplug_topic
-            await copy.write_row(
-                (
-                    message.received_at,
-                    message.source,
-                    topic,
-                    reason.platform and as_text(reason.platform),
-                    reason.reason,
-                    as_text(reason.detail),
-                    message.payload,
-                    origin and origin.partition,
-                    origin and origin.offset,
-                    origin and origin.key,
-                    sparkplug_topic and as_text(sparkplug_topic),
-                    [[name.encode(), value] for name, value in origin.headers]
-                    if origin and origin.headers
-                    else None,
-                    message.topic.encode(errors="surrogateescape")
-                    if topic != message.topic
-                    else None,
-                )
-            )
-
-
-def is_data_error(error: psycopg.Error) -> bool:
-    """Whether the data written caused `error` (isolate the message) rather than the store's
-    state (wait and retry the batch): by SQLSTATE class, docs/contract.md."""
-    state = error.sqlstate
-    if state is None:  # raised by psycopg before the server saw it: a value it cannot send
-        return isinstance(error, psycopg.DataError)
-    return state[:2] in _DATA_ERROR_CLASSES
-
-
-def as_text(text: str) -> str:
-    """`text` as a text column can hold it: a NUL, which PostgreSQL refuses, and unpaired
-    surrogates (bytes that were not UTF-8) are written as backslash escapes."""
-    if "\x00" in text:
-        text = text.replace("\x00", "\\x00")
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        text = text.encode(errors="backslashreplace").decode()
-    return text
-
-
-def describe(message: Received[Any]) -> str:
-    """Where a message is, for an operator: Kafka topic, partition and offset; MQTT topic and
-    packet id."""
-    origin = message.origin
-    if origin is not None:
-        return f"Kafka record {message.topic}[{origin.partition}] at offset {origin.offset}"
-    if message.source == "mqtt" and isinstance(message.ack, tuple):
-        return f"MQTT message on {message.topic!r} (packet id {message.ack[0]})"
-    return f"{message.source} message on {message.topic!r}"
 
 
 def _utc_day(ts: datetime) -> date:
