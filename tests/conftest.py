@@ -318,6 +318,14 @@ async def eventually(
         pytest.fail(f"condition not met within {timeout}s; last value: {last!r}")
 
 
+async def answers_ok(http: httpx.AsyncClient, path: str) -> bool:
+    """Whether `path` answers 200 yet (False while nothing listens): for `eventually`."""
+    try:
+        return (await http.get(path)).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
 async def scalar(conn: psycopg.AsyncConnection[Any], query: str, *params: Any) -> Any:
     cur = await conn.execute(query, params or None)
     row = await cur.fetchone()

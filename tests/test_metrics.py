@@ -18,7 +18,7 @@ from ingest.topics import TopicScheme
 from registry.platforms import Tier, upsert_platform
 from registry.reconcile import Reconciler
 from registry.settings import StoreSettings
-from tests.conftest import eventually, payload, publisher, scalar
+from tests.conftest import answers_ok, eventually, payload, publisher, scalar
 from tests.test_connection_state import Feed
 
 
@@ -46,14 +46,7 @@ async def test_ingest_metrics_count_what_was_stored_and_refused(
     process = asyncio.create_task(run_until(stop, ingest_services(settings, pool)))
     try:
         async with httpx.AsyncClient(base_url=base) as http:
-
-            async def ready() -> bool:
-                try:
-                    return (await http.get("/readyz")).status_code == 200
-                except httpx.TransportError:
-                    return False
-
-            await eventually(ready)
+            await eventually(lambda: answers_ok(http, "/readyz"))
             assert (await http.get("/healthz")).json() == {"status": "ok"}
             async with publisher(mqtt_url) as client:
                 await client.publish(

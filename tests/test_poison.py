@@ -26,7 +26,7 @@ from iiot.services import ingest_services, run_until
 from ingest.mqtt import MqttIngest
 from ingest.settings import IngestSettings
 from ingest.topics import TopicScheme
-from tests.conftest import eventually, payload, running, scalar
+from tests.conftest import answers_ok, eventually, payload, running, scalar
 from tests.test_metrics import samples
 
 Headers = list[tuple[str, bytes | None]]
@@ -60,14 +60,7 @@ async def serving(
     process = asyncio.create_task(run_until(stop, ingest_services(settings, pool, consumer)))
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.metrics_port}") as http:
-
-            async def answers() -> bool:
-                try:
-                    return (await http.get("/healthz")).status_code == 200
-                except httpx.TransportError:
-                    return False
-
-            await eventually(answers)
+            await eventually(lambda: answers_ok(http, "/healthz"))
             yield http
     finally:
         stop.set()

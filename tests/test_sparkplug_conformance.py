@@ -26,7 +26,7 @@ from ingest.topics import TopicScheme
 from registry.counts import platform_counts
 from registry.notifications import announce
 from registry.registration import decommission_devices
-from tests.conftest import eventually, publisher, running, scalar
+from tests.conftest import answers_ok, eventually, publisher, running, scalar
 from tests.sparkplug_reference import reference
 
 DAY_MS = 86_400_000
@@ -470,14 +470,7 @@ async def test_an_ingest_process_runs_the_host_beside_the_json_consumer(
             httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http,
             publisher(mqtt_url) as client,
         ):
-
-            async def ready() -> bool:
-                try:
-                    return (await http.get("/readyz")).status_code == 200
-                except httpx.TransportError:
-                    return False
-
-            await eventually(ready)
+            await eventually(lambda: answers_ok(http, "/readyz"))
             node = ReferenceNode(client, group)
             await node.born("press")
             await eventually(lambda: scalar(db, "SELECT count(*) = 3 FROM telemetry"))
