@@ -23,6 +23,12 @@ class StoreSettings(BaseSettings):
         default="iiot", description="Schema holding every iiot table (created by `iiot migrate`)."
     )
     database_pool_max: int = Field(default=8, ge=1, le=200)
+    cell: str = Field(
+        default="default",
+        pattern=r"^[a-z0-9][a-z0-9-]{0,62}$",
+        description="This deployment's cell (docs/scaling.md): the platforms its store holds, "
+        "named in /readyz, metrics, count responses and its national snapshots.",
+    )
 
     @field_validator("database_schema")
     @classmethod
