@@ -104,6 +104,8 @@ class Snapshot(_Strict):
     taken_at: datetime
     # How long the cell took to compute the figures.
     took_seconds: Annotated[float, Field(ge=0)]
+    # The cell's snapshot interval: the aggregator marks it stale after three without one.
+    interval_seconds: Annotated[float, Field(gt=0)]
     # registry/counts.py DEFINITIONS_VERSION of the cell that counted.
     definitions_version: str
     platforms: list[PlatformFigures]
