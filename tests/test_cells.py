@@ -28,7 +28,7 @@ from registry.migrate import migrate
 from registry.platforms import upsert_platform
 from registry.settings import StoreSettings
 from registry.store import connect, create_pool
-from tests.conftest import eventually, scalar
+from tests.conftest import eventually, ingest_settings_of, scalar
 from tests.test_kafka_ingest import consuming, produce
 
 
@@ -67,15 +67,8 @@ async def cells_on_one_broker(
             )
             await migrate(store)
             stack.push_async_callback(_drop, database_url, store.database_schema)
-            settings = IngestSettings(
-                **store.model_dump(include={"database_url", "database_schema", "cell"}),
-                mqtt_url=mqtt_url,
-                mqtt_client_id=f"iiot-{name}-{unique}",
-                mqtt_topic_root=f"test/{unique}/iiot/v1",
-                mqtt_session_expiry_seconds=600,
-                sparkplug_groups="",
-                batch_max_delay_seconds=0.05,
-                shutdown_grace_seconds=5,
+            settings = ingest_settings_of(
+                store, mqtt_url, unique, client_id=f"iiot-{name}-{unique}"
             )
             db = await stack.enter_async_context(await connect(store, autocommit=True))
             for platform in owned:
