@@ -28,7 +28,7 @@ from registry.migrate import migrate
 from registry.platforms import upsert_platform
 from registry.settings import StoreSettings
 from registry.store import connect, create_pool
-from tests.conftest import eventually, ingest_settings_of, scalar
+from tests.conftest import eventually, ingest_settings_of, running, scalar
 from tests.test_kafka_ingest import consuming, produce
 
 
@@ -229,3 +229,25 @@ def test_a_named_cell_has_its_own_clients_unless_told_otherwise() -> None:
     assert (lone.mqtt_client_id, lone.kafka_topics) == ("iiot-ingest-0", ["iiot.telemetry"])
     told = IngestSettings(cell="east-1", mqtt_client_id="mine", kafka_topics=["t"])
     assert (told.mqtt_client_id, told.kafka_topics) == ("mine", ["t"])
+
+
+async def test_a_platform_created_unannounced_is_subscribed_by_the_periodic_reread(
+    ingest_settings: IngestSettings,
+    pool: AsyncConnectionPool,
+    db: psycopg.AsyncConnection[Any],
+    platform: str,
+    mqtt_url: str,
+) -> None:
+    """No registry listener runs here, so no notification arrives: the backstop alone finds
+    the new platform."""
+    settings = ingest_settings.model_copy(update={"mqtt_scope_refresh_seconds": 0.2})
+    topics = TopicScheme(settings.mqtt_topic_root)
+    async with running(MqttIngest(settings, pool)) as ingest, device_publisher(mqtt_url) as send:
+        scope = ingest.scope
+        assert scope is not None
+        assert scope.platforms == {platform}
+        await upsert_platform(db, "plant-new")
+        await eventually(lambda: asyncio.sleep(0, "plant-new" in scope.platforms))
+        await send(topics.telemetry("plant-new", "d1"), 1)
+        await eventually(lambda: scalar(db, "SELECT count(*) = 1 FROM telemetry"))
+    assert await scalar(db, "SELECT count(*) FROM dead_letters") == 0
