@@ -6,6 +6,7 @@ moved away unsubscribed, without a restart. On Kafka, a topic shared by cells: r
 platforms this cell lacks are skipped and counted, never dead-lettered."""
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -23,12 +24,13 @@ from iiot.services import ingest_services, run_until
 from ingest.kafka import KafkaIngest
 from ingest.mqtt import MqttIngest
 from ingest.settings import IngestSettings
+from ingest.sparkplug import INT64, MetricIn, encode_payload
 from ingest.topics import TopicScheme
 from registry.migrate import migrate
 from registry.platforms import upsert_platform
 from registry.settings import StoreSettings
 from registry.store import connect, create_pool
-from tests.conftest import eventually, ingest_settings_of, running, scalar
+from tests.conftest import eventually, ingest_settings_of, publisher, running, scalar
 from tests.test_kafka_ingest import consuming, produce
 
 
@@ -251,3 +253,28 @@ async def test_a_platform_created_unannounced_is_subscribed_by_the_periodic_rere
         await send(topics.telemetry("plant-new", "d1"), 1)
         await eventually(lambda: scalar(db, "SELECT count(*) = 1 FROM telemetry"))
     assert await scalar(db, "SELECT count(*) FROM dead_letters") == 0
+
+
+async def test_the_sparkplug_host_of_every_group_takes_only_its_cells_platforms(
+    ingest_settings: IngestSettings,
+    pool: AsyncConnectionPool,
+    db: psycopg.AsyncConnection[Any],
+    mqtt_url: str,
+    unique: str,
+) -> None:
+    """`IIOT_SPARKPLUG_GROUPS=*` (each group the platform of its id): the host subscribes to the
+    groups of the cell's platforms, so another cell's edge nodes on the broker are not its own
+    `unknown_platform` dead letters."""
+    ours, theirs = f"sp-{unique}", f"sq-{unique}"
+    await upsert_platform(db, ours)
+    settings = ingest_settings.model_copy(update={"sparkplug_groups": "*", "sparkplug_host_id": ""})
+    host = MqttIngest(settings, pool, sparkplug_host=True)
+    async with running(host), publisher(mqtt_url) as client:
+        for group in (theirs, ours):
+            birth = [MetricIn("bdSeq", 0, INT64), MetricIn("Temperature", 20.0, alias=1)]
+            body = encode_payload(birth, seq=0, timestamp_ms=int(time.time() * 1000))
+            await client.publish(f"spBv1.0/{group}/NBIRTH/e1", body, qos=1)
+        await eventually(lambda: scalar(db, "SELECT count(*) = 1 FROM telemetry"))
+        await asyncio.sleep(0.3)  # theirs, published first, would have arrived by now
+    assert await scalar(db, "SELECT count(*) FROM dead_letters") == 0
+    assert await scalar(db, "SELECT array_agg(DISTINCT platform_id) FROM devices") == [ours]
