@@ -57,8 +57,6 @@ class SubscriptionScope:
         self._changed = asyncio.Event()
         self.platforms: frozenset[str] = frozenset()
         """The platforms subscribed to now (per-platform scope)."""
-        self.followed = asyncio.Event()
-        """Set each time the subscriptions have caught up with the store (tests wait on it)."""
 
     def registry_changed(self) -> None:
         """A platform may have been created or moved: read the served set again soon."""
@@ -105,7 +103,6 @@ class SubscriptionScope:
                 await subscribe(client, self._filters(sorted(added)))
                 log.info("subscribed new platforms: %s", _few(added))
             self.platforms = served
-            self.followed.set()
 
     def _filters(self, platforms: Iterable[str]) -> list[str]:
         return [f for platform in platforms for f in self._filters_of(platform)]
