@@ -3,14 +3,17 @@ of the test database) and its own MQTT ingest, on one Mosquitto under one topic 
 paho client publishes to platforms of both. Each cell stores exactly its own platforms' points
 and dead-letters nothing of the other's; a platform created in a running cell is subscribed, one
 moved away unsubscribed, without a restart. On Kafka, a topic shared by cells: records of
-platforms this cell lacks are skipped and counted, never dead-lettered."""
+platforms this cell lacks are skipped and counted, never dead-lettered. Every count response and
+health answer of the API names the cell."""
 
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 import paho.mqtt.client as paho
@@ -20,17 +23,27 @@ from paho.mqtt.enums import CallbackAPIVersion
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
+from api.settings import ApiSettings
 from iiot.services import ingest_services, run_until
 from ingest.kafka import KafkaIngest
 from ingest.mqtt import MqttIngest
 from ingest.settings import IngestSettings
 from ingest.sparkplug import INT64, MetricIn, encode_payload
 from ingest.topics import TopicScheme
+from registry.access import Role
 from registry.migrate import migrate
 from registry.platforms import upsert_platform
 from registry.settings import StoreSettings
 from registry.store import connect, create_pool
-from tests.conftest import eventually, ingest_settings_of, publisher, running, scalar
+from tests.conftest import (
+    KeyMaker,
+    api_in_process,
+    eventually,
+    ingest_settings_of,
+    publisher,
+    running,
+    scalar,
+)
 from tests.test_kafka_ingest import consuming, produce
 
 
@@ -278,3 +291,28 @@ async def test_the_sparkplug_host_of_every_group_takes_only_its_cells_platforms(
         await asyncio.sleep(0.3)  # theirs, published first, would have arrived by now
     assert await scalar(db, "SELECT count(*) FROM dead_letters") == 0
     assert await scalar(db, "SELECT array_agg(DISTINCT platform_id) FROM devices") == [ours]
+
+
+async def test_every_count_response_and_health_answer_names_the_cell(
+    store: StoreSettings, make_key: KeyMaker, platform: str
+) -> None:
+    settings = ApiSettings(
+        **store.model_dump(include={"database_url", "database_schema"}), cell="north-2"
+    )
+    start = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
+    paths = [
+        "/healthz",
+        "/readyz",
+        f"/platforms/{platform}/devices/count",
+        f"/platforms/{platform}/devices/count/history?start={quote(start)}",
+        "/counts/platforms",
+        "/counts/by/tier",
+        "/counts/national",
+        "/penetration",
+        "/penetration/by/province",
+    ]
+    async with api_in_process(settings, await make_key(Role.ADMIN, None)) as api:
+        answers = {path: await api.get(path) for path in paths}
+    assert {path: (r.status_code, r.json().get("cell")) for path, r in answers.items()} == {
+        path: (200, "north-2") for path in paths
+    }
