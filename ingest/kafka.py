@@ -173,6 +173,9 @@ class KafkaIngest:
         """Messages received and not yet written (metrics)."""
         return sum(queue.qsize() for queue in self._queues)
 
+    def subscribed_platforms(self) -> None:
+        """Kafka subscribes to topics, not platforms (metrics)."""
+
     def partition_lag(self) -> dict[tuple[str, int], int]:
         """Records behind each owned partition's end, as of the last fetch (metrics)."""
         return {(tp.topic, tp.partition): behind for tp, behind in self.lag.items()}

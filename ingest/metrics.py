@@ -28,6 +28,8 @@ class Consumer(Protocol):
 
     def partition_lag(self) -> dict[tuple[str, int], int]: ...
 
+    def subscribed_platforms(self) -> int | None: ...
+
 
 class CellLabelled(Collector):
     """Every metric of `registry` with the label `cell` (`IIOT_CELL`) on each sample, and
@@ -92,6 +94,11 @@ class IngestCollector(Collector):
             "(IIOT_KAFKA_SCOPE=platforms): another cell's, skipped, not dead-lettered.",
             labels=["source"],
         )
+        platforms = GaugeMetricFamily(
+            "iiot_mqtt_subscribed_platforms",
+            "Platforms whose topics the MQTT session subscribes to (IIOT_MQTT_SCOPE=platforms).",
+            labels=["source"],
+        )
         queue = GaugeMetricFamily(
             "iiot_queue_depth", "Messages waiting between receive and write.", labels=["source"]
         )
@@ -153,6 +160,8 @@ class IngestCollector(Collector):
             ):
                 rejected.add_metric([source, platform or "", reason], count)
             foreign.add_metric([source], s.foreign_records)
+            if (subscribed := consumer.subscribed_platforms()) is not None:
+                platforms.add_metric([source], subscribed)
             queue.add_metric([source], consumer.queue_depth())
             for (topic, partition), behind in sorted(consumer.partition_lag().items()):
                 lag.add_metric([topic, str(partition)], behind)
@@ -175,7 +184,8 @@ class IngestCollector(Collector):
                 for kind, count in sorted(spb.not_stored.items()):
                     not_stored.add_metric([source, kind], count)
             _merge_histograms(histograms, s, source)
-        yield from (received, stored, duplicates, registered, rejected, foreign, queue, lag)
+        yield from (received, stored, duplicates, registered, rejected, foreign, platforms)
+        yield from (queue, lag)
         yield from (oldest, uncommitted, stalled, failed, gaps, rebirths, not_stored, restamped)
         yield from histograms.values()
 

@@ -168,6 +168,11 @@ class MqttIngest:
         """MQTT has no partitions: the broker's queue is its own (metrics)."""
         return {}
 
+    def subscribed_platforms(self) -> int | None:
+        """Platforms subscribed to one by one (metrics); None when not subscribing so."""
+        scope = self.scope
+        return len(scope.platforms) if scope is not None and scope.per_platform else None
+
     def stop(self) -> None:
         """Asks `run()` to stop receiving, write and acknowledge what it holds, and return."""
         self._stopping.set()

@@ -78,6 +78,7 @@ async def test_ingest_metrics_count_what_was_stored_and_refused(
     assert response.status_code == 200
     got = samples(response.text, "north")
     mqtt = frozenset({("source", "mqtt")})
+    assert got[("iiot_mqtt_subscribed_platforms", mqtt)] == 1  # the test's one platform
     assert got[("iiot_messages_received_total", mqtt)] == 3
     assert got[("iiot_points_stored_total", mqtt)] == 3
     assert got[("iiot_devices_registered_total", mqtt)] == 2
