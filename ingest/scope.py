@@ -63,17 +63,32 @@ class SubscriptionScope:
         self._changed.set()
 
     async def start(self, client: aiomqtt.Client) -> None:
-        """Subscribes a new session, removing what an earlier one may have left."""
+        """Subscribes a new session, removing what an earlier one may have left.
+
+        Raises aiomqtt.MqttError when the store does not answer (per-platform scope): the
+        session cannot know what to subscribe to, so ingest reconnects, backing off, as for a
+        lost connection."""
         everything = self._filters_of("+")
         if not self.per_platform:
             await subscribe(client, everything)
-            async with self._pool.connection() as conn:
-                served = await served_platform_ids(conn)
+            try:
+                async with self._pool.connection() as conn:
+                    served = await served_platform_ids(conn)
+            except psycopg.Error as exc:
+                log.warning(
+                    "served platforms not read (%s): per-platform subscriptions of an "
+                    "earlier session, if any, stay until the next",
+                    exc,
+                )
+                return
             await unsubscribe(client, self._filters(served))
             return
-        async with self._pool.connection() as conn:
-            served = await served_platform_ids(conn)
-            moved = await moved_platform_ids(conn)
+        try:
+            async with self._pool.connection() as conn:
+                served = await served_platform_ids(conn)
+                moved = await moved_platform_ids(conn)
+        except psycopg.Error as exc:
+            raise aiomqtt.MqttError(f"served platforms not read from the store: {exc}") from exc
         await unsubscribe(client, [*everything, *self._filters(moved)])
         await subscribe(client, self._filters(served))
         self.platforms = frozenset(served)
