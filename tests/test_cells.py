@@ -24,6 +24,7 @@ from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
 from api.settings import ApiSettings
+from iiot.net import free_port
 from iiot.services import ingest_services, run_until
 from ingest.kafka import KafkaIngest
 from ingest.mqtt import MqttIngest
@@ -316,3 +317,20 @@ async def test_every_count_response_and_health_answer_names_the_cell(
     assert {path: (r.status_code, r.json().get("cell")) for path, r in answers.items()} == {
         path: (200, "north-2") for path in paths
     }
+
+
+async def test_without_the_store_at_connect_ingest_waits_for_it_instead_of_failing(
+    ingest_settings: IngestSettings,
+) -> None:
+    """Subscribing per platform needs the served platforms: while the store does not answer,
+    the session ends as a lost connection would, and ingest tries again until stopped."""
+    nowhere = f"postgresql://postgres@127.0.0.1:{free_port()}/test"
+    async with AsyncConnectionPool(nowhere, open=False, timeout=0.3) as pool:
+        ingest = MqttIngest(ingest_settings, pool)
+        task = asyncio.create_task(ingest.run())
+        await asyncio.sleep(2)
+        assert not task.done()
+        assert not ingest.subscribed.is_set()
+        ingest.stop()
+        async with asyncio.timeout(15):
+            await task
