@@ -201,6 +201,7 @@ class PlatformIndicators(BaseModel):
 
 
 class IndicatorsOut(BaseModel):
+    cell: CellField
     as_of: datetime | None
     items: list[PlatformIndicators]
 

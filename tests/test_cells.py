@@ -311,6 +311,7 @@ async def test_every_count_response_and_health_answer_names_the_cell(
         "/counts/national",
         "/penetration",
         "/penetration/by/province",
+        "/penetration/indicators",
     ]
     async with api_in_process(settings, await make_key(Role.ADMIN, None)) as api:
         answers = {path: await api.get(path) for path in paths}

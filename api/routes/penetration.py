@@ -174,6 +174,7 @@ async def totals_imports(conn: Connection, caller: Caller) -> list[TotalsImportO
 async def platform_indicators(
     conn: Connection,
     caller: Caller,
+    cell: Cell,
     sort: Annotated[SortField, Query(description="Sort by this field.")] = "platform",
     descending: bool = False,
 ) -> IndicatorsOut:
@@ -204,4 +205,4 @@ async def platform_indicators(
 
     items.sort(key=key, reverse=descending)
     run = await penetration.last_run(conn)
-    return IndicatorsOut(as_of=run.as_of if run else None, items=items)
+    return IndicatorsOut(cell=cell, as_of=run.as_of if run else None, items=items)
