@@ -93,7 +93,14 @@ def _settings(request: Request) -> ApiSettings:
     return settings
 
 
+def _cell(request: Request) -> str:
+    cell: str = request.app.state.settings.cell
+    return cell
+
+
 Connection = Annotated[AsyncConnection[Any], Depends(_connection, scope="function")]
 Settings = Annotated[ApiSettings, Depends(_settings)]
+Cell = Annotated[str, Depends(_cell)]
+"""This deployment's cell (`IIOT_CELL`), named in every count response."""
 PlatformId = Annotated[str, Path(pattern=f"^{PLATFORM_ID_PATTERN}$", description="Platform id")]
 DeviceId = Annotated[str, Path(pattern=f"^{DEVICE_ID_PATTERN}$", description="Device id")]

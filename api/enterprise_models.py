@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, StringConstraints
 
-from api.models import DeviceIdField, Name, Strict, Text
+from api.models import CellField, DeviceIdField, Name, Strict, Text
 from registry import classification
 from registry.enterprises import MAX_BULK, Enterprise
 
@@ -166,6 +166,7 @@ class PenetrationRow(BaseModel):
 
 
 class Penetration(BaseModel):
+    cell: CellField
     definitions_version: str
     definitions: dict[str, str]
     grouping: str
@@ -200,6 +201,7 @@ class PlatformIndicators(BaseModel):
 
 
 class IndicatorsOut(BaseModel):
+    cell: CellField
     as_of: datetime | None
     items: list[PlatformIndicators]
 

@@ -121,6 +121,11 @@ class DeviceOut(BaseModel):
     created_at: datetime
 
 
+CellField = Annotated[
+    str, Field(description="The cell (`IIOT_CELL`) whose store these figures come from.")
+]
+
+
 class CountsOut(BaseModel):
     registered: int
     connected: int
@@ -134,6 +139,7 @@ class CountsOut(BaseModel):
 
 
 class DeviceCounts(CountsOut):
+    cell: CellField
     platform: str
     liveness_seconds: int
     as_of: datetime
@@ -150,7 +156,12 @@ class GroupCountsRow(CountsOut):
     platforms: int
 
 
+class PlatformCountsPage(Page[PlatformCountsRow]):
+    cell: CellField
+
+
 class GroupedCounts(BaseModel):
+    cell: CellField
     dimension: str
     groups: list[GroupCountsRow]
     definitions_version: str = DEFINITIONS_VERSION
@@ -165,6 +176,7 @@ class DistinctCountsOut(BaseModel):
 
 
 class NationalCounts(CountsOut):
+    cell: CellField
     platforms: int
     as_of: datetime
     distinct: DistinctCountsOut | None = Field(
@@ -186,6 +198,7 @@ class HistoryPoint(BaseModel):
 
 
 class CountHistory(BaseModel):
+    cell: CellField
     platform: str
     bucket_seconds: int
     buckets: list[HistoryPoint]
@@ -193,6 +206,7 @@ class CountHistory(BaseModel):
 
 class Health(BaseModel):
     status: str
+    cell: str = Field(description="The cell (`IIOT_CELL`) this process serves.")
 
 
 class KafkaPartitionLag(BaseModel):

@@ -7,7 +7,7 @@ every ingest process the same way they reach the API.
 
 from collections.abc import Callable, Hashable
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 from psycopg_pool import AsyncConnectionPool
@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from iiot.server import ApiServer
+from ingest.metrics import exposition
 from ingest.progress import Progress
 
 
@@ -30,10 +31,12 @@ class Monitor:
         port: int,
         progress: Progress | None = None,
         stall_seconds: float = 120.0,
+        cell: str = "default",
     ) -> None:
         """`consumer_ready`: whether the consumer is connected and subscribed (or assigned);
         `progress`: the consumer's, to find it stopped or stalled (no acknowledgement for
-        `stall_seconds` while it holds messages)."""
+        `stall_seconds` while it holds messages); `cell`: named in every answer and metric."""
+        self._cell = cell
         self._registry = CollectorRegistry()
         for collector in collectors:
             self._registry.register(collector)
@@ -61,10 +64,10 @@ class Monitor:
         self._server.stop()
 
     async def _metrics(self, request: Request) -> Response:
-        return Response(generate_latest(self._registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(exposition(self._registry, self._cell), media_type=CONTENT_TYPE_LATEST)
 
     async def _healthz(self, request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "ok", "cell": self._cell})
 
     async def _readyz(self, request: Request) -> Response:
         """Ready when the consumer is connected and subscribed, makes progress with what it
@@ -89,8 +92,11 @@ class Monitor:
         except Exception as exc:  # noqa: BLE001 - any failure means not ready; say which
             problems.append(f"the store does not answer: {type(exc).__name__}")
         if problems:
-            return JSONResponse({"status": "not ready", "problems": problems}, status_code=503)
-        return JSONResponse({"status": "ready"})
+            return JSONResponse(
+                {"status": "not ready", "cell": self._cell, "problems": problems},
+                status_code=503,
+            )
+        return JSONResponse({"status": "ready", "cell": self._cell})
 
 
 def stream_name(stream: Hashable) -> str:

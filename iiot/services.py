@@ -80,6 +80,7 @@ def ingest_services(
                 port=settings.metrics_port,
                 progress=ingest.progress,
                 stall_seconds=settings.stall_seconds,
+                cell=settings.cell,
             )
         )
     return services

@@ -115,12 +115,14 @@ class KafkaIngest:
         self.stats = stats or IngestStats()
         # One writer per lane, sharing what they know of the registry; distinct counter shards,
         # so that concurrent transactions never wait for each other's counter rows.
+        foreign = settings.kafka_scope == "platforms"  # topics shared by cells
         first = TelemetryWriter(
             pool,
             stats=self.stats,
             counter_shard=settings.kafka_shard,
             directory=DeviceDirectory(max_cached_ids=settings.device_cache_max),
             renew_seconds=settings.activity_renew_seconds,
+            skip_unknown_platforms=foreign,
         )
         self._writers = [first] + [
             TelemetryWriter(
@@ -129,6 +131,7 @@ class KafkaIngest:
                 counter_shard=(settings.kafka_shard + lane) % 64,
                 directory=first.directory,
                 renew_seconds=settings.activity_renew_seconds,
+                skip_unknown_platforms=foreign,
             )
             for lane in range(1, settings.kafka_write_lanes)
         ]
@@ -169,6 +172,9 @@ class KafkaIngest:
     def queue_depth(self) -> int:
         """Messages received and not yet written (metrics)."""
         return sum(queue.qsize() for queue in self._queues)
+
+    def subscribed_platforms(self) -> None:
+        """Kafka subscribes to topics, not platforms (metrics)."""
 
     def partition_lag(self) -> dict[tuple[str, int], int]:
         """Records behind each owned partition's end, as of the last fetch (metrics)."""

@@ -8,6 +8,7 @@ asks. `IIOT_METRICS_PORT` makes `iiot ingest ...` serve them on `/metrics` (iiot
 from collections.abc import Iterable, Iterator
 from typing import Protocol
 
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -26,6 +27,36 @@ class Consumer(Protocol):
     def queue_depth(self) -> int: ...
 
     def partition_lag(self) -> dict[tuple[str, int], int]: ...
+
+    def subscribed_platforms(self) -> int | None: ...
+
+
+class CellLabelled(Collector):
+    """Every metric of `registry` with the label `cell` (`IIOT_CELL`) on each sample, and
+    `iiot_cell_info{cell}` = 1: cells scraped by one Prometheus stay apart, whatever its
+    scrape configuration (docs/operations.md, "Cells")."""
+
+    def __init__(self, registry: CollectorRegistry, cell: str) -> None:
+        self._registry = registry
+        self._cell = cell
+
+    def collect(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily("iiot_cell_info", "The cell this process serves.", labels=["cell"])
+        info.add_metric([self._cell], 1)
+        yield info
+        for family in self._registry.collect():
+            family.samples = [
+                sample._replace(labels={"cell": self._cell, **sample.labels})
+                for sample in family.samples
+            ]
+            yield family
+
+
+def exposition(registry: CollectorRegistry, cell: str) -> bytes:
+    """`registry`'s metrics in Prometheus' text format, labelled with the cell."""
+    labelled = CollectorRegistry()
+    labelled.register(CellLabelled(registry, cell))
+    return generate_latest(labelled)
 
 
 class IngestCollector(Collector):
@@ -56,6 +87,17 @@ class IngestCollector(Collector):
             "iiot_messages_rejected",
             "Messages refused into the dead-letter table.",
             labels=["source", "platform", "reason"],
+        )
+        foreign = CounterMetricFamily(
+            "iiot_foreign_records",
+            "Records for platforms this cell does not hold, on Kafka topics shared by cells "
+            "(IIOT_KAFKA_SCOPE=platforms): another cell's, skipped, not dead-lettered.",
+            labels=["source"],
+        )
+        platforms = GaugeMetricFamily(
+            "iiot_mqtt_subscribed_platforms",
+            "Platforms whose topics the MQTT session subscribes to (IIOT_MQTT_SCOPE=platforms).",
+            labels=["source"],
         )
         queue = GaugeMetricFamily(
             "iiot_queue_depth", "Messages waiting between receive and write.", labels=["source"]
@@ -117,6 +159,9 @@ class IngestCollector(Collector):
                 s.rejected.items(), key=lambda item: (item[0][0] or "", item[0][1])
             ):
                 rejected.add_metric([source, platform or "", reason], count)
+            foreign.add_metric([source], s.foreign_records)
+            if (subscribed := consumer.subscribed_platforms()) is not None:
+                platforms.add_metric([source], subscribed)
             queue.add_metric([source], consumer.queue_depth())
             for (topic, partition), behind in sorted(consumer.partition_lag().items()):
                 lag.add_metric([topic, str(partition)], behind)
@@ -138,17 +183,23 @@ class IngestCollector(Collector):
                 restamped.add_metric([source], spb.birth_values_restamped)
                 for kind, count in sorted(spb.not_stored.items()):
                     not_stored.add_metric([source, kind], count)
-            for histogram in (s.batch_points, s.write_seconds, s.delay_seconds):
-                for family in histogram.collect():
-                    merged = histograms.setdefault(family.name, family)
-                    labelled = [
-                        sample._replace(labels={**sample.labels, "source": source})
-                        for sample in family.samples
-                    ]
-                    if merged is family:
-                        family.samples = labelled
-                    else:
-                        merged.samples += labelled
-        yield from (received, stored, duplicates, registered, rejected, queue, lag)
+            _merge_histograms(histograms, s, source)
+        yield from (received, stored, duplicates, registered, rejected, foreign, platforms)
+        yield from (queue, lag)
         yield from (oldest, uncommitted, stalled, failed, gaps, rebirths, not_stored, restamped)
         yield from histograms.values()
+
+
+def _merge_histograms(histograms: dict[str, Metric], stats: IngestStats, source: str) -> None:
+    """Adds a consumer's histograms to `histograms` (one family per name), labelled `source`."""
+    for histogram in (stats.batch_points, stats.write_seconds, stats.delay_seconds):
+        for family in histogram.collect():
+            merged = histograms.setdefault(family.name, family)
+            labelled = [
+                sample._replace(labels={**sample.labels, "source": source})
+                for sample in family.samples
+            ]
+            if merged is family:
+                family.samples = labelled
+            else:
+                merged.samples += labelled

@@ -30,6 +30,7 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any, cast
 
 import aiomqtt
@@ -53,6 +54,7 @@ from ingest.paho_speedups import (
 )
 from ingest.progress import Progress
 from ingest.redelivery import RedeliveryRecord
+from ingest.scope import FiltersOf, SubscriptionScope
 from ingest.settings import IngestSettings
 from ingest.sparkplug import NAMESPACE, state_online, state_payload, state_topic
 from ingest.sparkplug_host import SparkplugHost, sparkplug_filters
@@ -118,6 +120,8 @@ class MqttIngest:
         self._topics = TopicScheme(settings.mqtt_topic_root)
         self._decode = MessageDecoder(self._topics, settings)
         self._pool = pool
+        self.scope = self._scope(settings, groups)
+        """What the session subscribes to; None: the Sparkplug groups configured by name."""
         # Kept while the broker may keep a session (and a day more): it redelivers only then.
         keep = timedelta(seconds=settings.mqtt_session_expiry_seconds, days=1)
         self._redeliveries = RedeliveryRecord(pool, self._client_id, keep=keep, decode=self._decode)
@@ -130,9 +134,31 @@ class MqttIngest:
         self.progress = Progress()
         """What was received and not yet acknowledged; why consuming stopped, if it did."""
 
+    def _scope(
+        self, settings: IngestSettings, groups: dict[str, str] | None
+    ) -> SubscriptionScope | None:
+        filters_of: FiltersOf
+        if self.sparkplug is None:
+            filters_of = partial(
+                self._topics.platform_filters, shared_group=settings.mqtt_shared_group
+            )
+        elif not groups:  # every group, as the platform of its id: the cell's platforms'
+            filters_of = _sparkplug_platform_filters
+        else:
+            return None
+        return SubscriptionScope(
+            self._pool,
+            filters_of,
+            per_platform=settings.mqtt_scope == "platforms",
+            refresh_seconds=settings.mqtt_scope_refresh_seconds,
+        )
+
     def registry_changed(self, platform: str) -> None:
-        """An operator changed the registry: forget what was cached about it."""
+        """An operator changed the registry: forget what was cached about it, and follow the
+        platforms served (a platform created or moved)."""
         self._writer.directory.forget()
+        if self.scope is not None:
+            self.scope.registry_changed()
 
     def queue_depth(self) -> int:
         """Messages received and not yet written (metrics)."""
@@ -141,6 +167,11 @@ class MqttIngest:
     def partition_lag(self) -> dict[tuple[str, int], int]:
         """MQTT has no partitions: the broker's queue is its own (metrics)."""
         return {}
+
+    def subscribed_platforms(self) -> int | None:
+        """Platforms subscribed to one by one (metrics); None when not subscribing so."""
+        scope = self.scope
+        return len(scope.platforms) if scope is not None and scope.per_platform else None
 
     def stop(self) -> None:
         """Asks `run()` to stop receiving, write and acknowledge what it holds, and return."""
@@ -190,9 +221,9 @@ class MqttIngest:
                 self._settings.queue_max_messages
             )
             self._queue = queue
+            if self.scope is not None:
+                await self.scope.start(client)
             if self.sparkplug is None:
-                for topic_filter in self._topics.filters(self._settings.mqtt_shared_group):
-                    await client.subscribe(topic_filter, qos=1)
                 groups = self._settings.sparkplug_platforms()
                 if groups is not None:
                     # The persistent session of a version whose host shared this connection
@@ -200,8 +231,9 @@ class MqttIngest:
                     await client.unsubscribe(sparkplug_filters(groups))
             else:
                 # Not shared: an edge node's births, deaths and seq must reach one process.
-                for topic_filter in self.sparkplug.filters():
-                    await client.subscribe(topic_filter, qos=1)
+                if self.scope is None:
+                    for topic_filter in self.sparkplug.filters():
+                        await client.subscribe(topic_filter, qos=1)
                 host_id = self._settings.sparkplug_host_id
                 if host_id:
                     # Its own STATE, to answer an `online: false` (QoS 0: nothing to acknowledge
@@ -222,9 +254,11 @@ class MqttIngest:
                 writing = tasks.create_task(self._write(client, queue))
                 stopping = tasks.create_task(self._stopping.wait())
                 commanding = tasks.create_task(self._act_as_host(client, queue))
+                following = tasks.create_task(self._follow_platforms(client))
                 await asyncio.wait((stopping, writing), return_when=asyncio.FIRST_COMPLETED)
                 receiving.cancel()
                 commanding.cancel()
+                following.cancel()
                 await queue.put(END)
                 try:
                     async with asyncio.timeout(self._settings.shutdown_grace_seconds):
@@ -236,6 +270,10 @@ class MqttIngest:
                         "drain did not finish within the grace period; the broker will redeliver"
                     )
                     writing.cancel()
+
+    async def _follow_platforms(self, client: aiomqtt.Client) -> None:
+        if self.scope is not None:
+            await self.scope.follow(client)
 
     async def _confirm_acks(self, client: aiomqtt.Client) -> None:
         """Returns once the broker has read every acknowledgement sent so far.
@@ -431,3 +469,8 @@ class MqttIngest:
             max_delay=s.batch_max_delay_seconds,
             revise=redeliveries.recorded_times,
         )
+
+
+def _sparkplug_platform_filters(platform: str) -> list[str]:
+    """The Sparkplug host's subscriptions for the group of a platform's id ("+": every group)."""
+    return sparkplug_filters({} if platform == "+" else {platform: platform})

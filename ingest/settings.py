@@ -14,6 +14,11 @@ from registry.lifecycle import LifecycleSettings
 from registry.settings import ShardSettings, StoreSettings, hashed_shard
 
 
+def kafka_topic(cell: str) -> str:
+    """The Kafka topic of a cell's telemetry (docs/operations.md, "Cells")."""
+    return f"iiot.{cell}.telemetry"
+
+
 class Limits(StoreSettings):
     """What a message may contain; anything beyond is dead-lettered with a reason."""
 
@@ -80,6 +85,14 @@ class IngestSettings(Limits, TopicSettings, ShardSettings, LifecycleSettings):
     # Off: paho reads and acknowledges every message itself (its public API), slower; taken
     # anyway when paho or aiomqtt lack the internals the speedups use (ingest/mqtt_internals.py).
     mqtt_paho_speedups: bool = True
+    # What MQTT ingest subscribes to (docs/operations.md, "Cells"): "platforms", the topics of
+    # each platform this cell serves (followed as platforms are created and moved, without a
+    # restart), so cells can share a broker; "all", every platform under the topic root (a
+    # broker, or a topic root, of the cell's own). Sparkplug's "*" groups follow the same.
+    mqtt_scope: Literal["platforms", "all"] = "platforms"
+    # The backstop of that following: the served platforms are read again this often even if
+    # no change was announced (a missed notification costs at most this long).
+    mqtt_scope_refresh_seconds: float = Field(default=60.0, gt=0)
 
     # The primary host id announced on spBv1.0/STATE/{id} (retained, with a Will); empty: none.
     sparkplug_host_id: str = Field(default="iiot", pattern=r"^[A-Za-z0-9._:-]{0,64}$")
@@ -97,6 +110,11 @@ class IngestSettings(Limits, TopicSettings, ShardSettings, LifecycleSettings):
     kafka_topics: Annotated[list[str], NoDecode] = Field(default=["iiot.telemetry"], min_length=1)
     kafka_group_id: str = "iiot-ingest"
     kafka_client_id: str = "iiot-ingest-0"
+    # Whose records the topics carry (docs/operations.md, "Cells"): "all", this cell's alone
+    # (`iiot.<cell>.telemetry`), so a record for a platform the store lacks is dead-lettered
+    # `unknown_platform`; "platforms", topics shared by cells, so such a record belongs to
+    # another cell: skipped and counted (`iiot_foreign_records_total`), never dead-lettered.
+    kafka_scope: Literal["all", "platforms"] = "all"
     # Records fetched per poll; memory is bounded by this and aiokafka's fetch limits.
     kafka_max_records: int = Field(default=10_000, ge=1)
     kafka_session_timeout_ms: int = Field(default=10_000, ge=1000)
@@ -201,6 +219,23 @@ class IngestSettings(Limits, TopicSettings, ShardSettings, LifecycleSettings):
             if parts.scheme not in ("mqtt", "tcp", "mqtts", "ssl") or not parts.hostname:
                 raise ValueError("expected mqtt[s]://[user:password@]host[:port]")
         return value
+
+    @model_validator(mode="after")
+    def _cell_names_its_clients(self) -> Self:
+        """A named cell's MQTT client id, Kafka topic and Kafka group default to its own, so
+        that cells sharing a broker neither take over each other's session (one client id)
+        nor split each other's partitions (one group). Set explicitly, they are kept."""
+        cell = self.cell
+        if cell == "default":
+            return self
+        given = self.model_fields_set
+        if "mqtt_client_id" not in given:
+            self.mqtt_client_id = f"iiot-{cell}-ingest-0"
+        if "kafka_topics" not in given:
+            self.kafka_topics = [kafka_topic(cell)]
+        if "kafka_group_id" not in given:
+            self.kafka_group_id = f"iiot-{cell}-ingest"
+        return self
 
     @model_validator(mode="after")
     def _kafka_security_is_whole(self) -> Self:

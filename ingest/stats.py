@@ -24,6 +24,8 @@ class IngestStats:
     devices_registered: int = 0
     rejected: Counter[tuple[str | None, str]] = field(default_factory=Counter)
     """Dead letters by (platform, reason)."""
+    foreign_records: int = 0
+    """Records for platforms of other cells, skipped (`IIOT_KAFKA_SCOPE=platforms`)."""
     batch_points: Histogram = field(
         default_factory=lambda: _histogram(
             "iiot_batch_points", "Rows per committed batch.", _POINT_BUCKETS

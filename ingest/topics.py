@@ -39,8 +39,12 @@ class TopicScheme:
 
     def filters(self, shared_group: str | None = None) -> list[str]:
         """The subscriptions that receive every platform's telemetry and status."""
-        topics = [f"{self.root}/+/+/{kind}" for kind in KINDS] + [
-            f"{self.root}/+/{GATEWAYS}/+/{kind}" for kind in KINDS
+        return self.platform_filters("+", shared_group)
+
+    def platform_filters(self, platform: str, shared_group: str | None = None) -> list[str]:
+        """The subscriptions that receive one platform's telemetry and status ("+": all)."""
+        topics = [f"{self.root}/{platform}/+/{kind}" for kind in KINDS] + [
+            f"{self.root}/{platform}/{GATEWAYS}/+/{kind}" for kind in KINDS
         ]
         return [f"$share/{shared_group}/{t}" for t in topics] if shared_group else topics
 

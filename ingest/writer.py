@@ -71,6 +71,7 @@ SELECT device_id, count(*) FROM added GROUP BY device_id
 ENSURE_PARTITIONS = "SELECT iiot_ensure_telemetry_partitions(%s, %s)"
 _ENCODE_SLICE = 500
 _RETRY_FIRST, _RETRY_MAX = 0.5, 10.0  # seconds between attempts while the store is down
+UNKNOWN_PLATFORM = "unknown_platform"  # ingest/resolution.py's refusal of a platform not held
 Refusals = list[tuple[Received[Any], Rejected]]
 InTransaction = Callable[[AsyncConnection[Any], Refusals], Awaitable[None]]
 """Statements a caller runs in the batch's transaction (for example, storing Kafka offsets),
@@ -124,8 +125,13 @@ class TelemetryWriter:
         counter_shard: int = 0,
         directory: DeviceDirectory | None = None,
         renew_seconds: float = 0.0,
+        skip_unknown_platforms: bool = False,
     ) -> None:
+        """`skip_unknown_platforms`: a message for a platform the store does not hold belongs
+        to another cell (a Kafka topic shared by cells): counted in `stats.foreign_records`,
+        not dead-lettered."""
         self._pool = pool
+        self._skip_unknown = skip_unknown_platforms
         self._stats = stats
         self._shard = counter_shard
         self.directory = directory or DeviceDirectory()
@@ -252,6 +258,10 @@ class TelemetryWriter:
         batch, resolved, report = prepared.batch, prepared.resolved, prepared.report
         assert resolved is not None  # prepared, or resolved again by commit
         rejected = resolved.rejected
+        foreign = 0
+        if self._skip_unknown:
+            rejected = [r for r in rejected if r[1].reason != UNKNOWN_PLATFORM]
+            foreign = len(resolved.rejected) - len(rejected)
         if prepared.days is not None:
             await self._ensure_partitions(conn, *prepared.days)
         seen = max((m.received_at for m in batch), default=datetime.now(UTC))
@@ -294,6 +304,7 @@ class TelemetryWriter:
         self.directory.remember_via(moved)
         self._renewed_at(live_devices, seen)
         report.dead_letters = len(rejected)
+        self._stats.foreign_records += foreign
         for message, reason in rejected:
             self._stats.rejected[(reason.platform, reason.reason)] += 1
             log.warning(

@@ -153,6 +153,9 @@ class Api:
         if response.status_code == 409:
             return
         response.raise_for_status()
+        # Ingest subscribes to a platform's topics once the registry announces it, within
+        # moments (docs/operations.md, "Cells"); what is published before goes to no one.
+        time.sleep(1)
 
     def declare_enterprises(self, declared: list[Declaration]) -> None:
         items = [

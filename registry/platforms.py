@@ -101,6 +101,10 @@ WHERE (%(after)s::text IS NULL OR id > %(after)s)
   AND (%(only)s::text IS NULL OR id = %(only)s)
 ORDER BY id LIMIT %(limit)s
 """
+# The platforms this cell serves: its own, less those moved to another cell (whose traffic is
+# refused as `platform_moved`, docs/operations.md "Cells"); what MQTT ingest subscribes to.
+SERVED_PLATFORM_IDS = "SELECT id FROM platforms WHERE moved_to IS NULL ORDER BY id"
+MOVED_PLATFORM_IDS = "SELECT id FROM platforms WHERE moved_to IS NOT NULL ORDER BY id"
 # Counters start with a row, so a new platform counts zero rather than missing.
 INIT_COUNTERS = (
     "INSERT INTO platform_counters (platform_id, shard) VALUES (%s, 0) ON CONFLICT DO NOTHING"
@@ -199,3 +203,13 @@ async def fetch_platforms(conn: AsyncConnection[Any], ids: list[str]) -> dict[st
     async with conn.cursor(row_factory=class_row(Platform)) as cur:
         await cur.execute(SELECT_PLATFORMS, (ids,))
         return {p.id: p for p in await cur.fetchall()}
+
+
+async def served_platform_ids(conn: AsyncConnection[Any]) -> list[str]:
+    """The ids of the platforms this cell serves (not moved away), in id order."""
+    return [row[0] for row in await (await conn.execute(SERVED_PLATFORM_IDS)).fetchall()]
+
+
+async def moved_platform_ids(conn: AsyncConnection[Any]) -> list[str]:
+    """The ids of the platforms moved from this cell to another, in id order."""
+    return [row[0] for row in await (await conn.execute(MOVED_PLATFORM_IDS)).fetchall()]

@@ -169,11 +169,19 @@ async def api(api_as: ApiAs, make_key: KeyMaker) -> AsyncIterator[httpx.AsyncCli
 
 @pytest.fixture
 def ingest_settings(store: StoreSettings, mqtt_url: str, unique: str) -> IngestSettings:
+    return ingest_settings_of(store, mqtt_url, unique, client_id=f"iiot-test-{unique}")
+
+
+def ingest_settings_of(
+    store: StoreSettings, mqtt_url: str, unique: str, *, client_id: str
+) -> IngestSettings:
+    """Ingest's settings for a test's store (its cell), under the test's own topic root."""
     return IngestSettings(
         database_url=store.database_url,
         database_schema=store.database_schema,
+        cell=store.cell,
         mqtt_url=mqtt_url,
-        mqtt_client_id=f"iiot-test-{unique}",
+        mqtt_client_id=client_id,
         mqtt_topic_root=f"test/{unique}/iiot/v1",
         # The broker forgets a test's session soon after it; Sparkplug only where a test maps a
         # group of its own (its topics are not under the test's root).

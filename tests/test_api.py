@@ -72,8 +72,8 @@ async def test_invalid_platform_ids_are_refused(api: httpx.AsyncClient, bad: str
 
 
 async def test_health_and_readiness(api: httpx.AsyncClient) -> None:
-    assert (await api.get("/healthz")).json() == {"status": "ok"}
-    assert (await api.get("/readyz")).json() == {"status": "ready"}
+    assert (await api.get("/healthz")).json() == {"status": "ok", "cell": "default"}
+    assert (await api.get("/readyz")).json() == {"status": "ready", "cell": "default"}
 
 
 async def test_active_counts_cover_their_windows_and_national_counts_a_device_once(

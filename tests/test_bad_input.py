@@ -200,8 +200,14 @@ async def test_every_kind_of_bad_input_is_dead_lettered_and_the_good_ones_around
     mqtt_url: str,
 ) -> None:
     await upsert_platform(db, "closed", auto_provision=False)
+    # Every platform's topics (a broker of the cell's own): unknown and malformed platform ids
+    # reach ingest only so; scoped to its platforms, the broker keeps them away.
     settings = ingest_settings.model_copy(
-        update={"max_points_per_message": MAX_POINTS, "max_payload_bytes": MAX_BYTES}
+        update={
+            "max_points_per_message": MAX_POINTS,
+            "max_payload_bytes": MAX_BYTES,
+            "mqtt_scope": "all",
+        }
     )
     now = datetime.now(UTC)
     cases = bad_inputs(settings.mqtt_topic_root, now)

@@ -49,6 +49,7 @@ def base(store: StoreSettings) -> Iterator[str]:
         database_schema=store.database_schema,
         api_rate_per_second=1e6,
         api_rate_burst=1_000_000,
+        cell="east-1",
     )
     with served_api(settings) as url:
         yield url
@@ -110,6 +111,9 @@ async def test_the_dashboard_shows_what_the_api_counts_and_follows_new_devices(
     }
     assert rows(page)["plant-1"] == {"connected": 3, "registered": 3}
     assert text(page, "national-connected") == f"{national['connected']:,}" == "5"
+    # The header names the cell whose store the figures come from, as the API does.
+    assert text(page, "cell") == "cell east-1"
+    assert national["cell"] == "east-1"
     assert page.evaluate("document.querySelector('[data-testid=group-tier]') !== null")
     # The key is out of the address bar once read.
     assert "key=" not in page.evaluate("location.href")

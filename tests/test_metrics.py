@@ -22,12 +22,19 @@ from tests.conftest import answers_ok, eventually, payload, publisher, scalar
 from tests.test_connection_state import Feed
 
 
-def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
+def samples(
+    text: str, cell: str = "default"
+) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample by name and labels; each must carry the `cell` label of `cell` (left out of
+    the key), and `iiot_cell_info` name that cell."""
+    found: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = dict(sample.labels)
+            assert labels.pop("cell", None) == cell, sample
+            found[sample.name, frozenset(labels.items())] = sample.value
+    assert found["iiot_cell_info", frozenset()] == 1
+    return found
 
 
 async def test_ingest_metrics_count_what_was_stored_and_refused(
@@ -39,7 +46,7 @@ async def test_ingest_metrics_count_what_was_stored_and_refused(
 ) -> None:
     topics = TopicScheme(ingest_settings.mqtt_topic_root)
     port = free_port()
-    settings = ingest_settings.model_copy(update={"metrics_port": port})
+    settings = ingest_settings.model_copy(update={"metrics_port": port, "cell": "north"})
     base = f"http://127.0.0.1:{port}"
     now = datetime.now(UTC).replace(microsecond=0)
     stop = asyncio.Event()
@@ -47,7 +54,7 @@ async def test_ingest_metrics_count_what_was_stored_and_refused(
     try:
         async with httpx.AsyncClient(base_url=base) as http:
             await eventually(lambda: answers_ok(http, "/readyz"))
-            assert (await http.get("/healthz")).json() == {"status": "ok"}
+            assert (await http.get("/healthz")).json() == {"status": "ok", "cell": "north"}
             async with publisher(mqtt_url) as client:
                 await client.publish(
                     topics.telemetry(platform, "m-1"),
@@ -69,8 +76,9 @@ async def test_ingest_metrics_count_what_was_stored_and_refused(
             await process
 
     assert response.status_code == 200
-    got = samples(response.text)
+    got = samples(response.text, "north")
     mqtt = frozenset({("source", "mqtt")})
+    assert got[("iiot_mqtt_subscribed_platforms", mqtt)] == 1  # the test's one platform
     assert got[("iiot_messages_received_total", mqtt)] == 3
     assert got[("iiot_points_stored_total", mqtt)] == 3
     assert got[("iiot_devices_registered_total", mqtt)] == 2

@@ -79,7 +79,8 @@ async def test_bad_messages_are_dead_lettered_while_the_stream_goes_on(
         (topics.telemetry(platform, "d2"), payload({"metrics": {"v": "high"}})),
         (topics.telemetry(platform, "d3"), good),
     ]
-    ingest = MqttIngest(ingest_settings, pool)
+    # Every platform's topics: an unknown platform's message reaches ingest only so.
+    ingest = MqttIngest(ingest_settings.model_copy(update={"mqtt_scope": "all"}), pool)
     async with running(ingest), publisher(mqtt_url) as client:
         for topic, body in stream:
             await client.publish(topic, body, qos=1)

@@ -489,5 +489,5 @@ async def test_an_ingest_process_runs_the_host_beside_the_json_consumer(
         async with asyncio.timeout(30):
             await process
     assert await scalar(db, "SELECT count(*) FROM telemetry WHERE value = 101") == 0
-    assert 'iiot_messages_received_total{source="sparkplug"}' in metrics
-    assert 'iiot_messages_received_total{source="mqtt"}' in metrics
+    assert 'iiot_messages_received_total{cell="default",source="sparkplug"}' in metrics
+    assert 'iiot_messages_received_total{cell="default",source="mqtt"}' in metrics

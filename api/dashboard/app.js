@@ -334,8 +334,17 @@ async function showDevice(device) {
   }
 }
 
+// The cell whose store the figures come from: one dashboard per cell, told apart at a glance.
+async function refreshCell() {
+  const health = await api("/healthz");
+  if (health.status !== 200) return;
+  $("#cell").textContent = `cell ${health.body.cell}`;
+  document.title = `iiot ${health.body.cell}: connected devices`;
+}
+
 async function refresh() {
   try {
+    await refreshCell();
     await refreshPenetration();
     await refreshNational();
     await refreshPlatforms();

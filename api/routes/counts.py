@@ -4,14 +4,14 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query
 
 from api.auth import Caller, check_national
-from api.deps import Connection
+from api.deps import Cell, Connection
 from api.models import (
     DistinctCountsOut,
     DriftOut,
     GroupCountsRow,
     GroupedCounts,
     NationalCounts,
-    Page,
+    PlatformCountsPage,
     PlatformCountsRow,
     ReconciliationOut,
     counts_out,
@@ -23,39 +23,43 @@ from registry.reconcile import recent_reconciliations
 router = APIRouter(prefix="/counts", tags=["counts"])
 
 
-@router.get(
-    "/platforms", operation_id="all_platform_counts", response_model=Page[PlatformCountsRow]
-)
+@router.get("/platforms", operation_id="all_platform_counts", response_model=PlatformCountsPage)
 async def all_platform_counts(
     conn: Connection,
     caller: Caller,
+    cell: Cell,
     after: Annotated[str | None, Query(pattern=f"^{PLATFORM_ID_PATTERN}$")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 500,
-) -> Page[PlatformCountsRow]:
+) -> PlatformCountsPage:
     """Every platform's counts, in id order, a page at a time (for a platform's key: its own)."""
     rows = await counts.all_platform_counts(conn, after=after, limit=limit, only=caller.platform)
     items = [PlatformCountsRow(platform=r.key, **counts_out(r)) for r in rows]
-    return Page(items=items, next_after=items[-1].platform if len(items) == limit else None)
+    after_last = items[-1].platform if len(items) == limit else None
+    return PlatformCountsPage(cell=cell, items=items, next_after=after_last)
 
 
 @router.get("/by/{dimension}", operation_id="grouped_counts", response_model=GroupedCounts)
 async def grouped_counts(
-    dimension: Literal["tier", "type", "region", "industry"], conn: Connection, caller: Caller
+    dimension: Literal["tier", "type", "region", "industry"],
+    conn: Connection,
+    caller: Caller,
+    cell: Cell,
 ) -> GroupedCounts:
     """Counts added up per platform tier, type, region or industry (keys for all platforms)."""
     check_national(caller)
     rows = await counts.grouped_counts(conn, dimension)
     groups = [GroupCountsRow(key=r.key, platforms=r.platforms, **counts_out(r)) for r in rows]
-    return GroupedCounts(dimension=dimension, groups=groups)
+    return GroupedCounts(cell=cell, dimension=dimension, groups=groups)
 
 
 @router.get("/national", operation_id="national_counts", response_model=NationalCounts)
-async def national_counts(conn: Connection, caller: Caller) -> NationalCounts:
+async def national_counts(conn: Connection, caller: Caller, cell: Cell) -> NationalCounts:
     """All platforms together: summed per registration, and each device once (`distinct`)
     (keys for all platforms)."""
     check_national(caller)
     total, distinct, as_of = await counts.national_counts(conn)
     return NationalCounts(
+        cell=cell,
         platforms=total.platforms,
         as_of=as_of,
         distinct=DistinctCountsOut(**asdict(distinct)) if distinct else None,

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Query, Request, Response, status
 from api.auth import Caller, PlatformScope, check_read, operator
 from api.broker_control import clients_changed
 from api.deps import (
+    Cell,
     Connection,
     DeviceId,
     PlatformId,
@@ -64,6 +65,7 @@ async def device_counts(platform: PlatformId, request: Request) -> Response:
     # the count is the API's hottest read.
     return json_response(
         DeviceCounts(
+            cell=request.app.state.settings.cell,
             platform=counts.platform,
             registered=counts.registered,
             connected=counts.connected,
@@ -81,6 +83,8 @@ async def device_counts(platform: PlatformId, request: Request) -> Response:
 async def count_history(
     platform: PlatformId,
     conn: Connection,
+    *,
+    cell: Cell,
     start: Annotated[Instant, Query(description="Inclusive, RFC 3339.")],
     end: Annotated[Instant | None, Query(description="Exclusive; default now.")] = None,
     bucket_seconds: Annotated[int, Query(ge=60, le=86400 * 31)] = 3600,
@@ -95,6 +99,7 @@ async def count_history(
         raise Invalid(f"more than {MAX_BUCKETS} buckets: widen bucket_seconds")
     rows = await history(conn, platform, start, stop, timedelta(seconds=bucket_seconds))
     return CountHistory(
+        cell=cell,
         platform=platform,
         bucket_seconds=bucket_seconds,
         buckets=[HistoryPoint(**asdict(r)) for r in rows],

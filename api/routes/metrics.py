@@ -11,7 +11,7 @@ store within its disk (docs/operations.md).
 from typing import Any
 
 from fastapi import APIRouter, Response
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 from api.auth import Caller, check_national
 from api.deps import Connection, Settings
 from ingest.certificates import CertificateExpiry
+from ingest.metrics import exposition
 from registry.counts import platform_gauges
 from registry.kafka_offsets import partition_lag
 from registry.maintenance import last_runs, table_figures
@@ -100,7 +101,7 @@ async def metrics(conn: Connection, caller: Caller, settings: Settings) -> Respo
     lifecycle = await _lifecycle(conn, maintenance)
     registry.register(_Snapshot([*figures.values(), drift, last_run, maintenance, lag, *lifecycle]))
     registry.register(CertificateExpiry(settings.certificate_files()))
-    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(exposition(registry, settings.cell), media_type=CONTENT_TYPE_LATEST)
 
 
 async def _lifecycle(conn: Any, maintenance: GaugeMetricFamily) -> list[Metric]:

@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query
 
 from api.auth import Caller, check_national
-from api.deps import Connection
+from api.deps import Cell, Connection
 from api.enterprise_models import (
     IndicatorsOut,
     IndustryRef,
@@ -51,6 +51,7 @@ SortField = Literal[
 async def national_penetration(
     conn: Connection,
     caller: Caller,
+    cell: Cell,
     *,
     year: Year = None,
     region: RegionQuery = None,
@@ -59,7 +60,14 @@ async def national_penetration(
     """The penetration rate nationally (or within a region and industry), by both definitions,
     numerator and denominator, beside the 2028 target (keys for all platforms)."""
     return await _penetration(
-        conn, caller, "national", year=year, region=region, industry=industry, sections=False
+        conn,
+        caller,
+        cell,
+        "national",
+        year=year,
+        region=region,
+        industry=industry,
+        sections=False,
     )
 
 
@@ -68,6 +76,7 @@ async def grouped_penetration(
     grouping: Literal["province", "prefecture", "industry"],
     conn: Connection,
     caller: Caller,
+    cell: Cell,
     *,
     year: Year = None,
     region: RegionQuery = None,
@@ -83,13 +92,21 @@ async def grouped_penetration(
         raise Invalid("per prefecture needs the province: region=xx0000")
     sections = grouping == "industry" and level == "section"
     return await _penetration(
-        conn, caller, grouping, year=year, region=region, industry=industry, sections=sections
+        conn,
+        caller,
+        cell,
+        grouping,
+        year=year,
+        region=region,
+        industry=industry,
+        sections=sections,
     )
 
 
 async def _penetration(
     conn: Connection,
     caller: Caller,
+    cell: str,
     grouping: str,
     *,
     year: int | None,
@@ -112,6 +129,7 @@ async def _penetration(
     run = await penetration.last_run(conn)
     named = classification.industry_name if grouping == "industry" else classification.region_name
     return Penetration(
+        cell=cell,
         definitions_version=penetration.DEFINITIONS_VERSION,
         definitions=penetration.DEFINITIONS,
         grouping=grouping,
@@ -156,6 +174,7 @@ async def totals_imports(conn: Connection, caller: Caller) -> list[TotalsImportO
 async def platform_indicators(
     conn: Connection,
     caller: Caller,
+    cell: Cell,
     sort: Annotated[SortField, Query(description="Sort by this field.")] = "platform",
     descending: bool = False,
 ) -> IndicatorsOut:
@@ -186,4 +205,4 @@ async def platform_indicators(
 
     items.sort(key=key, reverse=descending)
     run = await penetration.last_run(conn)
-    return IndicatorsOut(as_of=run.as_of if run else None, items=items)
+    return IndicatorsOut(cell=cell, as_of=run.as_of if run else None, items=items)
