@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import datasketches
+import httpx
 import psycopg
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -350,3 +351,34 @@ async def test_snapshots_are_numbered_in_the_order_their_figures_were_read(
         pending = await outbox.undelivered(conn)
     taken = [Snapshot.model_validate_json(p.body).taken_at for p in pending]
     assert taken == sorted(taken)
+
+
+@pytest.mark.usefixtures("fleet")
+async def test_metrics_show_how_far_building_and_delivery_came(
+    store: StoreSettings, db: psycopg.AsyncConnection[Any], tmp_path: Path, api: httpx.AsyncClient
+) -> None:
+    report = reporting(tmp_path)
+    for _ in range(3):
+        await built(store, report)
+    await outbox.delivered_below(db, 2)
+    await outbox.record_failure(db, "unreachable", "ConnectError")
+    await outbox.record_failure(db, "unreachable", "ConnectError")
+    await outbox.halt(db, "replayed", 2, "other bytes under 2")
+    response = await api.get("/metrics")
+    assert response.status_code == 200
+    oldest = (await outbox.outbox_figures(db)).oldest_undelivered
+    assert oldest is not None
+    for line in (
+        "iiot_national_snapshots_built 3.0",
+        "iiot_national_snapshots_delivered 1.0",
+        "iiot_national_outbox_undelivered 2.0",
+        'iiot_national_push_failures_total{reason="unreachable"} 2.0',
+        'iiot_national_delivery_halted{reason="replayed"} 1.0',
+    ):
+        assert line in response.text.splitlines(), line
+    [age] = [
+        float(line.split()[1])
+        for line in response.text.splitlines()
+        if line.startswith("iiot_national_outbox_oldest_undelivered_timestamp_seconds ")
+    ]
+    assert age == pytest.approx(oldest.timestamp())
