@@ -14,6 +14,7 @@ from api.app import create_app
 from api.settings import ApiSettings
 from iiot import logs
 from iiot.loop import serve
+from iiot.national_cli import national_app
 from iiot.server import ApiServer
 from iiot.services import ingest_services, run_until
 from iiot.simulator import Simulator
@@ -40,6 +41,7 @@ keys_app = typer.Typer(help="Manage API keys (bootstrap an admin key here).", no
 app.add_typer(keys_app, name="keys")
 enterprises_app = typer.Typer(help="Enterprises and penetration figures.", no_args_is_help=True)
 app.add_typer(enterprises_app, name="enterprises")
+app.add_typer(national_app, name="national")
 
 
 def _logging(verbose: bool = False) -> None:
