@@ -72,7 +72,7 @@ def sketch_of(identities: Iterable[str], lg_k: int = 12) -> dict[str, Any]:
     }
 
 
-@dataclass
+@dataclass(eq=False)
 class SimCell:
     """A cell as the aggregator sees one: a name, a key pair and a sequence."""
 
