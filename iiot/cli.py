@@ -15,6 +15,7 @@ from api.settings import ApiSettings
 from iiot import logs
 from iiot.cell_commands import cell_app, national_push, national_pusher
 from iiot.loop import serve
+from iiot.national_cli import national_app
 from iiot.server import ApiServer
 from iiot.services import Service, ingest_services, run_until
 from iiot.simulator import Simulator
@@ -41,10 +42,9 @@ keys_app = typer.Typer(help="Manage API keys (bootstrap an admin key here).", no
 app.add_typer(keys_app, name="keys")
 enterprises_app = typer.Typer(help="Enterprises and penetration figures.", no_args_is_help=True)
 app.add_typer(enterprises_app, name="enterprises")
-app.add_typer(cell_app, name="cell")
-national_app = typer.Typer(help="The national aggregator and this cell's reports to it.")
 app.add_typer(national_app, name="national")
-national_app.command("push")(national_push)
+app.add_typer(cell_app, name="cell")
+national_app.command("push")(national_push)  # the cell's side: deliver its snapshots now
 
 
 def _logging(verbose: bool = False) -> None:
