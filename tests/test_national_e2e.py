@@ -31,8 +31,10 @@ from psycopg import sql
 from national.cell import outbox
 from national.cell.keys import load_signing_key
 from national.format import CELL_HEADER, SIGNATURE_HEADER, SIGNATURE_PREFIX
+from registry import uscc
 from registry.activity import refresh_activity
 from registry.connection import Counters, lock_gateways, record_activity
+from registry.enterprises import declare, link, upsert_enterprises
 from registry.migrate import migrate
 from registry.platforms import upsert_platform
 from registry.registration import register_devices
@@ -45,6 +47,16 @@ pytestmark = pytest.mark.slow
 
 INTERVAL = 1.0
 HASH_KEY = "7a" * 32
+# Issue #29: enterprises as keyed hashes. SHARED is served in cell-1 and cell-2 (one enterprise),
+# with a connected device in cell-1; AUTO has one in cell-2; CHEM none.
+SHARED = uscc.compose("320500", "60000001")
+AUTO = uscc.compose("440300", "19231745")
+CHEM = uscc.compose("320100", "60000005")
+ENTERPRISES = {
+    "cell-1": {"steel": [(SHARED, "31", "s1")]},
+    "cell-2": {"auto": [(SHARED, "31", None), (AUTO, "36", "a3")]},
+    "cell-3": {"chem": [(CHEM, "26", None)]},
+}
 
 # The simulated truth: cell -> platform -> device -> (national identity, online).
 Fleet = dict[str, dict[str, dict[str, tuple[str | None, bool]]]]
@@ -107,6 +119,18 @@ async def bring_online(conn: psycopg.AsyncConnection[Any], platform: str, ids: l
     await lock_gateways(conn, [], rows)
     await record_activity(conn, counters, gateways=[], devices=rows, seen=datetime.now(UTC))
     await counters.flush(conn)
+
+
+async def declare_enterprises(
+    store: StoreSettings, served: dict[str, list[tuple[str, str, str | None]]]
+) -> None:
+    async with await connect(store) as conn, conn.transaction():
+        for platform, items in served.items():
+            for code, industry, device in items:
+                found = declare(code, name="企业", industry=industry, above_size=True)
+                await upsert_enterprises(conn, platform, [found])
+                if device is not None:
+                    await link(conn, platform, "devices", {device: code})
 
 
 class Gate:
@@ -245,6 +269,7 @@ async def cells(
             run("national", "add-cell", name, "--public-key", str(public), env=national)
             for platform, devices in platforms.items():
                 await create_platform(cell.store, platform, devices)
+            await declare_enterprises(cell.store, ENTERPRISES[name])
             async with await connect(cell.store, autocommit=True) as conn:
                 assert await refresh_activity(conn)
         yield made
@@ -300,6 +325,8 @@ async def test_three_cells_and_the_aggregator(
         assert distinct["sketch"]["lg_k"] == 14
         assert distinct["sketch"]["cells_merged"] == 3
 
+        await enterprises_count_once_and_travel_only_as_keyed_hashes(http)
+
         # A change in a cell is in the national totals within two intervals.
         async with await connect(three.store) as conn, conn.transaction():
             await bring_online(conn, "chem", ["c3"])
@@ -348,6 +375,20 @@ async def test_three_cells_and_the_aggregator(
         assert await equals(http, fleet)
 
         await a_platform_moves_and_counts_once_throughout(http, fleet, one, three)
+
+
+async def enterprises_count_once_and_travel_only_as_keyed_hashes(http: httpx.AsyncClient) -> None:
+    async def computed() -> dict[str, Any] | None:
+        answer = (await http.get("/national/penetration", params={"by": "national"})).json()
+        run = answer["computed"]
+        return answer if run and run["cells"] == ["cell-1", "cell-2", "cell-3"] else None
+
+    answer = await eventually(computed, timeout=20, interval=0.2)
+    assert [(r["key"], r["served"], r["active"]) for r in answer["rows"]] == [("000000", 3, 2)]
+    body = (await http.get("/national/cells/cell-2/snapshots/1")).content
+    assert json.loads(body)["enterprises"]["items"]
+    for code in (SHARED, AUTO, CHEM):
+        assert code.encode() not in body
 
 
 async def _undelivered(cell: Cell, *, at_least: int) -> bool:
