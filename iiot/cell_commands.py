@@ -50,6 +50,12 @@ def national_push(
 
 
 def national_pusher() -> Pusher | None:
-    """The cell's pusher when IIOT_NATIONAL_URL is set, else None."""
+    """The cell's pusher when IIOT_NATIONAL_URL is set, else None; a missing or unusable key
+    stops the command at once, saying what to do."""
     settings = CellSettings()
-    return None if settings.national_url is None else Pusher(settings)
+    if settings.national_url is None:
+        return None
+    try:
+        return Pusher(settings)
+    except ValueError as exc:  # UnusableKey is one
+        raise typer.BadParameter(str(exc)) from None

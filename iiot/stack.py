@@ -106,8 +106,10 @@ async def run_stack(settings: RunSettings) -> None:
         if settings.simulate_devices:
             services.append(simulator)
         # With IIOT_NATIONAL_URL this cell reports to the national aggregator.
-        store = {"database_url": settings.database_url, "database_schema": settings.database_schema}
-        if (cell := CellSettings.model_validate(store)).national_url is not None:
+        cell = CellSettings(
+            database_url=settings.database_url, database_schema=settings.database_schema
+        )
+        if cell.national_url is not None:
             services.append(Pusher(cell))
         _announce(settings, f"http://{settings.api_host}:{settings.api_port}", admin_key)
         await run_until(stop, services)

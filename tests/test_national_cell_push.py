@@ -279,3 +279,23 @@ async def test_snapshots_survive_a_killed_cell_and_are_delivered_after_its_resta
     assert sequences == list(range(1, len(sequences) + 1))
     assert {s["sequence"]: s for s in got["snapshots"] if s["sequence"] in kept} == kept
     assert got["refused"] == []
+
+
+def test_a_cell_without_its_key_refuses_to_start_saying_what_to_do(tmp_path: Path) -> None:
+    env = os.environ | {
+        "IIOT_DATABASE_URL": "postgresql://127.0.0.1:1/none",
+        "IIOT_NATIONAL_URL": "http://127.0.0.1:9",
+        "IIOT_CELL_SIGNING_KEY": str(tmp_path / "missing.key"),
+        "IIOT_MAINTAIN_INTERVAL_SECONDS": "3600",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "iiot.cli", "maintain"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    said = " ".join(done.stderr.replace("│", " ").split())  # typer's box, wrapped anywhere
+    assert "iiot cell keygen --out FILE" in said
