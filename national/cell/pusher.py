@@ -115,6 +115,9 @@ class Delivery:
         self, conn: AsyncConnection[Any], next_sequence: int, sent: int
     ) -> tuple[int, str | None, bool]:
         """The aggregator answered out-of-order: it holds everything below `next_sequence`."""
+        if next_sequence == sent:  # it asks for the very snapshot it refused: try again later
+            detail = f"out-of-order for snapshot {sent}, yet next_sequence is {sent}"
+            return 0, await self._failed(conn, "out_of_order", detail), False
         taken = await outbox.delivered_below(conn, next_sequence)
         if next_sequence <= sent and not await outbox.resend_from(conn, next_sequence):
             detail = (
@@ -187,8 +190,8 @@ class Pusher:
                     now = time.monotonic()
                     try:
                         conn = await self._leading()
-                        if conn is None:  # another pusher of this cell runs
-                            next_build = now + interval
+                        if conn is None:  # another pusher of this cell runs: ask again later
+                            next_build, next_delivery = now + interval, math.inf
                             continue
                         if now >= next_build:
                             next_build = max(next_build + interval, now)
