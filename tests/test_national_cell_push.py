@@ -26,7 +26,7 @@ from national.cell.pusher import Pusher, push_now
 from national.cell.settings import CellSettings
 from registry.platforms import upsert_platform
 from registry.settings import StoreSettings
-from tests.conftest import eventually
+from tests.conftest import answers_ok, eventually
 
 CELL = "cell-1"
 INTERVAL = 0.3
@@ -74,10 +74,7 @@ async def intake(
 
             async def up() -> bool:
                 assert process.poll() is None, f"the intake stub ended; see {log}"
-                try:
-                    return (await client.get("/received")).status_code == 200
-                except httpx.TransportError:
-                    return False
+                return await answers_ok(client, "/received")
 
             await eventually(up, timeout=20, interval=0.05)
             yield client
