@@ -65,7 +65,11 @@ ON CONFLICT (id) DO UPDATE SET
      excluded.industry_text, excluded.registered, excluded.connected, excluded.ever_connected,
      excluded.active_24h, excluded.active_30d, excluded.activity_as_of, excluded.cell,
      excluded.sequence, excluded.taken_at, NULL, NULL)
+-- Another cell's claim that committed while this one waited on the row is not overwritten.
+WHERE platforms.cell = excluded.cell OR platforms.released_to = excluded.cell
+RETURNING id
 """
+HOLDER = "SELECT cell FROM platforms WHERE id = %s"
 # A platform the cell no longer lists and did not release is no longer counted (removed there).
 DROP_UNLISTED = """
 DELETE FROM platforms WHERE cell = %s AND released_to IS NULL AND NOT (id = ANY(%s))
@@ -370,7 +374,15 @@ async def _accept(
             await conn.execute(RECORD_CONFLICT, (platform.id, cell, sequence, holder[0], why))
     await conn.execute(DROP_UNLISTED, (cell, listed))
     if accepted:
-        await conn.execute(UPSERT_PLATFORMS, _platform_columns(snapshot, accepted))
+        cur = await conn.execute(UPSERT_PLATFORMS, _platform_columns(snapshot, accepted))
+        taken = {row[0] for row in await cur.fetchall()}
+        for platform in [p for p in accepted if p.id not in taken]:
+            # Claimed by another cell's snapshot in the same moment, which committed first.
+            cur = await conn.execute(HOLDER, (platform.id,))
+            holder_row = await cur.fetchone()
+            holder_cell = holder_row[0] if holder_row else "?"
+            refused.append(platform.id)
+            await conn.execute(RECORD_CONFLICT, (platform.id, cell, sequence, holder_cell, "held"))
     sketch = snapshot.devices
     # What the cell counts in now: its platforms accepted here and those it released that their
     # destination has not claimed yet (moving), so a history summing snapshots counts them once.

@@ -2,6 +2,7 @@
 accepted, duplicate, replayed, out-of-order, tampered, unknown-cell and invalid snapshots,
 each refusal recorded; platform claims, conflicts, and a move between cells counted once."""
 
+import asyncio
 import hashlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -144,3 +145,29 @@ async def test_a_platform_held_by_another_cell_is_refused_and_a_move_counts_it_o
             ("p1", "east", "west")
         ]
         assert moves[0]["claimed_at"] is not None
+
+
+async def test_two_cells_claiming_new_platforms_at_once_get_one_holder_each(
+    aggregator: Aggregator,
+) -> None:
+    """Both snapshots are taken at the same moment; whichever commits first holds each
+    platform, and the other's claim is refused and recorded, never silently overwritten."""
+    east, west = SimCell("east"), SimCell("west")
+    await aggregator.register(east, west)
+    async with aggregator.client() as http:
+        for round_ in range(5):
+            listed = [platform(f"r{round_}-p{n}", connected=1) for n in range(20)]
+            answers = await asyncio.gather(
+                east.push(http, east.body(listed)), west.push(http, west.body(listed))
+            )
+            assert all(a.status_code == 202 for a in answers), [a.text for a in answers]
+            refused = [set(a.json()["refused_platforms"]) for a in answers]
+            ids = {p["id"] for p in listed}
+            # Each platform accepted from exactly one of them.
+            assert refused[0] | refused[1] == ids, refused
+            assert not refused[0] & refused[1]
+            rows = (await http.get("/national/platforms")).json()["platforms"]
+            holders = {r["platform"]: r["cell"] for r in rows if r["platform"] in ids}
+            assert holders == {p: ("west" if p in refused[0] else "east") for p in sorted(ids)}
+            totals = (await http.get("/national/totals")).json()["totals"]
+            assert totals["connected"] == 20  # each cell lists only this round's platforms
