@@ -13,10 +13,10 @@ leaves a moved platform held by two cells or by none.
 The devices counted once nationally travel as a DataSketches HLL sketch of the national
 identities (`metadata.global_id`) of the cell's connected devices, rebuilt from the devices at
 every snapshot. lg_k 14 in HLL_4 form: about 8 KiB per snapshot (11 KiB in base64), and a
-relative standard error of 1.04 / sqrt(2^14) = 0.81 % (DataSketches states 1.3 % at two standard
-deviations for lg_k 14); below 1,536 identities the sketch keeps each one's hash and is exact
-but for collisions of those hashes. lg_k 12 would save 6 KiB at twice the error, which a national
-figure should not carry.
+relative standard error of 1.04 / sqrt(2^14) = 0.81 %, 1.6 % at two standard deviations (the
+bound the aggregator states); below 1,536 identities the sketch keeps each one's hash and is
+exact but for collisions of those hashes. lg_k 12 would save 6 KiB at twice the error, which a
+national figure should not carry. The form (HLL_4, HLL_8) changes the size, not the error.
 """
 
 import base64
