@@ -5,10 +5,10 @@ import csv
 import io
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from pathlib import Path as FilePath
 from typing import Annotated, Any, Final, Literal
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import FileResponse
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -23,6 +23,11 @@ from registry import penetration as rates
 router = APIRouter(tags=["national"])
 public = APIRouter(include_in_schema=False)
 Format = Annotated[Literal["json", "csv"], Query(description="`csv` for a spreadsheet")]
+CellName = Annotated[str, Path(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")]
+# Routes with `format` answer JSON or, with `?format=csv`, CSV.
+CSV: Final[dict[int | str, dict[str, Any]]] = {
+    200: {"content": {"text/csv": {"schema": {"type": "string"}}}}
+}
 
 REFUSALS = """
 SELECT id, received_at, cell, sequence, reason, detail, encode(body_sha256, 'hex'), body_bytes
@@ -76,7 +81,7 @@ async def _read(request: Request) -> figures.National:
         return await figures.read(conn)
 
 
-@router.get("/national/totals", operation_id="national_totals")
+@router.get("/national/totals", operation_id="national_totals", responses=CSV)
 async def totals(request: Request, format: Format = "json") -> Any:
     """National totals: exact sums over the platforms of fresh cells, the distinct connected
     devices (an estimate with its bounds and sketch), coverage, and stale cells' last figures
@@ -97,7 +102,7 @@ async def totals(request: Request, format: Format = "json") -> Any:
     return answer
 
 
-@router.get("/national/by/{dimension}", operation_id="national_breakdown")
+@router.get("/national/by/{dimension}", operation_id="national_breakdown", responses=CSV)
 async def breakdown(
     request: Request,
     dimension: Literal["tier", "type", "province", "prefecture", "industry", "cell"],
@@ -113,7 +118,7 @@ async def breakdown(
     return answer
 
 
-@router.get("/national/cells", operation_id="national_cells")
+@router.get("/national/cells", operation_id="national_cells", responses=CSV)
 async def cells(request: Request, format: Format = "json") -> Any:
     """Every cell: fresh or stale, the age of its latest snapshot, and its figures."""
     answer = (await _read(request)).per_cell()
@@ -122,7 +127,7 @@ async def cells(request: Request, format: Format = "json") -> Any:
     return answer
 
 
-@router.get("/national/platforms", operation_id="national_platforms")
+@router.get("/national/platforms", operation_id="national_platforms", responses=CSV)
 async def platforms(request: Request, format: Format = "json") -> Any:
     """Every platform counted: its cell, whether it is counted, moving or its cell is stale."""
     answer = (await _read(request)).per_platform()
@@ -131,7 +136,7 @@ async def platforms(request: Request, format: Format = "json") -> Any:
     return answer
 
 
-@router.get("/national/history", operation_id="national_history")
+@router.get("/national/history", operation_id="national_history", responses=CSV)
 async def national_history(
     request: Request,
     since: datetime | None = None,
@@ -154,10 +159,12 @@ async def national_history(
     }
 
 
-@router.get("/national/cells/{cell}/snapshots", operation_id="national_cell_snapshots")
+@router.get(
+    "/national/cells/{cell}/snapshots", operation_id="national_cell_snapshots", responses=CSV
+)
 async def cell_snapshots(
     request: Request,
-    cell: str,
+    cell: CellName,
     after: Annotated[int, Query(ge=0)] = 0,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
     format: Format = "json",
@@ -190,7 +197,9 @@ async def cell_snapshots(
     operation_id="national_snapshot_body",
     response_class=Response,
 )
-async def snapshot_body(request: Request, cell: str, sequence: int) -> Response:
+async def snapshot_body(
+    request: Request, cell: CellName, sequence: Annotated[int, Path(ge=1, le=2**62)]
+) -> Response:
     """The exact bytes the cell signed, with its signature (`IIOT-Signature`): anyone holding
     the cell's public key can verify them again."""
     async with request.app.state.pool.connection() as conn:
@@ -212,10 +221,10 @@ def _listing(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[dict
     return [dict(zip(columns, r, strict=True)) for r in rows]
 
 
-@router.get("/national/refusals", operation_id="national_refusals")
+@router.get("/national/refusals", operation_id="national_refusals", responses=CSV)
 async def refusals(
     request: Request,
-    cell: str | None = None,
+    cell: Annotated[str | None, Query(max_length=200)] = None,
     after: Annotated[int, Query(ge=0)] = 0,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
     format: Format = "json",
@@ -271,7 +280,7 @@ async def moves(request: Request, limit: Annotated[int, Query(ge=1, le=10_000)] 
         return {"moves": _listing(columns, await cur.fetchall())}
 
 
-@router.get("/national/penetration", operation_id="national_penetration")
+@router.get("/national/penetration", operation_id="national_penetration", responses=CSV)
 async def national_penetration(
     request: Request,
     *,
@@ -393,7 +402,7 @@ async def metrics(request: Request) -> Response:
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
-FILES: Final = Path(__file__).parent / "dashboard"
+FILES: Final = FilePath(__file__).parent / "dashboard"
 # Same-origin only, no inline script, nothing fetched from elsewhere.
 HEADERS: Final = {
     "Content-Security-Policy": (
