@@ -18,7 +18,6 @@ import base64
 import os
 import statistics
 import subprocess
-import sys
 import time
 import uuid
 from typing import Any
@@ -31,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from psycopg import sql
 
 from bench.figures import record
+from bench.http_load import start_server
 from iiot.net import free_port
 from national import format as wire
 from national.keys import add_cell
@@ -142,28 +142,13 @@ def verify_and_parse(minute: list[tuple[str, bytes, str]], keys: dict[str, bytes
 
 
 def start_aggregator(database_url: str, schema: str, port: int) -> subprocess.Popen[bytes]:
-    env = os.environ | {
+    env = {
         "IIOT_NATIONAL_DATABASE_URL": database_url,
         "IIOT_NATIONAL_DATABASE_SCHEMA": schema,
         "IIOT_NATIONAL_PORT": str(port),
         "IIOT_NATIONAL_KEY_CACHE_SECONDS": "300",
     }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "iiot.cli", "national", "serve"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).raise_for_status()
-        except httpx.HTTPError:
-            time.sleep(0.2)
-        else:
-            return process
-    process.kill()
-    raise RuntimeError("the aggregator did not start")
+    return start_server(("iiot.cli", "national", "serve"), env, f"http://127.0.0.1:{port}/readyz")
 
 
 async def push(url: str, minute: list[tuple[str, bytes, str]]) -> list[float]:

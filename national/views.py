@@ -3,7 +3,7 @@
 
 import csv
 import io
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path as FilePath
 from typing import Annotated, Any, Final, Literal
@@ -414,16 +414,19 @@ HEADERS: Final = {
 }
 
 
-@public.get("/dashboard")
-async def page() -> FileResponse:
-    return FileResponse(FILES / "index.html", media_type="text/html", headers=HEADERS)
+PAGES: Final = {
+    "/dashboard": ("index.html", "text/html"),
+    "/dashboard/app.js": ("app.js", "text/javascript"),
+    "/dashboard/style.css": ("style.css", "text/css"),
+}
 
 
-@public.get("/dashboard/app.js")
-async def script() -> FileResponse:
-    return FileResponse(FILES / "app.js", media_type="text/javascript", headers=HEADERS)
+def _page(name: str, media_type: str) -> Callable[[], Awaitable[FileResponse]]:
+    async def serve() -> FileResponse:
+        return FileResponse(FILES / name, media_type=media_type, headers=HEADERS)
+
+    return serve
 
 
-@public.get("/dashboard/style.css")
-async def style() -> FileResponse:
-    return FileResponse(FILES / "style.css", media_type="text/css", headers=HEADERS)
+for _path, (_name, _media_type) in PAGES.items():
+    public.add_api_route(_path, _page(_name, _media_type), methods=["GET"])

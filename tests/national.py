@@ -16,6 +16,7 @@ from typing import Any
 import datasketches
 import httpx
 import psycopg
+import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from psycopg import sql
@@ -156,6 +157,13 @@ class Aggregator:
                     serialization.Encoding.Raw, serialization.PublicFormat.Raw
                 )
                 await add_cell(conn, cell.name, public)
+
+
+@pytest.fixture
+async def aggregator(database_url: str, unique: str, tmp_path: Path) -> AsyncIterator[Aggregator]:
+    """`iiot national serve` on a schema of the test's (import it into a test module)."""
+    async with aggregator_process(database_url, f"n_{unique}", tmp_path / "national.log") as agg:
+        yield agg
 
 
 @asynccontextmanager

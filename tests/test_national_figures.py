@@ -5,22 +5,16 @@ is stale and shown apart, the history fills in when a cell delivers late, CSV, a
 import asyncio
 import csv
 import io
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 
+from tests import national
 from tests.conftest import eventually
-from tests.national import Aggregator, SimCell, aggregator_process, platform
+from tests.national import Aggregator, SimCell, platform
 
+aggregator = national.aggregator  # the fixture
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-async def aggregator(database_url: str, unique: str, tmp_path: Path) -> AsyncIterator[Aggregator]:
-    async with aggregator_process(database_url, f"n_{unique}", tmp_path / "national.log") as agg:
-        yield agg
 
 
 async def test_totals_and_breakdowns_are_the_exact_sums_of_the_cells_figures(

@@ -4,21 +4,15 @@ each refusal recorded; platform claims, conflicts, and a move between cells coun
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 
-from tests.national import Aggregator, SimCell, aggregator_process, platform
+from tests import national
+from tests.national import Aggregator, SimCell, platform
 
+aggregator = national.aggregator  # the fixture
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-async def aggregator(database_url: str, unique: str, tmp_path: Path) -> AsyncIterator[Aggregator]:
-    async with aggregator_process(database_url, f"n_{unique}", tmp_path / "national.log") as agg:
-        yield agg
 
 
 async def test_a_snapshot_is_taken_once_in_order_and_every_refusal_is_recorded(

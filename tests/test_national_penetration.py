@@ -7,15 +7,16 @@ import hashlib
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests import national
 from tests.conftest import eventually
-from tests.national import Aggregator, SimCell, aggregator_process, platform
+from tests.national import Aggregator, SimCell, platform
 
+aggregator = national.aggregator  # the fixture
 pytestmark = pytest.mark.slow
 
 TOTALS = """year,region,industry,enterprises
@@ -43,12 +44,6 @@ def enterprise(name: str, industry: str, *, active: bool, above: bool = True) ->
 
 def listed(*items: dict[str, Any], key_id: str = "k1") -> dict[str, Any]:
     return {"key_id": key_id, "definitions_version": "2026-12.1", "items": list(items)}
-
-
-@pytest.fixture
-async def aggregator(database_url: str, unique: str, tmp_path: Path) -> AsyncIterator[Aggregator]:
-    async with aggregator_process(database_url, f"n_{unique}", tmp_path / "national.log") as agg:
-        yield agg
 
 
 def national_cli(aggregator: Aggregator, *args: str) -> subprocess.CompletedProcess[str]:
