@@ -76,6 +76,16 @@ def _dicts_csv(rows: list[dict[str, Any]], name: str, first: Sequence[str] = ())
     return _csv(columns, ([r.get(c) for c in columns] for r in rows), name)
 
 
+def _covered(coverage: dict[str, Any]) -> dict[str, Any]:
+    """The coverage a CSV row carries, so a figure never travels without it."""
+    return {
+        "as_of": coverage["as_of"],
+        "cells_covered": coverage["cells_covered"],
+        "stale_cells": " ".join(c["cell"] for c in coverage["stale_cells"]),
+        "oldest_snapshot_age_seconds": coverage["oldest_snapshot_age_seconds"],
+    }
+
+
 async def _read(request: Request) -> figures.National:
     async with request.app.state.pool.connection() as conn:
         return await figures.read(conn)
@@ -89,11 +99,8 @@ async def totals(request: Request, format: Format = "json") -> Any:
     now = await _read(request)
     answer = now.totals()
     if format == "csv":
-        row = {"as_of": now.as_of, **answer["totals"]}
+        row = answer["totals"] | _covered(answer["coverage"])
         row |= {
-            "cells_covered": answer["coverage"]["cells_covered"],
-            "stale_cells": " ".join(c["cell"] for c in answer["coverage"]["stale_cells"]),
-            "oldest_snapshot_age_seconds": answer["coverage"]["oldest_snapshot_age_seconds"],
             "distinct_connected": answer["distinct"]["connected_devices"],
             "distinct_lower_95": answer["distinct"]["lower_bound"],
             "distinct_upper_95": answer["distinct"]["upper_bound"],
@@ -112,8 +119,9 @@ async def breakdown(
     industry (GB/T 4754 division; `unmapped`) or cell; stale cells' rows apart."""
     answer = (await _read(request)).breakdown(dimension)
     if format == "csv":
-        rows = [r | {"counted": True} for r in answer["rows"]]
-        rows += [r | {"counted": False} for r in answer["stale_rows"]]
+        covered = _covered(answer["coverage"])
+        rows = [r | {"counted": True} | covered for r in answer["rows"]]
+        rows += [r | {"counted": False} | covered for r in answer["stale_rows"]]
         return _dicts_csv(rows, f"national-by-{dimension}")
     return answer
 
@@ -132,7 +140,8 @@ async def platforms(request: Request, format: Format = "json") -> Any:
     """Every platform counted: its cell, whether it is counted, moving or its cell is stale."""
     answer = (await _read(request)).per_platform()
     if format == "csv":
-        return _dicts_csv(answer["platforms"], "national-platforms")
+        covered = _covered(answer["coverage"])
+        return _dicts_csv([p | covered for p in answer["platforms"]], "national-platforms")
     return answer
 
 
@@ -301,6 +310,7 @@ async def national_penetration(
         in_force = await rates.totals_in_force(conn, year)
         found = await rates.rates(conn, by, in_force, region=region, industry=industry)
         listed = await penetration.disagreements(conn, disagreements)
+        coverage = (await figures.read(conn)).coverage()
     rows = [
         {
             "key": r.key,
@@ -316,8 +326,9 @@ async def national_penetration(
         for r in found
     ]
     if format == "csv":
-        return _dicts_csv(rows, f"national-penetration-{by}")
+        return _dicts_csv([r | _covered(coverage) for r in rows], f"national-penetration-{by}")
     return {
+        "coverage": coverage,
         "computed": run,
         "totals": None
         if in_force is None

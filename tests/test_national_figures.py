@@ -86,7 +86,12 @@ async def test_totals_and_breakdowns_are_the_exact_sums_of_the_cells_figures(
             ("n1", "north", "1"),
         }
         tiers = await http.get("/national/by/tier", params={"format": "csv"})
-        assert "basic" in tiers.text
+        tier_rows = list(csv.DictReader(io.StringIO(tiers.text)))
+        assert {(r["key"], r["connected"], r["cells_covered"]) for r in tier_rows} == {
+            ("basic", "10", "3"),
+            ("ecosystem", "1", "3"),
+            ("leading", "10", "3"),
+        }
 
 
 async def test_a_device_on_two_cells_counts_once_in_distinct_within_the_stated_bounds(

@@ -107,6 +107,7 @@ async def test_enterprises_count_once_nationally_and_disagreements_follow_the_ru
 
         province = await eventually(lambda: computed("province"), timeout=15, interval=0.3)
         assert province["computed"]["excluded_cells"] == ["odd"]
+        assert province["coverage"]["cells_covered"] == 4
         assert province["computed"]["key_id"] == "k1"
         assert province["totals"]["source"] == "NBS 2025 table 1"
         (jiangsu,) = province["rows"]
