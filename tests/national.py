@@ -159,6 +159,20 @@ class Aggregator:
                 await add_cell(conn, cell.name, public)
 
 
+def national_cli(aggregator: "Aggregator", *args: str) -> subprocess.CompletedProcess[str]:
+    env = os.environ | {
+        "IIOT_NATIONAL_DATABASE_URL": aggregator.settings.require_database_url(),
+        "IIOT_NATIONAL_DATABASE_SCHEMA": aggregator.settings.database_schema,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "iiot.cli", "national", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
 @pytest.fixture
 async def aggregator(database_url: str, unique: str, tmp_path: Path) -> AsyncIterator[Aggregator]:
     """`iiot national serve` on a schema of the test's (import it into a test module)."""

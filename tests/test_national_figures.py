@@ -2,7 +2,6 @@
 figures, `distinct` counts a device on two cells once within the stated bounds, a silent cell
 is stale and shown apart, the history fills in when a cell delivers late, CSV, and keys."""
 
-import asyncio
 import csv
 import io
 from datetime import UTC, datetime, timedelta
@@ -11,7 +10,7 @@ import pytest
 
 from tests import national
 from tests.conftest import eventually
-from tests.national import Aggregator, SimCell, platform
+from tests.national import Aggregator, SimCell, national_cli, platform
 
 aggregator = national.aggregator  # the fixture
 pytestmark = pytest.mark.slow
@@ -217,4 +216,16 @@ async def test_figures_need_a_live_national_viewer_key(aggregator: Aggregator) -
         assert (await anonymous.get("/dashboard")).status_code == 200
     async with aggregator.client() as http:
         assert (await http.get("/national/totals")).status_code == 200
-        await asyncio.sleep(0)
+    # A key made and revoked as an operator would (the test's aggregator caches no key).
+    made = national_cli(aggregator, "keys", "create", "--name", "statistics office")
+    assert made.returncode == 0, made.stderr
+    key = made.stdout.strip()
+    listed = national_cli(aggregator, "keys", "list")
+    (row,) = [line for line in listed.stdout.splitlines() if "statistics office" in line]
+    assert key not in listed.stdout
+    async with aggregator.client(key) as office:
+        assert (await office.get("/national/cells")).status_code == 200
+        revoked = national_cli(aggregator, "keys", "revoke", row.split("\t")[0])
+        assert revoked.returncode == 0, revoked.stderr
+        answer = await office.get("/national/cells")
+        assert answer.status_code == 401, answer.text

@@ -4,9 +4,6 @@ another hash key is excluded, and the rates use totals imported with `iiot natio
 import-totals` (registered here with `iiot national add-cell`, as an operator would)."""
 
 import hashlib
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +11,7 @@ import pytest
 
 from tests import national
 from tests.conftest import eventually
-from tests.national import Aggregator, SimCell, platform
+from tests.national import Aggregator, SimCell, national_cli, platform
 
 aggregator = national.aggregator  # the fixture
 pytestmark = pytest.mark.slow
@@ -44,20 +41,6 @@ def enterprise(name: str, industry: str, *, active: bool, above: bool = True) ->
 
 def listed(*items: dict[str, Any], key_id: str = "k1") -> dict[str, Any]:
     return {"key_id": key_id, "definitions_version": "2026-12.1", "items": list(items)}
-
-
-def national_cli(aggregator: Aggregator, *args: str) -> subprocess.CompletedProcess[str]:
-    env = os.environ | {
-        "IIOT_NATIONAL_DATABASE_URL": aggregator.settings.require_database_url(),
-        "IIOT_NATIONAL_DATABASE_SCHEMA": aggregator.settings.database_schema,
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "iiot.cli", "national", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
 
 
 async def test_enterprises_count_once_nationally_and_disagreements_follow_the_rule(
