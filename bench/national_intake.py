@@ -33,7 +33,7 @@ from bench.figures import record
 from bench.http_load import start_server
 from iiot.net import free_port
 from national import format as wire
-from national.keys import add_cell
+from national.keys import add_cell, create_viewer_key
 from national.migrate import connection_options, migrate
 from national.settings import NationalSettings
 
@@ -192,11 +192,14 @@ async def backends_cpu(database_url: str, schema: str) -> float:
     return total
 
 
-async def healthz_cpu(url: str, pid: int, requests: int) -> float:
-    async with httpx.AsyncClient(base_url=url) as http:
+async def request_cpu(
+    url: str, pid: int, path: str, requests: int, headers: dict[str, str] | None = None
+) -> float:
+    """The server's CPU seconds per GET of `path`."""
+    async with httpx.AsyncClient(base_url=url, headers=headers or {}, timeout=60) as http:
         before = cpu_seconds(pid)
         for _ in range(requests):
-            (await http.get("/healthz")).raise_for_status()
+            (await http.get(path)).raise_for_status()
         return (cpu_seconds(pid) - before) / requests
 
 
@@ -215,6 +218,7 @@ async def main(quick: bool) -> None:
     ) as conn:
         for cell, raw in keys.items():
             await add_cell(conn, cell, raw)
+        _, viewer = await create_viewer_key(conn, "bench")
     port = free_port()
     process = start_aggregator(database_url, schema, port)
     url = f"http://127.0.0.1:{port}"
@@ -235,7 +239,10 @@ async def main(quick: bool) -> None:
                 }
             )
         baseline = min(verify_and_parse(built[-1], keys) for _ in range(3))
-        health = await healthz_cpu(url, process.pid, 500)
+        health = await request_cpu(url, process.pid, "/healthz", 500)
+        reading = await request_cpu(
+            url, process.pid, "/national/totals", 50, {"Authorization": f"Bearer {viewer}"}
+        )
     finally:
         process.terminate()
         process.wait(10)
@@ -261,6 +268,7 @@ async def main(quick: bool) -> None:
         "snapshots_per_second": CELLS / wall_minute,
         "baseline_verify_parse_ms_per_snapshot": baseline / CELLS * 1000,
         "baseline_healthz_cpu_ms_per_request": health * 1000,
+        "national_totals_cpu_ms_per_request": reading * 1000,
         "quick": quick,
     }
     record(
@@ -277,6 +285,7 @@ async def main(quick: bool) -> None:
             ("aggregator CPU per snapshot", f"{cpu_minute / CELLS * 1000:.2f} ms", ""),
             ("baseline: verify + parse alone", f"{baseline / CELLS * 1000:.2f} ms", ""),
             ("baseline: /healthz request", f"{health * 1000:.2f} ms", ""),
+            ("reading /national/totals (120 sketches merged)", f"{reading * 1000:.1f} ms", ""),
             ("a minute's snapshots taken in", f"{wall_minute:.2f} s wall", "<= 60 s"),
             (
                 "latency p50 / p99 (last round)",
