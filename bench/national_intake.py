@@ -18,7 +18,6 @@ import base64
 import os
 import statistics
 import subprocess
-import sys
 import time
 import uuid
 from typing import Any
@@ -31,9 +30,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from psycopg import sql
 
 from bench.figures import record
+from bench.http_load import start_server
 from iiot.net import free_port
 from national import format as wire
-from national.keys import add_cell
+from national.keys import add_cell, create_viewer_key
 from national.migrate import connection_options, migrate
 from national.settings import NationalSettings
 
@@ -142,28 +142,13 @@ def verify_and_parse(minute: list[tuple[str, bytes, str]], keys: dict[str, bytes
 
 
 def start_aggregator(database_url: str, schema: str, port: int) -> subprocess.Popen[bytes]:
-    env = os.environ | {
+    env = {
         "IIOT_NATIONAL_DATABASE_URL": database_url,
         "IIOT_NATIONAL_DATABASE_SCHEMA": schema,
         "IIOT_NATIONAL_PORT": str(port),
         "IIOT_NATIONAL_KEY_CACHE_SECONDS": "300",
     }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "iiot.cli", "national", "serve"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).raise_for_status()
-        except httpx.HTTPError:
-            time.sleep(0.2)
-        else:
-            return process
-    process.kill()
-    raise RuntimeError("the aggregator did not start")
+    return start_server(("iiot.cli", "national", "serve"), env, f"http://127.0.0.1:{port}/readyz")
 
 
 async def push(url: str, minute: list[tuple[str, bytes, str]]) -> list[float]:
@@ -207,11 +192,14 @@ async def backends_cpu(database_url: str, schema: str) -> float:
     return total
 
 
-async def healthz_cpu(url: str, pid: int, requests: int) -> float:
-    async with httpx.AsyncClient(base_url=url) as http:
+async def request_cpu(
+    url: str, pid: int, path: str, requests: int, headers: dict[str, str] | None = None
+) -> float:
+    """The server's CPU seconds per GET of `path`."""
+    async with httpx.AsyncClient(base_url=url, headers=headers or {}, timeout=60) as http:
         before = cpu_seconds(pid)
         for _ in range(requests):
-            (await http.get("/healthz")).raise_for_status()
+            (await http.get(path)).raise_for_status()
         return (cpu_seconds(pid) - before) / requests
 
 
@@ -230,6 +218,7 @@ async def main(quick: bool) -> None:
     ) as conn:
         for cell, raw in keys.items():
             await add_cell(conn, cell, raw)
+        _, viewer = await create_viewer_key(conn, "bench")
     port = free_port()
     process = start_aggregator(database_url, schema, port)
     url = f"http://127.0.0.1:{port}"
@@ -250,7 +239,10 @@ async def main(quick: bool) -> None:
                 }
             )
         baseline = min(verify_and_parse(built[-1], keys) for _ in range(3))
-        health = await healthz_cpu(url, process.pid, 500)
+        health = await request_cpu(url, process.pid, "/healthz", 500)
+        reading = await request_cpu(
+            url, process.pid, "/national/totals", 50, {"Authorization": f"Bearer {viewer}"}
+        )
     finally:
         process.terminate()
         process.wait(10)
@@ -276,6 +268,7 @@ async def main(quick: bool) -> None:
         "snapshots_per_second": CELLS / wall_minute,
         "baseline_verify_parse_ms_per_snapshot": baseline / CELLS * 1000,
         "baseline_healthz_cpu_ms_per_request": health * 1000,
+        "national_totals_cpu_ms_per_request": reading * 1000,
         "quick": quick,
     }
     record(
@@ -292,6 +285,7 @@ async def main(quick: bool) -> None:
             ("aggregator CPU per snapshot", f"{cpu_minute / CELLS * 1000:.2f} ms", ""),
             ("baseline: verify + parse alone", f"{baseline / CELLS * 1000:.2f} ms", ""),
             ("baseline: /healthz request", f"{health * 1000:.2f} ms", ""),
+            ("reading /national/totals (120 sketches merged)", f"{reading * 1000:.1f} ms", ""),
             ("a minute's snapshots taken in", f"{wall_minute:.2f} s wall", "<= 60 s"),
             (
                 "latency p50 / p99 (last round)",

@@ -251,6 +251,13 @@ class Intake:
                 f"the snapshot is of cell {snapshot.cell!r} but came signed by {cell!r}",
                 sequence=snapshot.sequence,
             )
+        if snapshot.taken_at.tzinfo is None:
+            raise Refused(
+                422,
+                "invalid-snapshot",
+                "taken_at has no UTC offset: send it as RFC 3339 with Z or an offset",
+                sequence=snapshot.sequence,
+            )
         ahead = snapshot.taken_at - datetime.now(UTC)
         if ahead > timedelta(seconds=self._settings.future_skew_seconds):
             raise Refused(

@@ -3,12 +3,12 @@
 
 import csv
 import io
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from pathlib import Path as FilePath
 from typing import Annotated, Any, Final, Literal
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import FileResponse
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -23,6 +23,11 @@ from registry import penetration as rates
 router = APIRouter(tags=["national"])
 public = APIRouter(include_in_schema=False)
 Format = Annotated[Literal["json", "csv"], Query(description="`csv` for a spreadsheet")]
+CellName = Annotated[str, Path(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")]
+# Routes with `format` answer JSON or, with `?format=csv`, CSV.
+CSV: Final[dict[int | str, dict[str, Any]]] = {
+    200: {"content": {"text/csv": {"schema": {"type": "string"}}}}
+}
 
 REFUSALS = """
 SELECT id, received_at, cell, sequence, reason, detail, encode(body_sha256, 'hex'), body_bytes
@@ -71,12 +76,22 @@ def _dicts_csv(rows: list[dict[str, Any]], name: str, first: Sequence[str] = ())
     return _csv(columns, ([r.get(c) for c in columns] for r in rows), name)
 
 
+def _covered(coverage: dict[str, Any]) -> dict[str, Any]:
+    """The coverage a CSV row carries, so a figure never travels without it."""
+    return {
+        "as_of": coverage["as_of"],
+        "cells_covered": coverage["cells_covered"],
+        "stale_cells": " ".join(c["cell"] for c in coverage["stale_cells"]),
+        "oldest_snapshot_age_seconds": coverage["oldest_snapshot_age_seconds"],
+    }
+
+
 async def _read(request: Request) -> figures.National:
     async with request.app.state.pool.connection() as conn:
         return await figures.read(conn)
 
 
-@router.get("/national/totals", operation_id="national_totals")
+@router.get("/national/totals", operation_id="national_totals", responses=CSV)
 async def totals(request: Request, format: Format = "json") -> Any:
     """National totals: exact sums over the platforms of fresh cells, the distinct connected
     devices (an estimate with its bounds and sketch), coverage, and stale cells' last figures
@@ -84,11 +99,8 @@ async def totals(request: Request, format: Format = "json") -> Any:
     now = await _read(request)
     answer = now.totals()
     if format == "csv":
-        row = {"as_of": now.as_of, **answer["totals"]}
+        row = answer["totals"] | _covered(answer["coverage"])
         row |= {
-            "cells_covered": answer["coverage"]["cells_covered"],
-            "stale_cells": " ".join(c["cell"] for c in answer["coverage"]["stale_cells"]),
-            "oldest_snapshot_age_seconds": answer["coverage"]["oldest_snapshot_age_seconds"],
             "distinct_connected": answer["distinct"]["connected_devices"],
             "distinct_lower_95": answer["distinct"]["lower_bound"],
             "distinct_upper_95": answer["distinct"]["upper_bound"],
@@ -97,7 +109,7 @@ async def totals(request: Request, format: Format = "json") -> Any:
     return answer
 
 
-@router.get("/national/by/{dimension}", operation_id="national_breakdown")
+@router.get("/national/by/{dimension}", operation_id="national_breakdown", responses=CSV)
 async def breakdown(
     request: Request,
     dimension: Literal["tier", "type", "province", "prefecture", "industry", "cell"],
@@ -107,13 +119,14 @@ async def breakdown(
     industry (GB/T 4754 division; `unmapped`) or cell; stale cells' rows apart."""
     answer = (await _read(request)).breakdown(dimension)
     if format == "csv":
-        rows = [r | {"counted": True} for r in answer["rows"]]
-        rows += [r | {"counted": False} for r in answer["stale_rows"]]
+        covered = _covered(answer["coverage"])
+        rows = [r | {"counted": True} | covered for r in answer["rows"]]
+        rows += [r | {"counted": False} | covered for r in answer["stale_rows"]]
         return _dicts_csv(rows, f"national-by-{dimension}")
     return answer
 
 
-@router.get("/national/cells", operation_id="national_cells")
+@router.get("/national/cells", operation_id="national_cells", responses=CSV)
 async def cells(request: Request, format: Format = "json") -> Any:
     """Every cell: fresh or stale, the age of its latest snapshot, and its figures."""
     answer = (await _read(request)).per_cell()
@@ -122,16 +135,17 @@ async def cells(request: Request, format: Format = "json") -> Any:
     return answer
 
 
-@router.get("/national/platforms", operation_id="national_platforms")
+@router.get("/national/platforms", operation_id="national_platforms", responses=CSV)
 async def platforms(request: Request, format: Format = "json") -> Any:
     """Every platform counted: its cell, whether it is counted, moving or its cell is stale."""
     answer = (await _read(request)).per_platform()
     if format == "csv":
-        return _dicts_csv(answer["platforms"], "national-platforms")
+        covered = _covered(answer["coverage"])
+        return _dicts_csv([p | covered for p in answer["platforms"]], "national-platforms")
     return answer
 
 
-@router.get("/national/history", operation_id="national_history")
+@router.get("/national/history", operation_id="national_history", responses=CSV)
 async def national_history(
     request: Request,
     since: datetime | None = None,
@@ -154,10 +168,12 @@ async def national_history(
     }
 
 
-@router.get("/national/cells/{cell}/snapshots", operation_id="national_cell_snapshots")
+@router.get(
+    "/national/cells/{cell}/snapshots", operation_id="national_cell_snapshots", responses=CSV
+)
 async def cell_snapshots(
     request: Request,
-    cell: str,
+    cell: CellName,
     after: Annotated[int, Query(ge=0)] = 0,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
     format: Format = "json",
@@ -190,7 +206,9 @@ async def cell_snapshots(
     operation_id="national_snapshot_body",
     response_class=Response,
 )
-async def snapshot_body(request: Request, cell: str, sequence: int) -> Response:
+async def snapshot_body(
+    request: Request, cell: CellName, sequence: Annotated[int, Path(ge=1, le=2**62)]
+) -> Response:
     """The exact bytes the cell signed, with its signature (`IIOT-Signature`): anyone holding
     the cell's public key can verify them again."""
     async with request.app.state.pool.connection() as conn:
@@ -212,10 +230,10 @@ def _listing(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[dict
     return [dict(zip(columns, r, strict=True)) for r in rows]
 
 
-@router.get("/national/refusals", operation_id="national_refusals")
+@router.get("/national/refusals", operation_id="national_refusals", responses=CSV)
 async def refusals(
     request: Request,
-    cell: str | None = None,
+    cell: Annotated[str | None, Query(max_length=200)] = None,
     after: Annotated[int, Query(ge=0)] = 0,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
     format: Format = "json",
@@ -271,7 +289,7 @@ async def moves(request: Request, limit: Annotated[int, Query(ge=1, le=10_000)] 
         return {"moves": _listing(columns, await cur.fetchall())}
 
 
-@router.get("/national/penetration", operation_id="national_penetration")
+@router.get("/national/penetration", operation_id="national_penetration", responses=CSV)
 async def national_penetration(
     request: Request,
     *,
@@ -292,6 +310,7 @@ async def national_penetration(
         in_force = await rates.totals_in_force(conn, year)
         found = await rates.rates(conn, by, in_force, region=region, industry=industry)
         listed = await penetration.disagreements(conn, disagreements)
+        coverage = (await figures.read(conn)).coverage()
     rows = [
         {
             "key": r.key,
@@ -307,8 +326,9 @@ async def national_penetration(
         for r in found
     ]
     if format == "csv":
-        return _dicts_csv(rows, f"national-penetration-{by}")
+        return _dicts_csv([r | _covered(coverage) for r in rows], f"national-penetration-{by}")
     return {
+        "coverage": coverage,
         "computed": run,
         "totals": None
         if in_force is None
@@ -393,7 +413,7 @@ async def metrics(request: Request) -> Response:
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
-FILES: Final = Path(__file__).parent / "dashboard"
+FILES: Final = FilePath(__file__).parent / "dashboard"
 # Same-origin only, no inline script, nothing fetched from elsewhere.
 HEADERS: Final = {
     "Content-Security-Policy": (
@@ -405,16 +425,19 @@ HEADERS: Final = {
 }
 
 
-@public.get("/dashboard")
-async def page() -> FileResponse:
-    return FileResponse(FILES / "index.html", media_type="text/html", headers=HEADERS)
+PAGES: Final = {
+    "/dashboard": ("index.html", "text/html"),
+    "/dashboard/app.js": ("app.js", "text/javascript"),
+    "/dashboard/style.css": ("style.css", "text/css"),
+}
 
 
-@public.get("/dashboard/app.js")
-async def script() -> FileResponse:
-    return FileResponse(FILES / "app.js", media_type="text/javascript", headers=HEADERS)
+def _page(name: str, media_type: str) -> Callable[[], Awaitable[FileResponse]]:
+    async def serve() -> FileResponse:
+        return FileResponse(FILES / name, media_type=media_type, headers=HEADERS)
+
+    return serve
 
 
-@public.get("/dashboard/style.css")
-async def style() -> FileResponse:
-    return FileResponse(FILES / "style.css", media_type="text/css", headers=HEADERS)
+for _path, (_name, _media_type) in PAGES.items():
+    public.add_api_route(_path, _page(_name, _media_type), methods=["GET"])

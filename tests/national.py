@@ -16,6 +16,7 @@ from typing import Any
 import datasketches
 import httpx
 import psycopg
+import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from psycopg import sql
@@ -156,6 +157,27 @@ class Aggregator:
                     serialization.Encoding.Raw, serialization.PublicFormat.Raw
                 )
                 await add_cell(conn, cell.name, public)
+
+
+def national_cli(aggregator: "Aggregator", *args: str) -> subprocess.CompletedProcess[str]:
+    env = os.environ | {
+        "IIOT_NATIONAL_DATABASE_URL": aggregator.settings.require_database_url(),
+        "IIOT_NATIONAL_DATABASE_SCHEMA": aggregator.settings.database_schema,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "iiot.cli", "national", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+@pytest.fixture
+async def aggregator(database_url: str, unique: str, tmp_path: Path) -> AsyncIterator[Aggregator]:
+    """`iiot national serve` on a schema of the test's (import it into a test module)."""
+    async with aggregator_process(database_url, f"n_{unique}", tmp_path / "national.log") as agg:
+        yield agg
 
 
 @asynccontextmanager

@@ -2,38 +2,20 @@
 the API, a stale cell's last figures appear apart, and a wrong key gets the form, not data.
 Screenshots go to test-artifacts/."""
 
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.browser import Browser, Page, chromium
-from tests.national import Aggregator, SimCell, aggregator_process, platform
+from tests import browser as browser_module
+from tests import national
+from tests.browser import Browser, Page
+from tests.national import Aggregator, SimCell, platform
 
 ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        chromium() is None,
-        reason="needs Debian's chromium (make test installs it when run as root: `make browser`)",
-    ),
-]
-
-
-@pytest.fixture
-def browser(tmp_path: Path) -> Iterator[Browser]:
-    binary = chromium()
-    assert binary is not None
-    opened = Browser(binary, tmp_path / "profile")
-    yield opened
-    opened.close()
-
-
-@pytest.fixture
-async def aggregator(database_url: str, unique: str, tmp_path: Path) -> AsyncIterator[Aggregator]:
-    async with aggregator_process(database_url, f"n_{unique}", tmp_path / "national.log") as agg:
-        yield agg
+aggregator = national.aggregator  # the fixture
+pytestmark = [pytest.mark.slow, browser_module.NEEDS_CHROMIUM]
+browser = browser_module.browser  # the fixture
 
 
 def text(page: Page, testid: str) -> str:

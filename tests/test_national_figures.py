@@ -2,25 +2,18 @@
 figures, `distinct` counts a device on two cells once within the stated bounds, a silent cell
 is stale and shown apart, the history fills in when a cell delivers late, CSV, and keys."""
 
-import asyncio
 import csv
 import io
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 
+from tests import national
 from tests.conftest import eventually
-from tests.national import Aggregator, SimCell, aggregator_process, platform
+from tests.national import Aggregator, SimCell, national_cli, platform
 
+aggregator = national.aggregator  # the fixture
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-async def aggregator(database_url: str, unique: str, tmp_path: Path) -> AsyncIterator[Aggregator]:
-    async with aggregator_process(database_url, f"n_{unique}", tmp_path / "national.log") as agg:
-        yield agg
 
 
 async def test_totals_and_breakdowns_are_the_exact_sums_of_the_cells_figures(
@@ -92,7 +85,12 @@ async def test_totals_and_breakdowns_are_the_exact_sums_of_the_cells_figures(
             ("n1", "north", "1"),
         }
         tiers = await http.get("/national/by/tier", params={"format": "csv"})
-        assert "basic" in tiers.text
+        tier_rows = list(csv.DictReader(io.StringIO(tiers.text)))
+        assert {(r["key"], r["connected"], r["cells_covered"]) for r in tier_rows} == {
+            ("basic", "10", "3"),
+            ("ecosystem", "1", "3"),
+            ("leading", "10", "3"),
+        }
 
 
 async def test_a_device_on_two_cells_counts_once_in_distinct_within_the_stated_bounds(
@@ -218,4 +216,16 @@ async def test_figures_need_a_live_national_viewer_key(aggregator: Aggregator) -
         assert (await anonymous.get("/dashboard")).status_code == 200
     async with aggregator.client() as http:
         assert (await http.get("/national/totals")).status_code == 200
-        await asyncio.sleep(0)
+    # A key made and revoked as an operator would (the test's aggregator caches no key).
+    made = national_cli(aggregator, "keys", "create", "--name", "statistics office")
+    assert made.returncode == 0, made.stderr
+    key = made.stdout.strip()
+    listed = national_cli(aggregator, "keys", "list")
+    (row,) = [line for line in listed.stdout.splitlines() if "statistics office" in line]
+    assert key not in listed.stdout
+    async with aggregator.client(key) as office:
+        assert (await office.get("/national/cells")).status_code == 200
+        revoked = national_cli(aggregator, "keys", "revoke", row.split("\t")[0])
+        assert revoked.returncode == 0, revoked.stderr
+        answer = await office.get("/national/cells")
+        assert answer.status_code == 401, answer.text

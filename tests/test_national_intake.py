@@ -4,21 +4,16 @@ each refusal recorded; platform claims, conflicts, and a move between cells coun
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator
+import re
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 
-from tests.national import Aggregator, SimCell, aggregator_process, platform
+from tests import national
+from tests.national import Aggregator, SimCell, platform
 
+aggregator = national.aggregator  # the fixture
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-async def aggregator(database_url: str, unique: str, tmp_path: Path) -> AsyncIterator[Aggregator]:
-    async with aggregator_process(database_url, f"n_{unique}", tmp_path / "national.log") as agg:
-        yield agg
 
 
 async def test_a_snapshot_is_taken_once_in_order_and_every_refusal_is_recorded(
@@ -69,6 +64,13 @@ async def test_a_snapshot_is_taken_once_in_order_and_every_refusal_is_recorded(
         invalid = await http.post("/snapshots", content=garbage, headers=cell.headers(garbage))
         assert invalid.status_code == 422, invalid.text
         assert invalid.json()["type"].endswith("/invalid-snapshot")
+        # A time without an offset cannot be compared with ours: refused, with the reason.
+        zoned = cell.body([platform("p1")], sequence=2)
+        naive = re.sub(rb'"taken_at":"[^"]+"', b'"taken_at":"2026-12-04T10:00:00"', zoned)
+        assert naive != zoned
+        unzoned = await cell.push(http, naive)
+        assert unzoned.status_code == 422, unzoned.text
+        assert "UTC offset" in unzoned.json()["detail"]
         # The untampered second snapshot still goes in: nothing above moved the sequence.
         assert (await cell.push(http, second)).status_code == 202
 
@@ -82,6 +84,7 @@ async def test_a_snapshot_is_taken_once_in_order_and_every_refusal_is_recorded(
             ("east", None, "bad-signature"),
             ("nowhere", None, "unknown-cell"),
             ("east", None, "invalid-snapshot"),
+            ("east", 2, "invalid-snapshot"),
         ]
         assert listed[3]["body_sha256"] == hashlib.sha256(tampered).hexdigest()
         history = (await http.get("/national/cells/east/snapshots")).json()["snapshots"]

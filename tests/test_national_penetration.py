@@ -4,18 +4,16 @@ another hash key is excluded, and the rates use totals imported with `iiot natio
 import-totals` (registered here with `iiot national add-cell`, as an operator would)."""
 
 import hashlib
-import os
-import subprocess
-import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests import national
 from tests.conftest import eventually
-from tests.national import Aggregator, SimCell, aggregator_process, platform
+from tests.national import Aggregator, SimCell, national_cli, platform
 
+aggregator = national.aggregator  # the fixture
 pytestmark = pytest.mark.slow
 
 TOTALS = """year,region,industry,enterprises
@@ -43,26 +41,6 @@ def enterprise(name: str, industry: str, *, active: bool, above: bool = True) ->
 
 def listed(*items: dict[str, Any], key_id: str = "k1") -> dict[str, Any]:
     return {"key_id": key_id, "definitions_version": "2026-12.1", "items": list(items)}
-
-
-@pytest.fixture
-async def aggregator(database_url: str, unique: str, tmp_path: Path) -> AsyncIterator[Aggregator]:
-    async with aggregator_process(database_url, f"n_{unique}", tmp_path / "national.log") as agg:
-        yield agg
-
-
-def national_cli(aggregator: Aggregator, *args: str) -> subprocess.CompletedProcess[str]:
-    env = os.environ | {
-        "IIOT_NATIONAL_DATABASE_URL": aggregator.settings.require_database_url(),
-        "IIOT_NATIONAL_DATABASE_SCHEMA": aggregator.settings.database_schema,
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "iiot.cli", "national", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
 
 
 async def test_enterprises_count_once_nationally_and_disagreements_follow_the_rule(
@@ -112,6 +90,7 @@ async def test_enterprises_count_once_nationally_and_disagreements_follow_the_ru
 
         province = await eventually(lambda: computed("province"), timeout=15, interval=0.3)
         assert province["computed"]["excluded_cells"] == ["odd"]
+        assert province["coverage"]["cells_covered"] == 4
         assert province["computed"]["key_id"] == "k1"
         assert province["totals"]["source"] == "NBS 2025 table 1"
         (jiangsu,) = province["rows"]
