@@ -70,6 +70,7 @@ bench: $(STAMP) ## Benchmarks beside their baselines (several minutes; see docs/
 	$(BIN)/python -m bench.registry_events --writers 3
 	$(BIN)/python -m bench.api_requests
 	$(BIN)/python -m bench.soak
+	$(BIN)/python -m bench.national_intake
 
 bench-quick: $(STAMP) ## The benchmarks at a tenth of their size (a smoke run)
 	$(BIN)/python -m bench.mqtt_drain --quick
@@ -79,6 +80,7 @@ bench-quick: $(STAMP) ## The benchmarks at a tenth of their size (a smoke run)
 	$(BIN)/python -m bench.registry_events --quick
 	$(BIN)/python -m bench.api_requests --quick
 	$(BIN)/python -m bench.soak --quick
+	$(BIN)/python -m bench.national_intake --quick
 
 loadtest: $(STAMP) ## A bounded load test: 1,000 gateways x 1,000 devices against iiot run, checked (see loadtests/README.md)
 	$(BIN)/python -m loadtests.run $(LOADTEST_ARGS)

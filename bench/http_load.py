@@ -26,29 +26,36 @@ def start_api(
     args: tuple[str, ...] = ("api",),
 ) -> subprocess.Popen[bytes]:
     """`iiot api` (or another server module) on `port`, rate limits lifted for measuring."""
-    env = os.environ | {
+    env = {
         "IIOT_DATABASE_URL": str(settings.database_url),
         "IIOT_DATABASE_SCHEMA": settings.database_schema,
         "IIOT_API_PORT": str(port),
         "IIOT_API_RATE_PER_SECOND": "1000000000",
         "IIOT_API_RATE_BURST": "1000000000",
     }
+    return start_server((module, *args), env, f"http://127.0.0.1:{port}/healthz")
+
+
+def start_server(
+    args: tuple[str, ...], env: dict[str, str], ready_url: str
+) -> subprocess.Popen[bytes]:
+    """`python -m *args` with `env` added, once `ready_url` answers 200 (30 s at most)."""
     process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-        [sys.executable, "-m", module, *args],
-        env=env,
+        [sys.executable, "-m", *args],
+        env=os.environ | env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
-            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).raise_for_status()
+            httpx.get(ready_url, timeout=1).raise_for_status()
         except httpx.HTTPError:
             time.sleep(0.2)
         else:
             return process
     process.kill()
-    raise RuntimeError("the API did not start")
+    raise RuntimeError(f"{' '.join(args)} did not start")
 
 
 async def _exchange(

@@ -13,9 +13,11 @@ import typer
 from api.app import create_app
 from api.settings import ApiSettings
 from iiot import logs
+from iiot.cell_commands import cell_app, national_push, national_pusher
 from iiot.loop import serve
+from iiot.national_cli import national_app
 from iiot.server import ApiServer
-from iiot.services import ingest_services, run_until
+from iiot.services import Service, ingest_services, run_until
 from iiot.simulator import Simulator
 from iiot.stack import RunSettings, run_stack
 from ingest.replay import list_dead_letters, replay
@@ -40,6 +42,9 @@ keys_app = typer.Typer(help="Manage API keys (bootstrap an admin key here).", no
 app.add_typer(keys_app, name="keys")
 enterprises_app = typer.Typer(help="Enterprises and penetration figures.", no_args_is_help=True)
 app.add_typer(enterprises_app, name="enterprises")
+app.add_typer(national_app, name="national")
+app.add_typer(cell_app, name="cell")
+national_app.command("push")(national_push)  # the cell's side: deliver its snapshots now
 
 
 def _logging(verbose: bool = False) -> None:
@@ -54,6 +59,17 @@ def _run_until_signal(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop)
         await start()
+
+    serve(main())
+
+
+def _run_services_until_signal(services: list[Service]) -> None:
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await run_until(stop, services)
 
     serve(main())
 
@@ -105,7 +121,11 @@ def maintain_command(
         if not settings.maintain_interval_seconds:
             raise typer.BadParameter("IIOT_MAINTAIN_INTERVAL_SECONDS is 0: run with --once")
         maintainer = Maintainer(settings, ingest_window=settings.window_past, first_delay=0)
-        _run_until_signal(maintainer.run, maintainer.stop)
+        pusher = national_pusher()  # with IIOT_NATIONAL_URL: the cell's national snapshots too
+        if pusher is None:
+            _run_until_signal(maintainer.run, maintainer.stop)
+        else:
+            _run_services_until_signal([maintainer, pusher])
         return
     run = asyncio.run(maintain_once(settings, ingest_window=settings.window_past))
     if run is None:

@@ -26,6 +26,8 @@ from iiot.simulator import Simulator
 from ingest.kafka import KafkaIngest
 from ingest.mqtt import MqttIngest
 from ingest.settings import IngestSettings
+from national.cell.pusher import Pusher
+from national.cell.settings import CellSettings
 from registry.access import replace_admin_key
 from registry.migrate import migrate
 from registry.platforms import upsert_platform
@@ -103,6 +105,12 @@ async def run_stack(settings: RunSettings) -> None:
         services = [*consumers, api]
         if settings.simulate_devices:
             services.append(simulator)
+        # With IIOT_NATIONAL_URL this cell reports to the national aggregator.
+        cell = CellSettings(
+            database_url=settings.database_url, database_schema=settings.database_schema
+        )
+        if cell.national_url is not None:
+            services.append(Pusher(cell))
         _announce(settings, f"http://{settings.api_host}:{settings.api_port}", admin_key)
         await run_until(stop, services)
         log.info("stopped")

@@ -11,9 +11,11 @@ import shutil
 import subprocess
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import websocket
 
 from iiot.net import free_port
@@ -30,6 +32,22 @@ FLAGS = (
 
 def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+NEEDS_CHROMIUM = pytest.mark.skipif(
+    chromium() is None,
+    reason="needs Debian's chromium (make test installs it when run as root: `make browser`)",
+)
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator["Browser"]:
+    """Chromium with a profile of the test's own (import it into a test module)."""
+    binary = chromium()
+    assert binary is not None
+    opened = Browser(binary, tmp_path / "profile")
+    yield opened
+    opened.close()
 
 
 class Page:

@@ -25,3 +25,17 @@ def test_the_alerts_pass_promtools_check_and_their_unit_tests() -> None:
             check=False,
         )
         assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_national_aggregators_alerts_pass_promtools_check_and_their_unit_tests() -> None:
+    """A stale cell, a platform claimed by two cells, and refused snapshots (not retries)."""
+    if shutil.which("promtool") is None:
+        pytest.fail("promtool is missing: `make promtool` (Debian's prometheus package)")
+    for command in (
+        ["check", "rules", "national_alerts.yml"],
+        ["test", "rules", "national_alerts_test.yml"],
+    ):
+        done = subprocess.run(
+            ["promtool", *command], cwd=PROMETHEUS, capture_output=True, text=True, check=False
+        )
+        assert done.returncode == 0, done.stdout + done.stderr

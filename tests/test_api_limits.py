@@ -166,14 +166,7 @@ async def test_merged_metadata_keeps_the_limits_and_a_refused_merge_changes_noth
 
 
 async def _migrated_up_to(settings: StoreSettings, last: int) -> None:
-    async with await connect(settings, autocommit=True) as conn:
-        await conn.execute(
-            sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(settings.database_schema))
-        )
-        await conn.execute(migrations.CREATE_LEDGER)
-        for migration in migrations.available_migrations():
-            if migration.version <= last:
-                await migrations._apply(conn, migration)
+    await migrations.migrate(settings, through=last)
 
 
 @pytest.fixture

@@ -21,25 +21,15 @@ from registry.official_totals import import_totals
 from registry.penetration import refresh_penetration
 from registry.platforms import Tier, upsert_platform
 from registry.settings import StoreSettings
-from tests.browser import Browser, Page, chromium
+from tests import browser as browser_module
+from tests.browser import Browser, Page
 from tests.conftest import KeyMaker, served_api
 from tests.test_writer import telemetry
 
 ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
 
-pytestmark = pytest.mark.skipif(
-    chromium() is None,
-    reason="needs Debian's chromium (make test installs it when run as root: `make browser`)",
-)
-
-
-@pytest.fixture
-def browser(tmp_path: Path) -> Iterator[Browser]:
-    binary = chromium()
-    assert binary is not None
-    opened = Browser(binary, tmp_path / "profile")
-    yield opened
-    opened.close()
+pytestmark = browser_module.NEEDS_CHROMIUM
+browser = browser_module.browser  # the fixture
 
 
 @pytest.fixture

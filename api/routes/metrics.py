@@ -12,7 +12,7 @@ from typing import Any
 
 from fastapi import APIRouter, Response
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
@@ -20,6 +20,7 @@ from api.auth import Caller, check_national
 from api.deps import Connection, Settings
 from ingest.certificates import CertificateExpiry
 from ingest.metrics import exposition
+from national.cell.outbox import outbox_figures
 from registry.counts import platform_gauges
 from registry.kafka_offsets import partition_lag
 from registry.maintenance import last_runs, table_figures
@@ -99,7 +100,9 @@ async def metrics(conn: Connection, caller: Caller, settings: Settings) -> Respo
 
     registry = CollectorRegistry()
     lifecycle = await _lifecycle(conn, maintenance)
-    registry.register(_Snapshot([*figures.values(), drift, last_run, maintenance, lag, *lifecycle]))
+    national = await _national(conn)
+    families = [*figures.values(), drift, last_run, maintenance, lag, *lifecycle, *national]
+    registry.register(_Snapshot(families))
     registry.register(CertificateExpiry(settings.certificate_files()))
     return Response(exposition(registry, settings.cell), media_type=CONTENT_TYPE_LATEST)
 
@@ -134,3 +137,43 @@ async def _lifecycle(conn: Any, maintenance: GaugeMetricFamily) -> list[Metric]:
     if runs.last_success is not None:
         maintenance.add_metric(["lifecycle"], runs.last_success.timestamp())
     return [size, oldest, finished, succeeded]
+
+
+async def _national(conn: Any) -> list[Metric]:
+    """The cell's national snapshots (national/cell/outbox.py): built, delivered, waiting, and
+    why deliveries failed. Alert on a rising oldest undelivered age or on a halt."""
+    figures = await outbox_figures(conn)
+    built = GaugeMetricFamily(
+        "iiot_national_snapshots_built", "The last snapshot sequence number this cell took."
+    )
+    built.add_metric([], figures.built)
+    delivered = GaugeMetricFamily(
+        "iiot_national_snapshots_delivered",
+        "Every snapshot up to this sequence number is with the national aggregator.",
+    )
+    delivered.add_metric([], figures.delivered)
+    waiting = GaugeMetricFamily(
+        "iiot_national_outbox_undelivered", "Snapshots kept until the aggregator takes them."
+    )
+    waiting.add_metric([], figures.undelivered)
+    oldest = GaugeMetricFamily(
+        "iiot_national_outbox_oldest_undelivered_timestamp_seconds",
+        "When the oldest undelivered snapshot was taken (absent: none waits).",
+    )
+    if figures.oldest_undelivered is not None:
+        oldest.add_metric([], figures.oldest_undelivered.timestamp())
+    failures = CounterMetricFamily(
+        "iiot_national_push_failures",
+        "Snapshots not built or not delivered, by reason (docs/operations.md).",
+        labels=["reason"],
+    )
+    for reason, (count, _) in figures.failures.items():
+        failures.add_metric([reason], count)
+    halted = GaugeMetricFamily(
+        "iiot_national_delivery_halted",
+        "1 while delivery is halted for an operator (`iiot national push --resume`).",
+        labels=["reason"],
+    )
+    if figures.halt is not None:
+        halted.add_metric([figures.halt.reason], 1.0)
+    return [built, delivered, waiting, oldest, failures, halted]
