@@ -19,6 +19,7 @@ import psycopg
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
@@ -368,17 +369,19 @@ async def test_metrics_show_how_far_building_and_delivery_came(
     assert response.status_code == 200
     oldest = (await outbox.outbox_figures(db)).oldest_undelivered
     assert oldest is not None
-    for line in (
-        "iiot_national_snapshots_built 3.0",
-        "iiot_national_snapshots_delivered 1.0",
-        "iiot_national_outbox_undelivered 2.0",
-        'iiot_national_push_failures_total{reason="unreachable"} 2.0',
-        'iiot_national_delivery_halted{reason="replayed"} 1.0',
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+    cell = (("cell", store.cell),)
+    for name, labels, value in (
+        ("iiot_national_snapshots_built", (), 3.0),
+        ("iiot_national_snapshots_delivered", (), 1.0),
+        ("iiot_national_outbox_undelivered", (), 2.0),
+        ("iiot_national_push_failures_total", (("reason", "unreachable"),), 2.0),
+        ("iiot_national_delivery_halted", (("reason", "replayed"),), 1.0),
     ):
-        assert line in response.text.splitlines(), line
-    [age] = [
-        float(line.split()[1])
-        for line in response.text.splitlines()
-        if line.startswith("iiot_national_outbox_oldest_undelivered_timestamp_seconds ")
-    ]
+        assert samples[name, tuple(sorted(cell + labels))] == value, name
+    age = samples["iiot_national_outbox_oldest_undelivered_timestamp_seconds", cell]
     assert age == pytest.approx(oldest.timestamp())
