@@ -15,10 +15,12 @@ from iiot.server import ApiServer
 from national.app import create_app
 from national.keys import (
     BadPublicKey,
+    StillHolding,
     add_cell,
     create_viewer_key,
     list_viewer_keys,
     load_public_key,
+    retire_cell,
     revoke_viewer_key,
 )
 from national.migrate import connection_options, migrate
@@ -100,6 +102,31 @@ def add_cell_command(
         typer.echo(f"refused: {name!r} is not a cell name (a-z, 0-9, -)", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"{'added' if added else 'key replaced for'} cell {name}")
+
+
+@national_app.command("retire-cell")
+def retire_cell_command(
+    name: Annotated[str, typer.Argument(help="The cell taken out of service.")],
+) -> None:
+    """Take a cell out of service: it leaves the coverage (no longer stale), its snapshots are
+    refused, its history stays. Refused while it holds platforms; `add-cell` brings it back."""
+    settings = NationalSettings()
+
+    async def main() -> bool:
+        async with await _connect(settings) as conn:
+            retired = await retire_cell(conn, name)
+            await conn.commit()
+            return retired
+
+    try:
+        retired = asyncio.run(main())
+    except StillHolding as exc:
+        typer.echo(f"refused: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if not retired:
+        typer.echo(f"no cell {name} in service", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"retired cell {name}")
 
 
 @national_app.command("import-totals")

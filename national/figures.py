@@ -28,6 +28,7 @@ SELECT c.name, c.next_sequence - 1, c.interval_seconds, c.last_taken_at, c.last_
        s.definitions_version, s.took_seconds, now()
 FROM cells c
 LEFT JOIN snapshots s ON s.cell = c.name AND s.sequence = c.next_sequence - 1
+WHERE c.retired_at IS NULL
 ORDER BY c.name
 """
 PLATFORMS = """

@@ -33,8 +33,12 @@ CROSS JOIN LATERAL (
     SELECT * FROM snapshots s WHERE s.cell = c.name AND s.taken_at < %(until)s
     ORDER BY s.sequence DESC LIMIT 1
 ) s
+WHERE c.retired_at IS NULL OR c.retired_at >= %(until)s
 """
-CELL_COUNT = "SELECT count(*) FROM cells WHERE added_at < %s"
+CELL_COUNT = """
+SELECT count(*) FROM cells WHERE added_at < %(until)s
+  AND (retired_at IS NULL OR retired_at >= %(until)s)
+"""
 UPSERT_SAMPLE = """
 INSERT INTO national_samples (resolution, at, cells, cells_stale, oldest_age_seconds, platforms,
     registered, connected, ever_connected, active_24h, active_30d, distinct_connected,
@@ -120,7 +124,7 @@ async def sample_past(conn: AsyncConnection[Any], minute: datetime) -> None:
     until = minute + timedelta(minutes=1)
     cur = await conn.execute(CELLS_AT, {"until": until, "stale": STALE_INTERVALS})
     rows = await cur.fetchall()
-    cur = await conn.execute(CELL_COUNT, (until,))
+    cur = await conn.execute(CELL_COUNT, {"until": until})
     registered_cells = await cur.fetchone()
     fresh = [r for r in rows if r[13]]
     totals = {

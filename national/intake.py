@@ -43,7 +43,10 @@ RECORD_REFUSAL = """
 INSERT INTO refusals (cell, sequence, reason, detail, body_sha256, body_bytes)
 VALUES (%s, %s, %s, %s, %s, %s)
 """
-LOCK_CELL = "SELECT next_sequence, enterprises_sha256 FROM cells WHERE name = %s FOR UPDATE"
+LOCK_CELL = """
+SELECT next_sequence, enterprises_sha256 FROM cells WHERE name = %s AND retired_at IS NULL
+FOR UPDATE
+"""
 TAKEN_DIGEST = "SELECT body_sha256 FROM snapshots WHERE cell = %s AND sequence = %s"
 LOCK_PLATFORMS = """
 SELECT id, cell, released_to FROM platforms WHERE id = ANY(%s) OR cell = %s ORDER BY id FOR UPDATE
@@ -213,8 +216,8 @@ class Intake:
         async with self._pool.connection() as conn, conn.transaction():
             cur = await conn.execute(LOCK_CELL, (cell,))
             row = await cur.fetchone()
-            if row is None:  # removed since its key was read
-                raise Refused(403, "unknown-cell", f"no cell {cell!r} is registered here")
+            if row is None:  # retired since its key was read
+                raise Refused(403, "unknown-cell", f"cell {cell!r} is retired here")
             expected, enterprises_before = row
             if snapshot.sequence < expected:
                 return await _again(conn, snapshot, digest, expected)

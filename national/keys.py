@@ -20,10 +20,12 @@ from psycopg import AsyncConnection
 
 UPSERT_CELL = """
 INSERT INTO cells (name, public_key) VALUES (%s, %s)
-ON CONFLICT (name) DO UPDATE SET public_key = excluded.public_key
+ON CONFLICT (name) DO UPDATE SET public_key = excluded.public_key, retired_at = NULL
 RETURNING (xmax = 0) AS added
 """
-CELL_KEY = "SELECT public_key FROM cells WHERE name = %s"
+CELL_KEY = "SELECT public_key FROM cells WHERE name = %s AND retired_at IS NULL"
+HELD_PLATFORMS = "SELECT array_agg(id ORDER BY id) FROM platforms WHERE cell = %s"
+RETIRE_CELL = "UPDATE cells SET retired_at = now() WHERE name = %s AND retired_at IS NULL"
 INSERT_VIEWER_KEY = """
 INSERT INTO viewer_keys (prefix, digest, name) VALUES (%s, %s, %s) RETURNING id
 """
@@ -69,6 +71,26 @@ async def add_cell(conn: AsyncConnection[Any], name: str, public_key: bytes) -> 
     cur = await conn.execute(UPSERT_CELL, (name, public_key))
     row = await cur.fetchone()
     return bool(row and row[0])
+
+
+class StillHolding(ValueError):
+    """A cell that holds platforms cannot be retired: they would stop being counted."""
+
+
+async def retire_cell(conn: AsyncConnection[Any], name: str) -> bool:
+    """Takes a cell out of service; False when no such cell is in service. Refuses (StillHolding)
+    while the cell holds platforms: move them first (the cell releases, the other claims)."""
+    cur = await conn.execute(HELD_PLATFORMS, (name,))
+    row = await cur.fetchone()
+    held = row[0] if row else None
+    if held:
+        shown = ", ".join(held[:20]) + (" ..." if len(held) > 20 else "")
+        raise StillHolding(
+            f"cell {name} holds {len(held)} platform(s): {shown}; move them to another cell "
+            "(released by this one, claimed by the other) before retiring it"
+        )
+    cur = await conn.execute(RETIRE_CELL, (name,))
+    return cur.rowcount == 1
 
 
 async def cell_key(conn: AsyncConnection[Any], name: str) -> Ed25519PublicKey | None:

@@ -23,6 +23,7 @@ FRESH_KEYS = """
 SELECT e.key_id, array_agg(DISTINCT e.cell ORDER BY e.cell)
 FROM cell_enterprises e JOIN cells c ON c.name = e.cell
 WHERE now() - c.last_taken_at <= make_interval(secs => c.interval_seconds * %s)
+  AND c.retired_at IS NULL
 GROUP BY e.key_id
 """
 CLEAR = ("DELETE FROM penetration_cells", "DELETE FROM penetration_disagreements")

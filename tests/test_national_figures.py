@@ -168,6 +168,20 @@ async def test_a_silent_cell_is_stale_after_three_intervals_and_shown_apart(
         await east.push(http, east.body([platform("e1", connected=11)]))
         assert (await http.get("/national/totals")).json()["totals"]["connected"] == 16
 
+        # A cell taken out of service leaves the coverage, but not while it holds platforms.
+        refused = national_cli(aggregator, "retire-cell", "west")
+        assert refused.returncode == 1
+        assert "holds 1 platform(s): w1" in refused.stderr
+        await west.push(http, west.body([]))  # its platform gone (moved or removed)
+        retired = national_cli(aggregator, "retire-cell", "west")
+        assert retired.returncode == 0, retired.stderr
+        coverage = (await http.get("/national/totals")).json()["coverage"]
+        assert coverage["cells_registered"] == 1
+        assert coverage["cells"] == ["east"]
+        late = await west.push(http, west.body([platform("w1", connected=5)]))
+        assert late.status_code == 403, late.text
+        assert (await http.get("/national/cells/west/snapshots")).json()["snapshots"]
+
 
 async def test_the_history_fills_in_when_a_cell_delivers_the_snapshots_it_kept(
     aggregator: Aggregator,
