@@ -78,7 +78,7 @@ class SimCell:
     """A cell as the aggregator sees one: a name, a key pair and a sequence."""
 
     name: str
-    interval: float = 1.0
+    interval: float = 60.0  # seconds; tests of staleness give 1
     key: Ed25519PrivateKey = field(default_factory=Ed25519PrivateKey.generate)
     sequence: int = 0
 

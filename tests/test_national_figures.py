@@ -176,8 +176,10 @@ async def test_a_silent_cell_is_stale_after_three_intervals_and_shown_apart(
         retired = national_cli(aggregator, "retire-cell", "west")
         assert retired.returncode == 0, retired.stderr
         coverage = (await http.get("/national/totals")).json()["coverage"]
+        # (East, on a 1 s interval, may itself be stale by now on a busy machine.)
         assert coverage["cells_registered"] == 1
-        assert coverage["cells"] == ["east"]
+        listed = coverage["cells"] + [c["cell"] for c in coverage["stale_cells"]]
+        assert listed == ["east"]
         late = await west.push(http, west.body([platform("w1", connected=5)]))
         assert late.status_code == 403, late.text
         assert (await http.get("/national/cells/west/snapshots")).json()["snapshots"]
