@@ -365,14 +365,6 @@ def dead_letters_replay(
     asyncio.run(main())
 
 
-def main() -> None:
-    app()
-
-
-if __name__ == "__main__":
-    main()
-
-
 @enterprises_app.command("import-totals")
 def enterprises_import_totals(
     file: Annotated[
@@ -401,3 +393,11 @@ def enterprises_import_totals(
     except Invalid as exc:
         typer.echo(f"refused: {exc}", err=True)
         raise typer.Exit(1) from None
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
