@@ -40,10 +40,14 @@ class Platform:
     auto_provision: bool
     metadata: dict[str, Any]
     created_at: datetime
+    # Set when the platform moved to another cell (registry/moves.py): the cell and when.
+    moved_to: str | None = None
+    moved_at: datetime | None = None
 
 
 COLUMNS = (
-    "id, name, tier, type, region, industry, liveness_seconds, auto_provision, metadata, created_at"
+    "id, name, tier, type, region, industry, liveness_seconds, auto_provision, metadata, "
+    "created_at, moved_to, moved_at"
 )
 # Fields an operator may change; the id never changes.
 MUTABLE = (
