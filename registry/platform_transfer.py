@@ -221,7 +221,8 @@ SECTIONS: Final = (
         """SELECT id, time, key_id, action, subject, detail
            FROM audit_log WHERE platform_id = {platform} ORDER BY id""",
     ),
-    # Refused messages, so that they can still be inspected and replayed in the new cell.
+    # Refused messages, so that they can still be inspected and replayed in the new cell (a
+    # returning platform keeps those it has here: what arrived while it was away, too).
     Section(
         "dead_letters",
         _columns(
@@ -287,7 +288,6 @@ CLEAR_RETURNING = tuple(
         "connection_events",
         "usage_daily",
         "usage_ledger_daily",
-        "dead_letters",
     )
 )
 
@@ -488,7 +488,11 @@ INSERT INTO dead_letters (received_at, source, topic, platform_id, reason, detai
 SELECT received_at, source, topic, %(platform)s, reason, detail, payload, replayed_at,
        replay_outcome, kafka_partition, kafka_offset, kafka_key, kafka_headers, raw_topic,
        sparkplug_topic
-FROM transfer_dead_letters ORDER BY id
+FROM transfer_dead_letters s
+WHERE NOT EXISTS (SELECT FROM dead_letters d WHERE d.platform_id = %(platform)s
+                  AND d.received_at = s.received_at AND d.topic = s.topic
+                  AND d.reason = s.reason AND d.payload = s.payload)
+ORDER BY id
 """
 METRIC_NAMES = """
 INSERT INTO metrics (name) SELECT DISTINCT metric FROM transfer_telemetry ORDER BY 1

@@ -326,6 +326,32 @@ async def test_a_platform_moves_to_another_cell_and_reads_the_same_there(
 
         await refused_in_the_old_cell(a, mqtt_url, unique, issued)
 
+        # It goes on in B (usage, a count sample), then moves back to A: A's old record is
+        # replaced, its append-only ledger kept and completed, and A reads what B read.
+        async with await connect(b, autocommit=True) as conn:
+            today = datetime.now(UTC).date()
+            spent = usage.Usage(PLATFORM, today, "mqtt", messages=3, bytes=120, points=6)
+            async with conn.transaction():
+                await usage.record_usage(conn, [spent], shard=5)
+            await history.sample(conn, timedelta(seconds=30))
+        in_b = await observe(b)
+        assert in_b["ledger"] != before["ledger"]
+        back = tmp_path / "back.gz"
+        with back.open("wb") as sink:
+            await export_to(b, PLATFORM, sink, telemetry=True, move_to="cell-a", settle=0)
+        with back.open("rb") as source:
+            summary = await import_from(a, source)
+        assert summary.returning
+        assert summary.drift == (0, 0, 0)
+        again = await observe(a)
+        for what, value in in_b.items():
+            if what not in ("distinct", "dead_letters"):
+                assert again[what] == value, what
+        # What A refused while the platform was away stays on record there.
+        assert again["dead_letters"][: len(in_b["dead_letters"])] == in_b["dead_letters"]
+        assert {letter[2] for letter in again["dead_letters"]} == {"invalid_json", "platform_moved"}
+        assert (await observe(b))["counts"] is None
+
 
 async def refused_in_the_old_cell(
     a: StoreSettings, mqtt_url: str, unique: str, issued: dict[str, str]
