@@ -27,7 +27,7 @@ from registry.access import CredentialKind, Role, create_key, issue_credential, 
 from registry.activity import refresh_activity
 from registry.errors import Conflict, Invalid
 from registry.migrate import migrate
-from registry.platform_transfer import export_platform, export_to, import_from
+from registry.platform_transfer import SECTIONS, export_platform, export_to, import_from
 from registry.platforms import Tier, upsert_platform
 from registry.registration import decommission_devices, register_devices
 from registry.settings import StoreSettings
@@ -36,7 +36,6 @@ from tests.conftest import api_in_process, eventually, payload, publisher, runni
 
 PLATFORM = "plant-x"
 CODE = "914403001922038216"
-pytestmark = pytest.mark.slow
 
 
 @asynccontextmanager
@@ -236,6 +235,7 @@ async def fill(settings: StoreSettings, mqtt_url: str, unique: str) -> dict[str,
     return {"meter-1": secret, "key": key, "root": root}
 
 
+@pytest.mark.slow  # runs `iiot platform export` and `import` as processes
 async def test_a_platform_moves_to_another_cell_and_reads_the_same_there(
     database_url: str, mqtt_url: str, unique: str, tmp_path: Path
 ) -> None:
@@ -475,3 +475,11 @@ async def test_an_export_streams_and_a_failed_move_is_undone(
             await export_to(a, PLATFORM, Full(), telemetry=True, move_to="cell-b", settle=0)
         async with await connect(a, autocommit=True) as conn:
             assert await scalar(conn, "SELECT moved_to FROM platforms") is None
+
+
+def test_the_format_reference_lists_every_section_with_its_columns() -> None:
+    reference = (Path(__file__).parent.parent / "docs" / "platform-transfer.md").read_text()
+    for section in SECTIONS:
+        columns = ", ".join(f"`{name}` {kind}" for name, kind in section.columns)
+        assert f"| `{section.name}`" in reference, section.name
+        assert f" | {columns} |" in reference, section.name
