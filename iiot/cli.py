@@ -27,7 +27,8 @@ from registry.maintenance import Maintainer, maintain_once
 from registry.migrate import migrate
 from registry.moves import Moved, unmove
 from registry.official_totals import import_totals
-from registry.platform_transfer import ExportSummary, export_to, import_from
+from registry.platform_export import ExportSummary, export_to
+from registry.platform_import import import_from
 from registry.platforms import PlatformType, Tier, upsert_platform
 from registry.settings import StoreSettings
 from registry.store import connect, create_pool

@@ -27,11 +27,13 @@ from registry.access import CredentialKind, Role, create_key, issue_credential, 
 from registry.activity import refresh_activity
 from registry.errors import Conflict, Invalid
 from registry.migrate import migrate
-from registry.platform_transfer import SECTIONS, export_platform, export_to, import_from
+from registry.platform_export import export_platform, export_to
+from registry.platform_import import import_from
 from registry.platforms import Tier, upsert_platform
 from registry.registration import decommission_devices, register_devices
 from registry.settings import StoreSettings
 from registry.store import connect, create_pool
+from registry.transfer_format import SECTIONS
 from tests.conftest import api_in_process, eventually, payload, publisher, running, scalar
 
 PLATFORM = "plant-x"
@@ -146,6 +148,20 @@ async def observe(settings: StoreSettings) -> dict[str, Any]:
     return seen
 
 
+def ingest(settings: StoreSettings, mqtt_url: str, client: str, root: str) -> IngestSettings:
+    return IngestSettings(
+        database_url=settings.database_url,
+        database_schema=settings.database_schema,
+        mqtt_url=mqtt_url,
+        mqtt_client_id=client,
+        mqtt_topic_root=root,
+        mqtt_session_expiry_seconds=600,
+        sparkplug_groups="",
+        batch_max_delay_seconds=0.05,
+        shutdown_grace_seconds=5,
+    )
+
+
 async def fill(settings: StoreSettings, mqtt_url: str, unique: str) -> dict[str, str]:
     """A platform with some of everything: returns secrets issued (device -> secret)."""
     async with await connect(settings, autocommit=True) as conn:
@@ -174,17 +190,7 @@ async def fill(settings: StoreSettings, mqtt_url: str, unique: str) -> dict[str,
             conn, role=Role.OPERATOR, platform=PLATFORM, name="plant ops", created_by=None
         )
     root = f"test/{unique}/iiot/v1"
-    ingest_settings = IngestSettings(
-        database_url=settings.database_url,
-        database_schema=settings.database_schema,
-        mqtt_url=mqtt_url,
-        mqtt_client_id=f"iiot-test-{unique}",
-        mqtt_topic_root=root,
-        mqtt_session_expiry_seconds=600,
-        sparkplug_groups="",
-        batch_max_delay_seconds=0.05,
-        shutdown_grace_seconds=5,
-    )
+    ingest_settings = ingest(settings, mqtt_url, f"iiot-test-{unique}", root)
     now = datetime.now(UTC)
     async with (
         create_pool(ingest_settings, name="ingest") as pool,
@@ -357,17 +363,7 @@ async def refused_in_the_old_cell(
     a: StoreSettings, mqtt_url: str, unique: str, issued: dict[str, str]
 ) -> None:
     root = issued["root"]
-    ingest_settings = IngestSettings(
-        database_url=a.database_url,
-        database_schema=a.database_schema,
-        mqtt_url=mqtt_url,
-        mqtt_client_id=f"iiot-test2-{unique}",
-        mqtt_topic_root=root,
-        mqtt_session_expiry_seconds=600,
-        sparkplug_groups="",
-        batch_max_delay_seconds=0.05,
-        shutdown_grace_seconds=5,
-    )
+    ingest_settings = ingest(a, mqtt_url, f"iiot-test2-{unique}", root)
     async with (
         create_pool(ingest_settings, name="ingest") as pool,
         running(MqttIngest(ingest_settings, pool)),

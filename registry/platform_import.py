@@ -1,34 +1,18 @@
-"""Moving a platform between cells: a streamed export of everything a platform has in one cell's
-store, and its import into another's (docs/operations.md, "Moving a platform between cells";
-the file format: docs/platform-transfer.md).
+"""Importing a platform from a transfer file (registry/transfer_format.py) into this cell.
 
-The file is gzip'd text, written and read in one pass with constant memory:
-
-    {"format": "iiot-platform", "version": 1, "cell": ..., "platform": ..., ...}   header
-    {"section": "devices", "columns": [["id", "bigint"], ...]}                     a section
-    <one line per row, PostgreSQL's COPY text format>
-    \\.
-    ... every section ...
-    {"trailer": {"rows": {...}, "sha256": "..."}}
-
-The SHA-256 covers every byte before the trailer, so a truncated, corrupted or edited file is
-refused; it proves integrity, not origin (carry the file over a trusted channel: it holds the
-platform's credential digests). Rows stream out of PostgreSQL (COPY from one REPEATABLE READ
-snapshot) and into temporary tables (COPY), so neither side holds a section in memory. Nothing
-reaches the real tables until the whole file has been read and its digest checked; then one
-transaction maps the rows in: internal ids (devices, gateways, events, keys, ledger rows) are
-the importing cell's, metric names are looked up in its dictionary.
+Rows stream into temporary tables (COPY), so nothing is held in memory and nothing reaches the
+real tables until the whole file has been read and its digest checked; then one transaction
+maps the rows in: internal ids (devices, gateways, events, keys, ledger rows) are this cell's,
+metric names are looked up in its dictionary.
 
 A platform coming back to a cell it moved away from replaces its old record there, except that
 the append-only usage ledger keeps its rows: the file's rows that are not there already are
 added, and the daily roll-up is adjusted so that the ledger adds up to the file's exactly.
 """
 
-import asyncio
 import hashlib
 import json
-import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import IO, Any, Final
@@ -37,234 +21,25 @@ import psycopg
 from psycopg import AsyncConnection, sql
 
 from registry.access import audit
-from registry.errors import Conflict, Invalid, NotFound
-from registry.moves import Moved, mark_moved, unmove, where_moved
+from registry.errors import Conflict, Invalid
 from registry.notifications import announce
 from registry.settings import StoreSettings
 from registry.store import connect
-
-FORMAT: Final = "iiot-platform"
-VERSION: Final = 1
-_END: Final = b"\\.\n"
-_CHUNK: Final = 1 << 18  # bytes handed to zlib, COPY and the file at a time
-_MAX_LINE: Final = 1 << 28  # a row longer than this is not one we wrote
-
-
-@dataclass(frozen=True, slots=True)
-class Section:
-    """One table's rows for one platform: the staging columns (name, SQL type), in the order
-    `export` selects them ({platform}: the platform id, as a literal)."""
-
-    name: str
-    columns: tuple[tuple[str, str], ...]
-    export: str
-    optional: bool = False  # telemetry: only with --telemetry
-
-
-def _columns(spec: str) -> tuple[tuple[str, str], ...]:
-    pairs = (c.strip().split(" ", 1) for c in spec.split(","))
-    return tuple((name, kind) for name, kind in pairs)
-
-
-_DEVICE_STATE = """state text, session_managed boolean, session_epoch bigint,
-    session_order bigint, state_changed_at timestamptz, expires_at timestamptz"""
-_USAGE = """messages bigint, bytes bigint, points bigint, duplicate_points bigint,
-    refused_messages bigint"""
-_USAGE_COLUMNS = "messages, bytes, points, duplicate_points, refused_messages"
-
-SECTIONS: Final = (
-    Section(
-        "platform",
-        _columns(
-            "id text, name text, tier text, type text, region text, industry text, "
-            "liveness_seconds integer, auto_provision boolean, metadata jsonb, "
-            "created_at timestamptz"
-        ),
-        """SELECT id, name, tier, type, region, industry, liveness_seconds, auto_provision,
-                  metadata, created_at
-           FROM platforms WHERE id = {platform}""",
-    ),
-    # The dictionary entry the platform's industry text maps to, if any (migration 0031).
-    Section(
-        "industry_mapping",
-        _columns("text text, industry text, mapped_by text, mapped_at timestamptz"),
-        """SELECT m.text, m.industry, m.mapped_by, m.mapped_at
-           FROM industry_mappings m JOIN platforms p ON m.text = lower(btrim(p.industry))
-           WHERE p.id = {platform}""",
-    ),
-    Section(
-        "enterprises",
-        _columns(
-            "code text, name text, industry text, above_size boolean, region text, "
-            "region_reason text, created_at timestamptz, updated_at timestamptz"
-        ),
-        """SELECT code, name, industry, above_size, region, region_reason, created_at, updated_at
-           FROM enterprises WHERE platform_id = {platform} ORDER BY code""",
-    ),
-    Section(
-        "enterprise_rule",
-        _columns("metadata_key text"),
-        "SELECT metadata_key FROM enterprise_rules WHERE platform_id = {platform}",
-    ),
-    Section(
-        "gateways",
-        _columns(
-            "id bigint, gateway_id text, metadata jsonb, created_at timestamptz, "
-            f"first_seen timestamptz, last_seen timestamptz, {_DEVICE_STATE}, bd_seq smallint, "
-            "session_flipped boolean, session_first boolean, enterprise text"
-        ),
-        """SELECT id, gateway_id, metadata, created_at, first_seen, last_seen, state,
-                  session_managed, session_epoch, session_order, state_changed_at, expires_at,
-                  bd_seq, session_flipped, session_first, enterprise
-           FROM gateways WHERE platform_id = {platform} ORDER BY id""",
-    ),
-    Section(
-        "devices",
-        _columns(
-            "id bigint, device_id text, metadata jsonb, created_at timestamptz, "
-            "first_seen timestamptz, last_seen timestamptz, via_gateway bigint, "
-            f"{_DEVICE_STATE}, decommissioned_at timestamptz, session_flipped boolean, "
-            "session_first boolean, enterprise text"
-        ),
-        """SELECT id, device_id, metadata, created_at, first_seen, last_seen, via_gateway, state,
-                  session_managed, session_epoch, session_order, state_changed_at, expires_at,
-                  decommissioned_at, session_flipped, session_first, enterprise
-           FROM devices WHERE platform_id = {platform} ORDER BY id""",
-    ),
-    Section(
-        "credentials",
-        _columns(
-            "kind text, subject text, digest bytea, created_at timestamptz, "
-            "rotated_at timestamptz, revoked_at timestamptz"
-        ),
-        """SELECT kind, subject, digest, created_at, rotated_at, revoked_at
-           FROM credentials WHERE platform_id = {platform} ORDER BY kind, subject""",
-    ),
-    # The platform's own operator and viewer keys (as digests): its operators' integrations
-    # keep working against the new cell. Admin, broker and national keys stay with their cell.
-    Section(
-        "api_keys",
-        _columns(
-            "id bigint, prefix text, digest bytea, role text, name text, "
-            "created_at timestamptz, revoked_at timestamptz, expires_at timestamptz"
-        ),
-        """SELECT id, prefix, digest, role, name, created_at, revoked_at, expires_at
-           FROM api_keys WHERE platform_id = {platform} ORDER BY id""",
-    ),
-    # The counters summed over the source's writer shards: one row, exact as read.
-    Section(
-        "counters",
-        _columns("registered bigint, connected bigint, ever_connected bigint"),
-        """SELECT coalesce(sum(registered), 0), coalesce(sum(connected), 0),
-                  coalesce(sum(ever_connected), 0)
-           FROM platform_counters WHERE platform_id = {platform}""",
-    ),
-    Section(
-        "activity",
-        _columns("active_24h bigint, active_30d bigint, as_of timestamptz"),
-        """SELECT active_24h, active_30d, as_of
-           FROM platform_activity WHERE platform_id = {platform}""",
-    ),
-    Section(
-        "enterprise_stats",
-        _columns(
-            "enterprises bigint, above_size bigint, connected_30d bigint, industries integer, "
-            "provinces integer, prefectures integer, linked_devices bigint"
-        ),
-        """SELECT enterprises, above_size, connected_30d, industries, provinces, prefectures,
-                  linked_devices
-           FROM platform_enterprise_stats WHERE platform_id = {platform}""",
-    ),
-    Section(
-        "count_history",
-        _columns(
-            "time timestamptz, registered bigint, connected bigint, ever_connected bigint, "
-            "seconds integer, connected_seconds bigint, connected_min bigint, "
-            "connected_max bigint"
-        ),
-        """SELECT time, registered, connected, ever_connected, seconds, connected_seconds,
-                  connected_min, connected_max
-           FROM count_history WHERE platform_id = {platform} ORDER BY time""",
-    ),
-    Section(
-        "connection_events",
-        _columns(
-            "id bigint, time timestamptz, subject text, subject_id bigint, state text, "
-            "cause text, devices_affected integer"
-        ),
-        """SELECT id, time, subject, subject_id, state, cause, devices_affected
-           FROM connection_events WHERE platform_id = {platform} ORDER BY time, id""",
-    ),
-    Section(
-        "usage_ledger",
-        _columns(f"id bigint, recorded_at timestamptz, day date, source text, {_USAGE}"),
-        f"""SELECT id, recorded_at, day, source, {_USAGE_COLUMNS}
-            FROM usage_ledger WHERE platform_id = {{platform}} ORDER BY id""",
-    ),
-    Section(
-        "usage_ledger_daily",
-        _columns(f"day date, source text, {_USAGE}, batches bigint"),
-        f"""SELECT day, source, {_USAGE_COLUMNS}, batches
-            FROM usage_ledger_daily WHERE platform_id = {{platform}} ORDER BY day, source""",
-    ),
-    Section(
-        "usage_daily",
-        _columns(f"day date, shard smallint, {_USAGE}"),
-        f"""SELECT day, shard, {_USAGE_COLUMNS}
-            FROM usage_daily WHERE platform_id = {{platform}} ORDER BY day, shard""",
-    ),
-    Section(
-        "audit_log",
-        _columns(
-            "id bigint, time timestamptz, key_id bigint, action text, subject text, detail jsonb"
-        ),
-        """SELECT id, time, key_id, action, subject, detail
-           FROM audit_log WHERE platform_id = {platform} ORDER BY id""",
-    ),
-    # Refused messages, so that they can still be inspected and replayed in the new cell (a
-    # returning platform keeps those it has here: what arrived while it was away, too).
-    Section(
-        "dead_letters",
-        _columns(
-            "id bigint, received_at timestamptz, source text, topic text, reason text, "
-            "detail text, payload bytea, replayed_at timestamptz, replay_outcome text, "
-            "kafka_partition integer, kafka_offset bigint, kafka_key bytea, "
-            "kafka_headers bytea[], raw_topic bytea, sparkplug_topic text"
-        ),
-        """SELECT id, received_at, source, topic, reason, detail, payload, replayed_at,
-                  replay_outcome, kafka_partition, kafka_offset, kafka_key, kafka_headers,
-                  raw_topic, sparkplug_topic
-           FROM dead_letters WHERE platform_id = {platform} ORDER BY id""",
-    ),
-    # In time order, with metric names (the importing cell has its own metric ids).
-    Section(
-        "telemetry",
-        _columns("time timestamptz, device bigint, metric text, value double precision"),
-        """SELECT t.time, t.device_id, m.name, t.value
-           FROM telemetry t
-           JOIN devices d ON d.id = t.device_id
-           JOIN metrics m ON m.id = t.metric_id
-           WHERE d.platform_id = {platform}
-           ORDER BY t.time, t.device_id, t.metric_id""",
-        optional=True,
-    ),
+from registry.transfer_format import (
+    BY_NAME,
+    CHUNK,
+    END,
+    FORMAT,
+    SCHEMA_VERSION,
+    SECTIONS,
+    USAGE_COLUMNS,
+    USAGE_TYPES,
+    VERSION,
+    GzipLines,
+    Section,
 )
-_BY_NAME: Final = {s.name: s for s in SECTIONS}
 
-# Text that every cell reads back the same: ISO times in UTC, hex bytea, exact floats.
-SNAPSHOT = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
-TEXT_SETTINGS = (
-    "SET LOCAL TimeZone = 'UTC'",
-    "SET LOCAL DateStyle = 'ISO, YMD'",
-    "SET LOCAL IntervalStyle = 'iso_8601'",
-    "SET LOCAL bytea_output = 'hex'",
-    "SET LOCAL extra_float_digits = 1",
-)
-SCHEMA_VERSION = "SELECT max(version) FROM schema_migrations"
-PLATFORM_EXISTS = "SELECT 1 FROM platforms WHERE id = %s"
-
-
-# --- import: the statements that map staged rows in, in order --------------------------------
+# The statements that map staged rows in, in order.
 
 PLATFORM_STATE = "SELECT moved_to FROM platforms WHERE id = %s FOR UPDATE"
 # A returning platform: the file must hold every device and gateway the old record has
@@ -428,7 +203,7 @@ LEFT JOIN transfer_gateway_ids g ON s.subject = 'gateway' AND g.old = s.subject_
 WHERE coalesce(d.new, g.new) IS NOT NULL
 ORDER BY s.id
 """
-_LEDGER_ROW = f"recorded_at, day, source, {_USAGE_COLUMNS}"
+_LEDGER_ROW = f"recorded_at, day, source, {USAGE_COLUMNS}"
 # The ledger is append-only: rows this cell holds already (a returning platform's, from before
 # it left) stay, and only the file's other rows are added. Rows held here one by one that the
 # file holds rolled up into a day (the other cell's maintenance rolled them up) are taken off
@@ -469,8 +244,8 @@ FROM (SELECT {_LEDGER_ROW} FROM transfer_usage_ledger
 ORDER BY recorded_at
 """
 USAGE_DAILY = f"""
-INSERT INTO usage_daily (platform_id, day, shard, {_USAGE_COLUMNS})
-SELECT %(platform)s, day, shard, {_USAGE_COLUMNS} FROM transfer_usage_daily
+INSERT INTO usage_daily (platform_id, day, shard, {USAGE_COLUMNS})
+SELECT %(platform)s, day, shard, {USAGE_COLUMNS} FROM transfer_usage_daily
 """
 # Append-only too: entries this cell has already (a returning platform's) are not repeated.
 AUDIT_LOG = """
@@ -529,186 +304,6 @@ ENSURE_DAILY_PARTITIONS = "SELECT iiot_ensure_daily_partitions(%s, %s, %s)"
 _OLDEST_PARTITION: Final = timedelta(days=366)
 
 
-# --- the file ---------------------------------------------------------------------------------
-
-
-class _Out:
-    """Gzip-compresses what it is given into `sink`, a chunk at a time, and hashes it."""
-
-    def __init__(self, sink: IO[bytes]) -> None:
-        self._sink = sink
-        self._zip = zlib.compressobj(6, zlib.DEFLATED, 31)  # 31: a gzip member
-        self._hash = hashlib.sha256()
-        self._pending = bytearray()
-        self.size = 0
-
-    async def write(self, data: bytes) -> None:
-        self._hash.update(data)
-        self.size += len(data)
-        self._pending += self._zip.compress(data)
-        if len(self._pending) >= _CHUNK:
-            await self._flush()
-
-    def digest(self) -> str:
-        return self._hash.hexdigest()
-
-    async def close(self, last: bytes) -> None:
-        """Writes `last` (unhashed: the trailer holds the hash) and ends the gzip member."""
-        self._pending += self._zip.compress(last) + self._zip.flush()
-        await self._flush()
-        await asyncio.to_thread(self._sink.flush)
-
-    async def _flush(self) -> None:
-        data = bytes(self._pending)
-        self._pending.clear()
-        await asyncio.to_thread(self._sink.write, data)
-
-
-class _Lines:
-    """The lines of a gzip'd file, read a chunk at a time; refuses a file cut short."""
-
-    def __init__(self, source: IO[bytes]) -> None:
-        self._source = source
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        unzip = zlib.decompressobj(31)
-        started = False
-        buffer = bytearray()
-        while chunk := await asyncio.to_thread(self._source.read, _CHUNK):
-            data: bytes = chunk
-            while data:
-                started = True
-                try:
-                    buffer += unzip.decompress(data, _CHUNK * 4)
-                except zlib.error as exc:
-                    raise Invalid(f"the file is corrupt (not gzip, or damaged): {exc}") from None
-                data = unzip.unconsumed_tail
-                if unzip.eof:  # another gzip member may follow
-                    data, unzip, started = unzip.unused_data, zlib.decompressobj(31), False
-                start = 0
-                while (end := buffer.find(b"\n", start)) >= 0:
-                    yield bytes(buffer[start : end + 1])
-                    start = end + 1
-                del buffer[:start]
-                if len(buffer) > _MAX_LINE:
-                    raise Invalid("the file is corrupt: a line longer than any row")
-        if started or buffer:
-            raise Invalid("the file is truncated: it ends in the middle (copy it again)")
-
-
-# --- export -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ExportSummary:
-    platform: str
-    rows: dict[str, int]
-    bytes: int  # uncompressed
-    sha256: str
-    moved: Moved | None
-
-
-async def export_platform(
-    conn: AsyncConnection[Any],
-    platform: str,
-    sink: IO[bytes],
-    *,
-    cell: str,
-    telemetry: bool = False,
-) -> ExportSummary:
-    """Writes the platform to `sink` from one consistent snapshot (a transaction of its own on
-    `conn`, which must not be in one). Rows stream through: memory stays flat whatever the
-    platform holds. A moved platform can be exported again (a lost file); its header names the
-    cell it moved to, the one cell that will import it."""
-    out = _Out(sink)
-    rows: dict[str, int] = {}
-    async with conn.transaction():
-        await conn.execute(SNAPSHOT)
-        for setting in TEXT_SETTINGS:
-            await conn.execute(setting)
-        if await (await conn.execute(PLATFORM_EXISTS, (platform,))).fetchone() is None:
-            raise NotFound(f"platform {platform!r}")
-        moved = await where_moved(conn, platform)
-        version = await (await conn.execute(SCHEMA_VERSION)).fetchone()
-        header = {
-            "format": FORMAT,
-            "version": VERSION,
-            "cell": cell,
-            "schema_version": version[0] if version else None,
-            "platform": platform,
-            "exported_at": datetime.now(UTC).isoformat(),
-            "telemetry": telemetry,
-            "moved_to": moved.cell if moved else None,
-        }
-        await out.write(_json_line(header))
-        for section in SECTIONS:
-            if section.optional and not telemetry:
-                continue
-            await out.write(_json_line({"section": section.name, "columns": section.columns}))
-            rows[section.name] = await _copy_out(conn, section, platform, out)
-            await out.write(_END)
-    digest = out.digest()
-    await out.close(_json_line({"trailer": {"rows": rows, "sha256": digest}}))
-    return ExportSummary(platform, rows, out.size, digest, moved)
-
-
-async def _copy_out(conn: AsyncConnection[Any], section: Section, platform: str, out: _Out) -> int:
-    query = sql.SQL(section.export).format(platform=sql.Literal(platform))
-    statement = sql.SQL("COPY ({}) TO STDOUT").format(query)
-    count = 0
-    pending = bytearray()
-    async with conn.cursor() as cur, cur.copy(statement) as copy:
-        async for data in copy:
-            pending += data
-            if len(pending) >= _CHUNK:
-                count += pending.count(b"\n")
-                await out.write(bytes(pending))
-                pending.clear()
-    count += pending.count(b"\n")
-    await out.write(bytes(pending))
-    return count
-
-
-async def export_to(
-    settings: StoreSettings,
-    platform: str,
-    sink: IO[bytes],
-    *,
-    telemetry: bool = False,
-    move_to: str | None = None,
-    settle: float = 5.0,
-) -> ExportSummary:
-    """`iiot platform export`: with `move_to`, the platform is first marked moved, so that this
-    cell refuses its traffic from then on, and exported `settle` seconds later (what ingest had
-    accepted before the refusal took effect has committed by then): nothing it accepted is left
-    out of the file. An export that fails undoes a move it made."""
-    async with await connect(settings) as conn:
-        made: Moved | None = None
-        if move_to is not None:
-            before = await where_moved(conn, platform)
-            moved = await mark_moved(conn, platform, move_to, here=settings.cell)
-            await conn.commit()
-            if before is None:
-                made = moved
-                await asyncio.sleep(settle)
-        try:
-            return await export_platform(
-                conn, platform, sink, cell=settings.cell, telemetry=telemetry
-            )
-        except BaseException:
-            if made is not None:
-                await unmove(conn, platform)
-                await conn.commit()
-            raise
-
-
-def _json_line(document: dict[str, Any]) -> bytes:
-    return json.dumps(document, separators=(",", ":")).encode() + b"\n"
-
-
-# --- import -----------------------------------------------------------------------------------
-
-
 @dataclass(slots=True)
 class ImportSummary:
     platform: str
@@ -742,7 +337,7 @@ async def import_platform(
     changes nothing. `partitions`: a second connection (autocommit) that makes the day
     partitions the rows need before they are written, each in a short transaction of its own,
     so that this one never holds a partitioned table's lock for long."""
-    lines = aiter(_Lines(source))
+    lines = aiter(GzipLines(source))
     hasher = hashlib.sha256()
 
     async def line() -> bytes | None:
@@ -861,7 +456,7 @@ def _read_section(text: bytes, seen: dict[str, int]) -> Section:
         name, columns = document["section"], [tuple(c) for c in document["columns"]]
     except (ValueError, KeyError, TypeError):
         raise Invalid("the file is corrupt: a section header does not read") from None
-    section = _BY_NAME.get(name)
+    section = BY_NAME.get(name)
     if section is None:
         raise Invalid(f"the file has a section this iiot does not know: {name!r}")
     if name in seen:
@@ -896,12 +491,12 @@ async def _stage(
     async with conn.cursor() as cur:
         try:
             async with cur.copy(sql.SQL("COPY {} FROM STDIN").format(table)) as copy:
-                while (text := await line()) != _END:
+                while (text := await line()) != END:
                     if text is None:
                         raise Invalid(f"the file is truncated: it ends in section {section.name}")
                     hasher.update(text)
                     pending += text
-                    if len(pending) >= _CHUNK:
+                    if len(pending) >= CHUNK:
                         await copy.write(bytes(pending))
                         pending.clear()
                 hasher.update(text)
@@ -959,7 +554,7 @@ async def _apply(conn: AsyncConnection[Any], platform: str, returning: bool) -> 
             ).format(sql.Identifier(table))
         )
     await conn.execute(
-        f"""CREATE TEMPORARY TABLE transfer_ledger_held (day date, source text, {_USAGE},
+        f"""CREATE TEMPORARY TABLE transfer_ledger_held (day date, source text, {USAGE_TYPES},
             batches bigint) ON COMMIT DROP"""
     )
     if returning:
