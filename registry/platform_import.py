@@ -41,6 +41,8 @@ from registry.transfer_format import (
 
 # The statements that map staged rows in, in order.
 
+# One import of a platform at a time (a second waits, then finds it served here).
+IMPORT_LOCK = "SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.import.' || %s))"
 PLATFORM_STATE = "SELECT moved_to FROM platforms WHERE id = %s FOR UPDATE"
 # A returning platform: the file must hold every device and gateway the old record has
 # (devices are decommissioned, never deleted, so a file from the platform's cell does).
@@ -442,6 +444,7 @@ async def _check_target(conn: AsyncConnection[Any], header: _Header, cell: str) 
 async def _platform_state(conn: AsyncConnection[Any], platform: str) -> bool:
     """Whether the platform returns to this cell (its moved-away record is here); Conflict if
     it is served here."""
+    await conn.execute(IMPORT_LOCK, (platform,))
     row = await (await conn.execute(PLATFORM_STATE, (platform,))).fetchone()
     if row is None:
         return False

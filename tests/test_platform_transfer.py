@@ -18,8 +18,10 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg import sql
+from psycopg_pool import AsyncConnectionPool
 
 from api.settings import ApiSettings
+from ingest.kafka import KafkaIngest
 from ingest.mqtt import MqttIngest
 from ingest.settings import IngestSettings
 from registry import counts, enterprises, history, penetration, usage
@@ -27,6 +29,7 @@ from registry.access import CredentialKind, Role, create_key, issue_credential, 
 from registry.activity import refresh_activity
 from registry.errors import Conflict, Invalid
 from registry.migrate import migrate
+from registry.moves import mark_moved
 from registry.platform_export import export_platform, export_to
 from registry.platform_import import import_from
 from registry.platforms import Tier, upsert_platform
@@ -35,6 +38,7 @@ from registry.settings import StoreSettings
 from registry.store import connect, create_pool
 from registry.transfer_format import SECTIONS
 from tests.conftest import api_in_process, eventually, payload, publisher, running, scalar
+from tests.test_kafka_ingest import consuming, produce
 
 PLATFORM = "plant-x"
 CODE = "914403001922038216"
@@ -460,10 +464,7 @@ async def test_an_export_streams_and_a_failed_move_is_undone(
         assert summary.bytes > 10_000_000
         assert peak < 3_000_000, f"the export held {peak} bytes at once"
 
-        class Full(io.RawIOBase):
-            def writable(self) -> bool:
-                return True
-
+        class Full(io.BytesIO):
             def write(self, data: Any) -> int:
                 raise OSError(28, "No space left on device")
 
@@ -479,3 +480,29 @@ def test_the_format_reference_lists_every_section_with_its_columns() -> None:
         columns = ", ".join(f"`{name}` {kind}" for name, kind in section.columns)
         assert f"| `{section.name}`" in reference, section.name
         assert f" | {columns} |" in reference, section.name
+
+
+async def test_kafka_ingest_refuses_a_moved_platform_whole(
+    kafka_settings: IngestSettings, pool: AsyncConnectionPool, db: Any, platform: str
+) -> None:
+    """Kafka records go through the same resolution as MQTT and Sparkplug messages: a moved
+    platform's are dead-lettered as platform_moved, and nothing of them is registered, stored
+    or metered; their offsets move on."""
+    moved = await mark_moved(db, platform, "cell-b", here=kafka_settings.cell)
+    ts = int(datetime.now(UTC).timestamp() * 1000)
+    records: list[tuple[bytes | None, bytes]] = [
+        (f"{platform}/press-1".encode(), payload({"ts": ts, "metrics": {"temp": 21.5}})),
+        (
+            f"{platform}/gateways/gw-1".encode(),
+            payload({"devices": {"press-2": {"ts": ts, "metrics": {"rpm": 7}}}}),
+        ),
+    ]
+    await produce(kafka_settings.require_kafka_bootstrap(), kafka_settings.kafka_topics[0], records)
+    async with consuming(KafkaIngest(kafka_settings, pool)):
+        await eventually(lambda: scalar(db, "SELECT count(*) = 2 FROM dead_letters"))
+    letters = await rows(db, "SELECT reason, detail FROM dead_letters")
+    assert {reason for reason, _ in letters} == {"platform_moved"}
+    assert all(f"{moved.cell!r}" in detail for _, detail in letters)
+    for table in ("devices", "gateways", "telemetry", "usage_ledger"):
+        assert await scalar(db, f"SELECT count(*) FROM {table}") == 0, table
+    assert await scalar(db, "SELECT sum(next_offset)::int FROM kafka_offsets") == len(records)
