@@ -28,6 +28,8 @@ from registry import counts, enterprises, history, penetration, usage
 from registry.access import CredentialKind, Role, create_key, issue_credential, verify_key
 from registry.activity import refresh_activity
 from registry.errors import Conflict, Invalid
+from registry.lifecycle import LifecycleSettings
+from registry.maintenance import maintain_once
 from registry.migrate import migrate
 from registry.moves import mark_moved
 from registry.platform_export import export_platform, export_to
@@ -506,3 +508,45 @@ async def test_kafka_ingest_refuses_a_moved_platform_whole(
     for table in ("devices", "gateways", "telemetry", "usage_ledger"):
         assert await scalar(db, f"SELECT count(*) FROM {table}") == 0, table
     assert await scalar(db, "SELECT sum(next_offset)::int FROM kafka_offsets") == len(records)
+
+
+async def test_a_platform_moving_back_adds_up_its_ledger_rolled_up_elsewhere(
+    database_url: str, unique: str, tmp_path: Path
+) -> None:
+    """A keeps the ledger rows of a platform that left one by one; B's maintenance rolls them
+    up into a daily row. When the platform comes back, A's ledger must add up to B's: the
+    rows A still holds are taken off B's roll-up, not counted twice."""
+    ledger_days = "SELECT * FROM usage_ledger_days WHERE platform_id = %s ORDER BY day"
+    async with (
+        cell_store(database_url, f"a_{unique}", "cell-a") as a,
+        cell_store(database_url, f"b_{unique}", "cell-b") as b,
+    ):
+        async with await connect(a, autocommit=True) as conn:
+            await upsert_platform(conn, PLATFORM)
+            now = datetime.now(UTC)
+            ages = ((timedelta(days=10), 5), (timedelta(days=10), 7), (timedelta(0), 1))
+            for age, messages in ages:
+                await conn.execute(
+                    """INSERT INTO usage_ledger (recorded_at, platform_id, day, source, messages,
+                           bytes, points, duplicate_points, refused_messages)
+                       VALUES (%s, %s, %s, 'mqtt', %s, 100, 10, 0, 0)""",
+                    (now - age, PLATFORM, (now - age).date(), messages),
+                )
+            held = await rows(conn, ledger_days, PLATFORM)
+        file = tmp_path / "there.gz"
+        with file.open("wb") as sink:
+            await export_to(a, PLATFORM, sink, move_to="cell-b", settle=0)
+        with file.open("rb") as source:
+            await import_from(b, source)
+        lifecycle = LifecycleSettings(**b.model_dump())
+        assert await maintain_once(lifecycle, ingest_window=timedelta(days=7)) is not None
+        async with await connect(b, autocommit=True) as conn:
+            assert await scalar(conn, "SELECT count(*) FROM usage_ledger") == 1  # rolled up
+            assert await rows(conn, ledger_days, PLATFORM) == held
+        with file.open("wb") as sink:
+            await export_to(b, PLATFORM, sink, move_to="cell-a", settle=0)
+        with file.open("rb") as source:
+            await import_from(a, source)
+        async with await connect(a, autocommit=True) as conn:
+            assert await rows(conn, ledger_days, PLATFORM) == held
+            assert await scalar(conn, "SELECT count(*) FROM usage_ledger") == 3  # all kept
