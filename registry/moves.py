@@ -15,6 +15,7 @@ from psycopg import AsyncConnection
 
 from registry.access import audit
 from registry.errors import Conflict, Invalid, NotFound
+from registry.ids import is_platform_id
 from registry.notifications import announce
 
 REASON: Final = "platform_moved"
@@ -66,6 +67,8 @@ async def moved_platforms(conn: AsyncConnection[Any]) -> dict[str, Moved]:
 async def mark_moved(conn: AsyncConnection[Any], platform: str, cell: str, *, here: str) -> Moved:
     """Records that `platform` moved to `cell`: refused here from the commit on. Conflict when
     it moved already (to another cell: undo that first); Invalid for this cell itself."""
+    if not is_platform_id(cell):  # cells are named like platforms (IIOT_CELL)
+        raise Invalid(f"not a cell name: {cell!r} (lower-case letters, digits and '-')")
     if cell == here:
         raise Invalid(f"cell {cell!r} is this cell (IIOT_CELL): a platform moves to another one")
     cur = await conn.execute(MARK_MOVED, {"platform": platform, "cell": cell})

@@ -31,7 +31,7 @@ from registry.errors import Conflict, Invalid
 from registry.lifecycle import LifecycleSettings
 from registry.maintenance import maintain_once
 from registry.migrate import migrate
-from registry.moves import mark_moved
+from registry.moves import mark_moved, unmove
 from registry.platform_export import export_platform, export_to
 from registry.platform_import import import_from
 from registry.platforms import Tier, upsert_platform
@@ -474,6 +474,21 @@ async def test_an_export_streams_and_a_failed_move_is_undone(
             await export_to(a, PLATFORM, Full(), telemetry=True, move_to="cell-b", settle=0)
         async with await connect(a, autocommit=True) as conn:
             assert await scalar(conn, "SELECT moved_to FROM platforms") is None
+            # The operator's undo: only of a move, to a cell by its name, never to itself.
+            with pytest.raises(Conflict, match="has not moved"):
+                await unmove(conn, PLATFORM)
+            for cell in ("Cell B", "cell-a"):
+                with pytest.raises(Invalid):
+                    await mark_moved(conn, PLATFORM, cell, here="cell-a")
+            await mark_moved(conn, PLATFORM, "cell-b", here="cell-a")
+            with pytest.raises(Conflict, match="undo that move first"):
+                await mark_moved(conn, PLATFORM, "cell-c", here="cell-a")
+            assert (await unmove(conn, PLATFORM)).cell == "cell-b"
+            assert await scalar(conn, "SELECT moved_to FROM platforms") is None
+            actions = await rows(
+                conn, "SELECT action FROM audit_log WHERE action LIKE 'platform.%'"
+            )
+            assert actions == [("platform.move",), ("platform.unmove",)] * 2
 
 
 def test_the_format_reference_lists_every_section_with_its_columns() -> None:
