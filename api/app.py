@@ -49,7 +49,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         authenticator = Authenticator(settings)
         standings = Standings(settings.api_key_cache_seconds)
-        moved = MovedPlatforms()
+        moved = MovedPlatforms(settings.api_key_cache_seconds)
 
         def registry_changed(platform: str) -> None:
             standings.forget(platform)
