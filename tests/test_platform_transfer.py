@@ -2,6 +2,7 @@
 PostgreSQL), with the platform filled through real MQTT ingest and the registry's functions.
 Everything a cell answers about the platform must read the same before and after the move."""
 
+import asyncio
 import gzip
 import io
 import os
@@ -168,6 +169,19 @@ def ingest(settings: StoreSettings, mqtt_url: str, client: str, root: str) -> In
     )
 
 
+async def cli(settings: StoreSettings, *args: str) -> subprocess.CompletedProcess[str]:
+    """`iiot platform ...` as a process of its own, on the cell of `settings`."""
+    env = os.environ | {
+        "IIOT_DATABASE_URL": str(settings.database_url),
+        "IIOT_DATABASE_SCHEMA": settings.database_schema,
+        "IIOT_CELL": settings.cell,
+    }
+    command = [sys.executable, "-m", "iiot.cli", "platform", *args]
+    return await asyncio.to_thread(
+        subprocess.run, command, env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
 async def fill(settings: StoreSettings, mqtt_url: str, unique: str) -> dict[str, str]:
     """A platform with some of everything: returns secrets issued (device -> secret)."""
     async with await connect(settings, autocommit=True) as conn:
@@ -261,28 +275,17 @@ async def test_a_platform_moves_to_another_cell_and_reads_the_same_there(
         file = tmp_path / "plant-x.iiot-platform.gz"
 
         # The CLI, as a process: export with --move-to, then import in the other cell.
-        env = os.environ | {"IIOT_DATABASE_URL": database_url}
-        export = subprocess.run(  # noqa: ASYNC221 - the test waits for the process
-            [
-                sys.executable,
-                "-m",
-                "iiot.cli",
-                "platform",
-                "export",
-                PLATFORM,
-                "--output",
-                str(file),
-                "--telemetry",
-                "--move-to",
-                "cell-b",
-                "--settle",
-                "0",
-            ],
-            env=env | {"IIOT_DATABASE_SCHEMA": a.database_schema, "IIOT_CELL": "cell-a"},
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
+        export = await cli(
+            a,
+            "export",
+            PLATFORM,
+            "--output",
+            str(file),
+            "--telemetry",
+            "--move-to",
+            "cell-b",
+            "--settle",
+            "0",
         )
         assert export.returncode == 0, export.stderr
         assert "moved" in export.stderr
@@ -308,14 +311,7 @@ async def test_a_platform_moves_to_another_cell_and_reads_the_same_there(
         async with await connect(b, autocommit=True) as conn:
             assert await scalar(conn, "SELECT count(*) FROM platforms") == 0
 
-        imported = subprocess.run(  # noqa: ASYNC221
-            [sys.executable, "-m", "iiot.cli", "platform", "import", str(file)],
-            env=env | {"IIOT_DATABASE_SCHEMA": b.database_schema, "IIOT_CELL": "cell-b"},
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        imported = await cli(b, "import", str(file))
         assert imported.returncode == 0, imported.stderr
         after = await observe(b)
         for what, value in before.items():
