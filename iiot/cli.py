@@ -366,7 +366,10 @@ def platform_import(
         raise typer.Exit(1) from None
     rows = ", ".join(f"{n} {name}" for name, n in summary.rows.items() if n)
     back = " (back in this cell)" if summary.returning else ""
-    typer.echo(f"imported {summary.platform} from cell {summary.from_cell!r}{back}: {rows}")
+    typer.echo(
+        f"imported {summary.platform} from cell {summary.from_cell!r}{back}: {rows} "
+        f"(sha256 {summary.sha256})"
+    )
     if any(summary.drift):
         typer.echo(
             f"note: the imported counters differ from a recount by {summary.drift} (registered, "
