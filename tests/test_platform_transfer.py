@@ -396,7 +396,9 @@ async def refused_in_the_old_cell(
         _, broker = await create_key(
             conn, role=Role.BROKER, platform=None, name="b", created_by=None
         )
-    settings = ApiSettings(database_url=a.database_url, database_schema=a.database_schema)
+    settings = ApiSettings(
+        database_url=a.database_url, database_schema=a.database_schema, mqtt_topic_root=root
+    )
     async with api_in_process(settings, admin) as api:
         record = await api.get(f"/platforms/{PLATFORM}")
         assert record.status_code == 200
@@ -420,6 +422,22 @@ async def refused_in_the_old_cell(
         assert answer.json()["result"] == "deny"
         assert answer.json()["reason"] == "platform_moved"
         assert answer.json()["moved_to"] == "cell-b"
+        publish = {
+            "username": f"{PLATFORM}/meter-1",
+            "topic": f"{root}/{PLATFORM}/meter-1/telemetry",
+            "action": "publish",
+        }
+        answer = await hooks.post("/broker/authorize", json=publish)
+        assert answer.json() == {
+            "result": "deny",
+            "is_superuser": False,
+            "reason": "platform_moved",
+            "detail": answer.json()["detail"],
+            "moved_to": "cell-b",
+        }
+        # Other clients' answers are as they were: no reason where none is due.
+        answer = await hooks.post("/broker/authorize", json=publish | {"username": "x/y"})
+        assert answer.json() == {"result": "deny", "is_superuser": False}
 
 
 async def _two(check: Any) -> list[Any] | None:
