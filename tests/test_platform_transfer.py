@@ -25,6 +25,7 @@ from api.settings import ApiSettings
 from ingest.kafka import KafkaIngest
 from ingest.mqtt import MqttIngest
 from ingest.settings import IngestSettings
+from ingest.sparkplug import MetricIn
 from registry import counts, enterprises, history, penetration, usage
 from registry.access import CredentialKind, Role, create_key, issue_credential, verify_key
 from registry.activity import refresh_activity
@@ -42,6 +43,7 @@ from registry.store import connect, create_pool
 from registry.transfer_format import SECTIONS
 from tests.conftest import api_in_process, eventually, payload, publisher, running, scalar
 from tests.test_kafka_ingest import consuming, produce
+from tests.test_sparkplug_ingest import EdgeNode
 
 PLATFORM = "plant-x"
 CODE = "914403001922038216"
@@ -579,3 +581,37 @@ async def test_a_platform_moving_back_adds_up_its_ledger_rolled_up_elsewhere(
         async with await connect(a, autocommit=True) as conn:
             assert await rows(conn, ledger_days, PLATFORM) == held
             assert await scalar(conn, "SELECT count(*) FROM usage_ledger") == 3  # all kept
+
+
+async def test_sparkplug_ingest_refuses_a_moved_platform(
+    ingest_settings: IngestSettings,
+    pool: AsyncConnectionPool,
+    db: Any,
+    platform: str,
+    mqtt_url: str,
+    unique: str,
+) -> None:
+    """An edge node of a moved platform's Sparkplug group: its births and data are refused as
+    platform_moved, and neither it nor its devices are registered here."""
+    group = f"sp-{unique}"
+    settings = ingest_settings.model_copy(
+        update={
+            "sparkplug_groups": f"{group}={platform}",
+            "sparkplug_host_id": f"iiot-{unique}",
+            "sparkplug_reorder_wait_seconds": 0.3,
+        }
+    )
+    await mark_moved(db, platform, "cell-b", here=settings.cell)
+    async with (
+        running(MqttIngest(settings, pool, sparkplug_host=True)),
+        publisher(mqtt_url) as client,
+    ):
+        node = EdgeNode(client, group)
+        await node.birth(0, "press-1")
+        await node.send("NDATA", [MetricIn(None, 21.0, alias=1)])
+        refused = "SELECT count(*) >= 3 FROM dead_letters WHERE reason = 'platform_moved'"
+        await eventually(lambda: scalar(db, refused))
+    others = "SELECT count(*) FROM dead_letters WHERE reason <> 'platform_moved'"
+    assert await scalar(db, others) == 0
+    for table in ("devices", "gateways", "telemetry", "usage_ledger"):
+        assert await scalar(db, f"SELECT count(*) FROM {table}") == 0, table
