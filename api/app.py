@@ -12,6 +12,7 @@ from api.auth import Authenticator, KeyMiddleware, document_security
 from api.body_limit import BodyLimit
 from api.broker_access import Standings, TopicRules
 from api.broker_control import BrokerKicker
+from api.moved import MovedPlatforms
 from api.routes import (
     broker,
     classification,
@@ -48,11 +49,17 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         authenticator = Authenticator(settings)
         standings = Standings(settings.api_key_cache_seconds)
+        moved = MovedPlatforms(settings.api_key_cache_seconds)
+
+        def registry_changed(platform: str) -> None:
+            standings.forget(platform)
+            moved.forget(platform)
+
         # Revocations and client changes made through other API processes drop what this one
         # cached when their notification arrives (docs/access.md).
         watcher = RegistryWatcher(
             settings,
-            standings.forget,
+            registry_changed,
             on_key_revoked=lambda key: authenticator.forget(None if key == "*" else int(key)),
         )
         async with pool, AsyncExitStack() as stack:
@@ -60,6 +67,7 @@ def create_app(
             app.state.settings = settings
             app.state.consumers = list(consumers)
             app.state.authenticator = authenticator
+            app.state.moved_platforms = moved
             app.state.topic_rules = TopicRules(
                 TopicScheme(settings.mqtt_topic_root), settings.sparkplug_platforms(), standings
             )

@@ -24,6 +24,7 @@ import psycopg
 from fastapi import Depends, Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from api.moved import refuse_moved
 from api.problems import Problem, send_problem
 from api.settings import ApiSettings
 from registry.access import GLOBAL_ROLES, Principal, Role, verify_key
@@ -264,6 +265,10 @@ async def _platform_scope(request: Request) -> None:
         check_read(caller, platform)
     else:
         check_write(caller, platform)
+    # A moved platform answers 410 naming its new cell, but for the read of its record.
+    record = getattr(request.scope.get("route"), "path", "") == "/platforms/{platform}"
+    if request.method not in ("GET", "HEAD") or not record:
+        await refuse_moved(request.app.state, platform)
 
 
 PlatformScope = Depends(_platform_scope)

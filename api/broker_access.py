@@ -4,8 +4,9 @@ User names name the client: `{platform}/{device}` for a device, `{platform}/gate
 for a gateway or Sparkplug edge node (docs/access.md). A device may publish to its own topics
 only; a gateway to its own, to those of the devices registered behind it, and to its Sparkplug
 topics in the groups mapped to its platform, and may subscribe to its Sparkplug commands and
-the primary host's STATE. A client acts only while it stands: its platform exists, it is not
-a decommissioned device, its own secret was not revoked, and a secret still admits it (its own,
+the primary host's STATE. A client acts only while it stands: its platform exists and has not
+moved to another cell (the denial then says `platform_moved` and names the cell), it is not a
+decommissioned device, its own secret was not revoked, and a secret still admits it (its own,
 or the provisioning one where the platform auto-provisions). iiot's own ingest processes
 connect as `iiot-service` with a broker key and may do anything (EMQX's superuser). Everything
 else is denied.
@@ -24,12 +25,13 @@ from ingest.sparkplug import NAMESPACE, parse_topic
 from ingest.topics import GATEWAYS, TopicScheme
 from registry.access import GLOBAL_ROLES, CredentialKind, digest, verify_key
 from registry.ids import is_device_id, is_platform_id, is_reserved_device_id
+from registry.moves import Moved, where_moved
 
 # What decides whether a client may connect and act: its platform's provisioning policy, its
 # own credential (and whether that was revoked), the provisioning secret, and whether it is a
 # decommissioned device. No row: no such platform.
 STANDING = """
-SELECT p.auto_provision, own.digest, own.revoked_at IS NOT NULL,
+SELECT p.auto_provision, own.digest, own.revoked_at IS NOT NULL, p.moved_to IS NOT NULL,
        (SELECT digest FROM credentials
         WHERE platform_id = p.id AND kind = 'provisioning' AND subject = ''
           AND revoked_at IS NULL),
@@ -102,12 +104,13 @@ class Standing:
     revoked: bool  # its own secret was revoked, and no new one issued
     provisioning: bytes | None  # the platform's provisioning secret's digest
     decommissioned: bool
+    moved: bool = False  # its platform moved to another cell (registry/moves.py)
 
     def admits(self, password: str) -> bool:
         """With its own secret; or, when it never had one, with the platform's provisioning
         secret while the platform auto-provisions. Nothing admits a decommissioned device or a
         client whose secret was revoked."""
-        if self.decommissioned or self.revoked:
+        if self.decommissioned or self.revoked or self.moved:
             return False
         presented = digest(password)
         if self.own is not None:
@@ -118,7 +121,7 @@ class Standing:
     def may_act(self) -> bool:
         """Some secret still admits it: its own, or the provisioning one (not yet registered
         devices and gateways where the platform auto-provisions)."""
-        if self.decommissioned or self.revoked:
+        if self.decommissioned or self.revoked or self.moved:
             return False
         return self.own is not None or self._provisioned
 
@@ -133,14 +136,22 @@ async def standing(conn: AsyncConnection[Any], client: Client) -> Standing | Non
     row = await (await conn.execute(STANDING, args)).fetchone()
     if row is None:
         return None
-    auto_provision, own, revoked, provisioning, decommissioned = row
+    auto_provision, own, revoked, moved, provisioning, decommissioned = row
     return Standing(
         bool(auto_provision),
         None if own is None else bytes(own),
         bool(revoked),
         None if provisioning is None else bytes(provisioning),
         bool(decommissioned),
+        bool(moved),
     )
+
+
+async def moved_client(conn: AsyncConnection[Any], username: str) -> Moved | None:
+    """Where the platform of a refused client moved to, if that is why it was refused: the
+    hooks then say so (`platform_moved`), so that its operator points it at the new cell."""
+    client = client_of(username)
+    return None if client is None else await where_moved(conn, client.platform)
 
 
 async def may_connect(conn: AsyncConnection[Any], username: str, password: str) -> bool:

@@ -85,6 +85,12 @@ class PlatformOut(BaseModel):
     auto_provision: bool
     metadata: dict[str, Any]
     created_at: datetime
+    moved_to: str | None = Field(
+        default=None,
+        description="The cell the platform moved to (docs/operations.md); its other paths "
+        "answer 410 here.",
+    )
+    moved_at: datetime | None = None
 
 
 class DeviceIn(Strict):
@@ -352,6 +358,11 @@ class BrokerAuthz(BaseModel):
 class BrokerAnswer(BaseModel):
     result: Literal["allow", "deny"]
     is_superuser: bool = False
+    # Only on a denial whose reason the client's operator must act on (a moved platform);
+    # answers leave them out otherwise. EMQX reads `result` and `is_superuser`.
+    reason: Literal["platform_moved"] | None = None
+    detail: str | None = None
+    moved_to: str | None = Field(default=None, description="The cell to connect to now.")
 
 
 class UsageDayOut(BaseModel):

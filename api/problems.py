@@ -35,6 +35,7 @@ _DOCUMENTED = {
     403: "The key's role may not do this",
     404: "No such object (or not the key's platform)",
     409: "Conflicts with what exists",
+    410: "The platform moved to another cell: `moved_to` names it (docs/operations.md)",
     413: "The request body is larger than the API accepts (`IIOT_API_MAX_BODY_BYTES`)",
     422: "The request is not valid",
     429: "The key's rate limit; retry after `Retry-After` seconds",

@@ -4,9 +4,10 @@ environment variables and runs until SIGINT/SIGTERM."""
 import asyncio
 import os
 import signal
+import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Annotated, Any
+from typing import IO, Annotated, Any
 
 import typer
 
@@ -23,10 +24,13 @@ from iiot.stack import RunSettings, run_stack
 from ingest.replay import list_dead_letters, replay
 from ingest.settings import IngestSettings
 from registry.access import Role, create_key, import_key, revoke_key
-from registry.errors import Invalid
+from registry.errors import Invalid, RegistryError
 from registry.maintenance import Maintainer, maintain_once
 from registry.migrate import migrate
+from registry.moves import Moved, unmove
 from registry.official_totals import import_totals
+from registry.platform_export import ExportSummary, export_to
+from registry.platform_import import import_from
 from registry.platforms import PlatformType, Tier, upsert_platform
 from registry.settings import StoreSettings
 from registry.store import connect, create_pool
@@ -294,6 +298,126 @@ def platform_add(  # noqa: PLR0917 - typer maps parameters to options
         typer.echo(f"platform {platform.id}: {platform}")
 
     asyncio.run(main())
+
+
+@platform_app.command("export")
+def platform_export(
+    platform_id: Annotated[str, typer.Argument(help="The platform to export.")],
+    output: Annotated[
+        str | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="The file to write ('-': standard output); default <platform>.iiot-platform.gz.",
+        ),
+    ] = None,
+    telemetry: Annotated[
+        bool, typer.Option(help="Include the platform's stored telemetry (in time order).")
+    ] = False,
+    move_to: Annotated[
+        str | None,
+        typer.Option(
+            help="Move the platform to this cell: refused here from now on, and "
+            "served by that cell once it imports the file."
+        ),
+    ] = None,
+    settle: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="With --move-to: seconds between the refusal and the "
+            "snapshot, for batches ingest had accepted to commit.",
+        ),
+    ] = 5.0,
+) -> None:
+    """Write a platform with everything it has in this cell to a file (docs/operations.md,
+    "Moving a platform between cells")."""
+    _logging()
+    settings = StoreSettings()
+    target = output or f"{platform_id}.iiot-platform.gz"
+
+    async def main(sink: IO[bytes]) -> ExportSummary:
+        return await export_to(
+            settings, platform_id, sink, telemetry=telemetry, move_to=move_to, settle=settle
+        )
+
+    try:
+        if target == "-":
+            summary = asyncio.run(main(sys.stdout.buffer))
+        else:
+            partial = Path(f"{target}.partial")  # a file that is there is complete
+            try:
+                with partial.open("wb") as sink:
+                    summary = asyncio.run(main(sink))
+                partial.replace(target)
+            finally:
+                partial.unlink(missing_ok=True)
+    except RegistryError as exc:
+        typer.echo(f"refused: {exc}", err=True)
+        raise typer.Exit(1) from None
+    rows = ", ".join(f"{n} {name}" for name, n in summary.rows.items() if n)
+    typer.echo(f"exported {platform_id} to {target}: {rows} (sha256 {summary.sha256})", err=True)
+    if summary.moved is not None:
+        typer.echo(
+            f"moved: {summary.moved.detail}. Run `iiot platform import` with this file in cell "
+            f"{summary.moved.cell!r}; to undo, `iiot platform unmove {platform_id}` here.",
+            err=True,
+        )
+
+
+@platform_app.command("import")
+def platform_import(
+    file: Annotated[
+        str, typer.Argument(help="A file written by `iiot platform export` ('-': standard input).")
+    ],
+) -> None:
+    """Load an exported platform into this cell (IIOT_CELL), in one transaction; a file that is
+    truncated, changed, from a newer iiot or not moved to this cell is refused whole."""
+    _logging()
+    settings = StoreSettings()
+    try:
+        if file == "-":
+            summary = asyncio.run(import_from(settings, sys.stdin.buffer))
+        else:
+            with Path(file).open("rb") as source:
+                summary = asyncio.run(import_from(settings, source))
+    except (RegistryError, OSError) as exc:
+        typer.echo(f"refused: {exc}", err=True)
+        raise typer.Exit(1) from None
+    rows = ", ".join(f"{n} {name}" for name, n in summary.rows.items() if n)
+    back = " (back in this cell)" if summary.returning else ""
+    typer.echo(
+        f"imported {summary.platform} from cell {summary.from_cell!r}{back}: {rows} "
+        f"(sha256 {summary.sha256})"
+    )
+    if any(summary.drift):
+        typer.echo(
+            f"note: the imported counters differ from a recount by {summary.drift} (registered, "
+            "connected, ever connected); the reconciler corrects them within its interval",
+            err=True,
+        )
+
+
+@platform_app.command("unmove")
+def platform_unmove(
+    platform_id: Annotated[str, typer.Argument(help="A platform moved away from this cell.")],
+) -> None:
+    """Serve a moved platform here again (its import into the other cell failed or was
+    abandoned). Do not use once the other cell serves it: it would be counted twice."""
+    settings = StoreSettings()
+
+    async def main() -> Moved:
+        async with await connect(settings) as conn:
+            undone = await unmove(conn, platform_id)
+            await conn.commit()
+            return undone
+
+    try:
+        undone = asyncio.run(main())
+    except RegistryError as exc:
+        typer.echo(f"refused: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"platform {platform_id} is served here again (it had moved to {undone.cell!r})")
 
 
 @dead_letters_app.command("list")

@@ -21,6 +21,8 @@ from ingest.metering import BatchMeter, MeterKey, QuotaGuard, meter_key
 from ingest.metric_names import MetricNames
 from registry.connection import Counters, SessionEvent
 from registry.devices import DeviceDirectory, Key
+from registry.moves import REASON as MOVED
+from registry.platforms import Platform
 
 _NAME = operator.itemgetter(1)  # of a point (time, name, value)
 
@@ -81,10 +83,14 @@ class Resolver:
         if not decoded:
             if named:
                 async with conn.transaction():
-                    resolved.platforms = set(await directory.platforms(conn, named))
+                    resolved.platforms = set(_here(await directory.platforms(conn, named)))
             return resolved
         async with conn.transaction():
-            platforms = await directory.platforms(conn, named)
+            found = await directory.platforms(conn, named)
+            # A platform moved to another cell is refused whole: nothing registered, metered
+            # or stored here (its usage and counts go on in the new cell).
+            moved = {p: platform.moved_to for p, platform in found.items() if platform.moved_to}
+            platforms = _here(found)
             resolved.platforms = set(platforms)
             today = max(m.received_at for m, _ in decoded).astimezone(UTC).date()
             over_quota = await self._quotas.over_hard_quota(conn, platforms.values(), today)
@@ -113,7 +119,7 @@ class Resolver:
         resolved.devices_registered = len(registered)
 
         for message, items in decoded:
-            reason = _refusal(items, platforms.keys(), device_ids, gateway_ids)
+            reason = _refusal(items, platforms.keys(), device_ids, gateway_ids, moved)
             platform = items[0].platform
             if reason is None and platform in over_quota and _has_points(items):
                 reason = Rejected("quota_exceeded", over_quota[platform], platform=platform)
@@ -156,6 +162,11 @@ def _sort_items(
         )
 
 
+def _here(platforms: dict[str, Platform]) -> dict[str, Platform]:
+    """The platforms this cell serves: those that have not moved to another cell."""
+    return {p: platform for p, platform in platforms.items() if platform.moved_to is None}
+
+
 def _has_points(items: Decoded) -> bool:
     return any(isinstance(item, Telemetry) and item.points for item in items)
 
@@ -165,9 +176,18 @@ def _refusal(
     platforms: Any,
     devices: Mapping[Key, int],
     gateways: Mapping[Key, int],
+    moved: Mapping[str, str] | None = None,
 ) -> Rejected | None:
-    """Why a decoded message cannot be stored whole, if it cannot."""
+    """Why a decoded message cannot be stored whole, if it cannot. `moved`: platforms that
+    moved to another cell, and the cell."""
     platform = items[0].platform
+    if moved and platform in moved:
+        return Rejected(
+            MOVED,
+            f"platform {platform!r} moved to cell {moved[platform]!r}: its devices must "
+            "connect to that cell",
+            platform=platform,
+        )
     if platform not in platforms:
         return Rejected(
             "unknown_platform", f"no platform {platform!r} is registered", platform=platform

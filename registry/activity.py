@@ -12,11 +12,11 @@ from psycopg import AsyncConnection
 
 ACTIVITY_LOCK = "SELECT pg_try_advisory_xact_lock(hashtext(current_schema() || '.activity'))"
 
-# Every device in service, whether it is connected now and when it was last active (also read
-# by registry/penetration.py). A device was connected at some moment of a window if it is
-# connected now, or if its newest live data or its last state change (going online, or
-# offline: it was online until then), or for a device online behind a gateway the gateway's
-# last change, lies within it.
+# Every device in service (of platforms that have not moved to another cell), whether it is
+# connected now and when it was last active (also read by registry/penetration.py). A device
+# was connected at some moment of a window if it is connected now, or if its newest live data
+# or its last state change (going online, or offline: it was online until then), or for a
+# device online behind a gateway the gateway's last change, lies within it.
 DEVICE_ACTIVITY = """
 SELECT d.id, d.platform_id,
        coalesce(d.metadata ->> 'global_id', d.platform_id || '/' || d.device_id) AS identity,
@@ -26,6 +26,7 @@ SELECT d.id, d.platform_id,
 FROM devices d
 LEFT JOIN gateways g ON g.id = d.via_gateway
 WHERE d.decommissioned_at IS NULL
+  AND d.platform_id NOT IN (SELECT id FROM platforms WHERE moved_to IS NOT NULL)
 """
 
 REFRESH_PLATFORMS = f"""
@@ -41,6 +42,7 @@ active AS (
 INSERT INTO platform_activity (platform_id, active_24h, active_30d, as_of)
 SELECT p.id, coalesce(a.d1, 0), coalesce(a.d30, 0), now()
 FROM platforms p LEFT JOIN active a ON a.platform_id = p.id
+WHERE p.moved_to IS NULL
 ON CONFLICT (platform_id) DO UPDATE
 SET active_24h = excluded.active_24h, active_30d = excluded.active_30d, as_of = excluded.as_of
 """

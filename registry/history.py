@@ -28,6 +28,7 @@ SELECT date_bin(%(interval)s, now(), timestamptz '2000-01-01'), p.id,
        coalesce(sum(c.registered), 0), coalesce(sum(c.connected), 0),
        coalesce(sum(c.ever_connected), 0), extract(epoch FROM %(interval)s)::integer
 FROM platforms p LEFT JOIN platform_counters c ON c.platform_id = p.id
+WHERE p.moved_to IS NULL  -- a moved platform's history goes on in its new cell
 GROUP BY p.id
 ON CONFLICT (platform_id, time) DO NOTHING
 """

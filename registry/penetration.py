@@ -62,6 +62,7 @@ WITH declared AS (
            count(*) OVER (PARTITION BY code, industry, above_size, region)
                <> count(*) OVER (PARTITION BY code) AS disputed
     FROM enterprises e
+    WHERE e.platform_id NOT IN (SELECT id FROM platforms WHERE moved_to IS NOT NULL)
 )
 INSERT INTO enterprise_usage
     (code, name, industry, above_size, region, platforms, connected_30d, disputed)
@@ -88,6 +89,7 @@ SELECT p.id, count(e.code), count(*) FILTER (WHERE e.above_size),
 FROM platforms p
 LEFT JOIN enterprises e ON e.platform_id = p.id
 LEFT JOIN active_enterprises a ON a.platform_id = e.platform_id AND a.code = e.code
+WHERE p.moved_to IS NULL
 GROUP BY p.id
 """
 RECORD_RUN = """

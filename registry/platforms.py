@@ -40,11 +40,16 @@ class Platform:
     auto_provision: bool
     metadata: dict[str, Any]
     created_at: datetime
+    # Set when the platform moved to another cell (registry/moves.py): the cell and when.
+    moved_to: str | None = None
+    moved_at: datetime | None = None
 
 
 COLUMNS = (
     "id, name, tier, type, region, industry, liveness_seconds, auto_provision, metadata, created_at"
 )
+# Reads say whether the platform moved (migration 0032); writes return the fields they set.
+READ_COLUMNS = f"{COLUMNS}, moved_to, moved_at"
 # Fields an operator may change; the id never changes.
 MUTABLE = (
     "name",
@@ -92,9 +97,9 @@ WHERE id = %(id)s
 RETURNING {COLUMNS}
 """
 
-SELECT_PLATFORMS = f"SELECT {COLUMNS} FROM platforms WHERE id = ANY(%s)"
+SELECT_PLATFORMS = f"SELECT {READ_COLUMNS} FROM platforms WHERE id = ANY(%s)"
 LIST_PLATFORMS = f"""
-SELECT {COLUMNS} FROM platforms
+SELECT {READ_COLUMNS} FROM platforms
 WHERE (%(after)s::text IS NULL OR id > %(after)s)
   AND (%(tier)s::text IS NULL OR tier = %(tier)s)
   AND (%(region)s::text IS NULL OR region = %(region)s)

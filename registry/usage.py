@@ -78,7 +78,7 @@ SELECT platform_id AS platform, day,
        coalesce(s.sampled_seconds, 0) AS sampled_seconds,
        q.soft_points_per_day AS soft_quota, q.hard_points_per_day AS hard_quota
 FROM metered m FULL JOIN sampled s USING (platform_id, day)
-JOIN platforms p ON p.id = platform_id
+JOIN platforms p ON p.id = platform_id AND p.moved_to IS NULL  -- its usage moved with it
 LEFT JOIN usage_quotas q ON q.tier = p.tier
 ORDER BY platform_id, day
 """

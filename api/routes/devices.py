@@ -32,6 +32,7 @@ from api.models import (
     LatestValue,
     Page,
 )
+from api.moved import refuse_moved
 from registry import history as history_store
 from registry import registration, telemetry
 from registry.access import audit
@@ -59,7 +60,8 @@ async def device_counts(platform: PlatformId, request: Request) -> Response:
     check_read(await operator(request), platform)
     async with read_connection(request) as conn:
         counts = await platform_counts(conn, platform)
-    if counts is None:
+    if counts is None:  # no such platform here, or it moved (it counts in its new cell)
+        await refuse_moved(request.app.state, platform)
         raise NotFound(f"platform {platform!r}")
     # Serialized here, not by FastAPI, which would validate the model it was just given again:
     # the count is the API's hottest read.
