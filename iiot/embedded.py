@@ -97,18 +97,7 @@ class EmbeddedPostgres:
             str(self._server_dir / "server.log"),
             "start",
         )
-        with psycopg.connect(
-            f"postgresql://postgres@127.0.0.1:{self.port}/postgres", autocommit=True
-        ) as conn:
-            exists = conn.execute(
-                "SELECT 1 FROM pg_database WHERE datname = %s", (self.database,)
-            ).fetchone()
-            if not exists:
-                conn.execute(
-                    psycopg.sql.SQL("CREATE DATABASE {}").format(
-                        psycopg.sql.Identifier(self.database)
-                    )
-                )
+        create_database(f"postgresql://postgres@127.0.0.1:{self.port}/postgres", self.database)
         log.info("embedded PostgreSQL at %s (data in %s)", self.url, self.data_dir)
         return self.url
 
@@ -198,6 +187,24 @@ class EmbeddedPostgres:
         )
         if check and result.returncode != 0:
             raise RuntimeError(f"{program} failed ({result.returncode}): {result.stderr.strip()}")
+
+
+def create_database(server_url: str, name: str) -> None:
+    """Creates database `name` on the server of `server_url` (connecting to that URL's own
+    database) unless it exists; says what to do when the user may not create databases."""
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+        if exists:
+            return
+        try:
+            conn.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(psycopg.sql.Identifier(name)))
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise RuntimeError(
+                f"cannot create database {name!r} ({exc}): create it beforehand, or grant "
+                "CREATEDB to the user of IIOT_DATABASE_URL"
+            ) from exc
+        except psycopg.errors.DuplicateDatabase:
+            pass  # created meanwhile by another start
 
 
 def _private_copy(install_bin: Path, root: Path) -> Path:
