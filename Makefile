@@ -86,6 +86,9 @@ bench-quick: $(STAMP) ## The benchmarks at a tenth of their size (a smoke run)
 loadtest: $(STAMP) ## A bounded load test: 1,000 gateways x 1,000 devices against iiot run, checked (see loadtests/README.md)
 	$(BIN)/python -m loadtests.run $(LOADTEST_ARGS)
 
+capacity: $(STAMP) ## A cell's capacity: fleets stepped up at one reading a minute until one fails (see loadtests/README.md)
+	$(BIN)/python -m loadtests.capacity $(CAPACITY_ARGS)
+
 proto: ## Regenerate ingest/sparkplug_b_pb2.py(i) from ingest/sparkplug_b.proto (needs network for grpcio-tools)
 	test -x .proto-venv/bin/python || $(PYTHON) -m venv .proto-venv
 	.proto-venv/bin/python -m pip install --quiet "grpcio-tools>=1.85,<2"
