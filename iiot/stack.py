@@ -19,6 +19,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from pydantic import Field
+from structlog.contextvars import bound_contextvars
 
 from api.app import create_app
 from api.settings import ApiSettings
@@ -56,9 +57,13 @@ class Cell:
     API and the simulators until `stop()`; `close()` releases what `start()` opened, in reverse
     order. The owner calls `close()` whether or not `start()` succeeded."""
 
-    def __init__(self, settings: RunSettings, *, platforms: Sequence[str]) -> None:
+    def __init__(
+        self, settings: RunSettings, *, platforms: Sequence[str], name_in_logs: bool = False
+    ) -> None:
         self.settings = settings
         self.platforms = list(platforms)
+        # Beside other cells, each log line names its cell (tasks inherit the bound context).
+        self._log_context = {"cell": settings.cell} if name_in_logs else {}
         self.admin_key = ""
         self._resources = contextlib.AsyncExitStack()
         self._services: list[Service] = []
@@ -73,6 +78,10 @@ class Cell:
         return f"http://{self.settings.api_host}:{self.settings.api_port}"
 
     async def start(self) -> None:
+        with bound_contextvars(**self._log_context):
+            await self._start()
+
+    async def _start(self) -> None:
         settings = self.settings
         updates: dict[str, object] = {}
         if settings.database_url is None:
@@ -90,7 +99,7 @@ class Cell:
         self.settings = settings = settings.model_copy(update=updates)
 
         applied = await migrate(settings)
-        log.info("%s: migrations applied: %s", self.name, [m.name for m in applied] or "none")
+        log.info("migrations applied: %s", [m.name for m in applied] or "none pending")
         simulators = [
             Simulator(
                 str(settings.mqtt_url),
@@ -135,7 +144,8 @@ class Cell:
             self._services += simulators
 
     async def run(self) -> None:
-        await run_until(self._stop, self._services)
+        with bound_contextvars(**self._log_context):
+            await run_until(self._stop, self._services)
 
     def stop(self) -> None:
         self._stop.set()
@@ -187,7 +197,8 @@ async def run_cells(
         cells = []
         for cell_settings_ in cell_settings(settings, count, server_url=server_url):
             await asyncio.to_thread(create_database, server_url, _database_of(cell_settings_))
-            cell = Cell(cell_settings_, platforms=demo_platforms(cell_settings_.cell))
+            platforms = demo_platforms(cell_settings_.cell)
+            cell = Cell(cell_settings_, platforms=platforms, name_in_logs=True)
             resources.push_async_callback(cell.close)  # closed in reverse order of start
             cells.append(cell)
         # One after the other: a failure names its cell, and the log reads in order.

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,47 @@ from typing import Any
 ROOT = Path(__file__).parent.parent
 RESULTS = ROOT / "bench" / "results" / "capacity-latest.json"
 CELL_PARTS = ("iiot_run", "postgres", "broker")
+
+
+LAG_ALLOWANCE_SECONDS = 30.0
+"""The rule's bound on ingest lag in the hold's second half, in seconds of the fleet's traffic."""
+
+
+@dataclass
+class Verdict:
+    ok: bool
+    reasons: list[str]
+
+
+def judge(step: dict[str, Any], *, allowance_seconds: float = LAG_ALLOWANCE_SECONDS) -> Verdict:
+    """The capacity rule (loadtests/README.md): a fleet is held when
+    1. every device was counted connected after the storm, and again at the end of the hold;
+    2. in the hold's second half, ingest's lag (points sent but not yet stored) never exceeded
+       `allowance_seconds` of the fleet's traffic: a cell that keeps up is a few seconds of
+       batching behind, one that does not falls further behind with every sample;
+    3. after the fleet stopped, the points stored equal the points sent;
+    4. the load generator reported no errors."""
+    reasons = [
+        f"{check['phase']}: {check['reported']} connected, expected {check['expected']}"
+        for check in step["checks"]
+        if not check["ok"]
+    ]
+    per_second = step["devices"] * step["points_per_reading"] / step["reading_interval"]
+    limit = allowance_seconds * per_second
+    hold_start = step["hold_started_t"]
+    middle = hold_start + step["hold_seconds"] / 2
+    late = [s["behind"] for s in step["lag"] if s["t"] >= middle]
+    if not late:
+        reasons.append("no lag sample in the hold's second half")
+    elif max(late) > limit:
+        reasons.append(
+            f"lag {max(late):,} points in the hold's second half, over {limit:,.0f} "
+            f"({allowance_seconds:g} s of traffic)"
+        )
+    if step["points_stored"] != step["points_sent"]:
+        reasons.append(f"{step['points_stored']} points stored of {step['points_sent']} sent")
+    reasons += [f"load generator: {e}" for e in step["errors"][:5]]
+    return Verdict(not reasons, reasons)
 
 
 def per_million(step: dict[str, Any]) -> dict[str, float | None]:
@@ -65,7 +107,7 @@ def summary(steps: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, 
         "rule": {
             "reading_interval_seconds": args.reading_interval,
             "hold_seconds": args.hold_seconds,
-            "lag_allowance_seconds_of_traffic": 30,
+            "lag_allowance_seconds_of_traffic": LAG_ALLOWANCE_SECONDS,
             "see": "loadtests/README.md, capacity",
         },
         "largest_fleet_held": largest["devices"] if largest else None,
@@ -93,7 +135,7 @@ def _print(step: dict[str, Any]) -> None:
         f"capacity: {step['devices']:,} devices: {verdict}\n"
         f"  cores busy in the hold: {shown or '-'}\n"
         f"  cores per million devices: {step.get('cores_per_million_devices')}\n"
-        f"  load average at start / end of hold: {step.get('loadavg_at_start')} / "
+        f"  load average at start / end of hold: {step.get('loadavg_at_hold_start')} / "
         f"{step.get('loadavg_at_end_of_hold')}",
         flush=True,
     )

@@ -19,55 +19,16 @@ import json
 import os
 import resource
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from locust.env import Environment
 
 from bench.draining import process_cpu
+from loadtests.capacity import judge
 from loadtests.fleet import FleetPlan
 from loadtests.locustfile import CONTROL, ApiUser, GatewayUser
-
-LAG_ALLOWANCE_SECONDS = 30.0
-"""The rule's bound on ingest lag in the hold's second half, in seconds of the fleet's traffic."""
-
-
-@dataclass
-class Verdict:
-    ok: bool
-    reasons: list[str]
-
-
-def judge(step: dict[str, Any], *, allowance_seconds: float = LAG_ALLOWANCE_SECONDS) -> Verdict:
-    """The capacity rule (loadtests/README.md): a fleet is held when
-    1. every device was counted connected after the storm, and again at the end of the hold;
-    2. in the hold's second half, ingest's lag (points sent but not yet stored) never exceeded
-       `allowance_seconds` of the fleet's traffic: a cell that keeps up is a few seconds of
-       batching behind, one that does not falls further behind with every sample;
-    3. after the fleet stopped, the points stored equal the points sent;
-    4. the load generator reported no errors."""
-    reasons = [
-        f"{check['phase']}: {check['reported']} connected, expected {check['expected']}"
-        for check in step["checks"]
-        if not check["ok"]
-    ]
-    per_second = step["devices"] * step["points_per_reading"] / step["reading_interval"]
-    limit = allowance_seconds * per_second
-    hold_start = step["hold_started_t"]
-    middle = hold_start + step["hold_seconds"] / 2
-    late = [s["behind"] for s in step["lag"] if s["t"] >= middle]
-    if not late:
-        reasons.append("no lag sample in the hold's second half")
-    elif max(late) > limit:
-        reasons.append(
-            f"lag {max(late):,} points in the hold's second half, over {limit:,.0f} "
-            f"({allowance_seconds:g} s of traffic)"
-        )
-    if step["points_stored"] != step["points_sent"]:
-        reasons.append(f"{step['points_stored']} points stored of {step['points_sent']} sent")
-    reasons += [f"load generator: {e}" for e in step["errors"][:5]]
-    return Verdict(not reasons, reasons)
 
 
 class CellProcesses:
@@ -163,7 +124,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "reading_interval": plan.reading_interval,
         "points_per_reading": 1,  # the fleet's readings carry one metric each (loadtests/fleet.py)
         "hold_seconds": args.hold_seconds,
-        "loadavg_at_start": _loadavg(),
+        "loadavg_at_step_start": _loadavg(),
     }
     os.environ["IIOT_STATE_DIR"] = str(args.state_dir)
     stack = _run.Stack()
@@ -186,6 +147,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         report.checks.append(_run.converge(api, "storm", plan.devices, args.timeout))
         step["storm_seconds"] = round(time.monotonic() - began, 1)
         step["hold_started_t"] = round(time.monotonic() - began, 1)
+        step["loadavg_at_hold_start"] = _loadavg()
         before, hold_began = cell.cpu(), time.monotonic()
         _run.sample_lag(api, report, began, hold_began + args.hold_seconds)
         after = cell.cpu()
