@@ -45,10 +45,18 @@ class EmbeddedPostgres:
     directory the system user owns, the data directory is created there too, and `data_dir`
     becomes a link to it. Data directories whose link is gone are removed at the next start."""
 
-    def __init__(self, data_dir: Path, *, port: int | None = None, database: str = "iiot") -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        port: int | None = None,
+        database: str = "iiot",
+        max_connections: int | None = None,
+    ) -> None:
         self.data_dir = data_dir.absolute()
         self.port = port
         self.database = database
+        self.max_connections = max_connections  # None: PostgreSQL's default (100)
         self._user: str | None = None
         self._server_dir = self.data_dir  # where the server itself finds its data
         self._lock: int | None = None  # the descriptor holding the data directory's lock
@@ -84,6 +92,8 @@ class EmbeddedPostgres:
         self._stop_leftover()
         self.port = self.port or free_port()
         options = f"-h 127.0.0.1 -p {self.port} -k {self._server_dir}"
+        if self.max_connections is not None:
+            options += f" -c max_connections={self.max_connections}"
         self._run(
             "pg_ctl",
             "-D",

@@ -191,7 +191,10 @@ async def run_cells(
     async with contextlib.AsyncExitStack() as resources:
         server_url = None if settings.database_url is None else str(settings.database_url)
         if server_url is None:
-            postgres = EmbeddedPostgres(settings.state_dir / "cells" / "postgres")
+            postgres = EmbeddedPostgres(
+                settings.state_dir / "cells" / "postgres",
+                max_connections=max(100, 10 + _connections_per_cell(settings) * count),
+            )
             server_url = await asyncio.to_thread(postgres.start)
             resources.callback(postgres.stop)
         cells = []
@@ -201,13 +204,23 @@ async def run_cells(
             cell = Cell(cell_settings_, platforms=platforms, name_in_logs=True)
             resources.push_async_callback(cell.close)  # closed in reverse order of start
             cells.append(cell)
-        # One after the other: a failure names its cell, and the log reads in order.
+        # One after the other: the log reads in order, and a failure names its cell.
         for cell in cells:
-            await cell.start()
+            try:
+                await cell.start()
+            except Exception as exc:
+                raise RuntimeError(f"{cell.name} did not start: {exc}") from exc
         services: list[Service] = [*cells, *(beside(cells) if beside else [])]
         _announce_cells(cells)
         await run_until(stop, services)
     log.info("stopped")
+
+
+def _connections_per_cell(settings: RunSettings) -> int:
+    """The most connections a cell holds: its ingest and API pools, the two registry watchers,
+    maintenance and reconciliation, and some to spare. PostgreSQL's default of 100 would
+    refuse the sixth cell's under load."""
+    return 2 * settings.database_pool_max + 8
 
 
 def demo_platforms(cell: str) -> list[str]:

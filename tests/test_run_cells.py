@@ -16,7 +16,7 @@ from iiot.embedded import EmbeddedPostgres
 from iiot.net import accepts_connections, free_port
 from iiot.stack import RunSettings, cell_settings, demo_platforms
 from tests.conftest import eventually
-from tests.test_embedded import _processes_of
+from tests.test_embedded import end_session
 
 CELL_BLOCK = re.compile(
     r"^  (cell-\d+)\n"
@@ -112,14 +112,9 @@ def test_run_cells_serves_each_cell_apart_and_one_ctrl_c_stops_them_all(tmp_path
         os.killpg(process.pid, signal.SIGINT)
         assert process.wait(60) == 0, log.read_text()
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            # pg_ctl started the server apart: a killed run leaves it for the next to reuse.
-            EmbeddedPostgres(tmp_path / "state" / "cells" / "postgres").kill()
-        left = _processes_of(tmp_path)
-        for pid in left:  # the brokers, in sessions of their own, if iiot did not stop them
-            os.kill(pid, signal.SIGKILL)
+        left = end_session(process, tmp_path)
+        # pg_ctl started the server apart: a killed run leaves it for the next to reuse.
+        EmbeddedPostgres(tmp_path / "state" / "cells" / "postgres").kill()
     output = log.read_text()
     assert "[error" not in output, output
     assert left == [], "processes left running"
