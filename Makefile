@@ -11,7 +11,7 @@ UV_COMPILE := $(BIN)/uv pip compile pyproject.toml --universal --python-version 
 	--generate-hashes --no-header --quiet
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock browser promtool run test test-fast lint format bench bench-quick loadtest proto clean
+.PHONY: help install lock browser promtool run run-cells capacity test test-fast lint format bench bench-quick loadtest proto clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -33,6 +33,9 @@ lock: $(STAMP) ## Re-resolve requirements/*.lock from pyproject.toml's ranges (n
 
 run: $(STAMP) ## Run the whole stack (embedded PostgreSQL and MQTT unless IIOT_DATABASE_URL / IIOT_MQTT_URL are set)
 	$(BIN)/iiot run
+
+run-cells: $(STAMP) ## Three cells side by side, each with its own database, broker, ingest, API and simulator (docs/scaling.md)
+	$(BIN)/iiot run --cells 3
 
 test: $(STAMP) browser promtool ## Run the test suite against real PostgreSQL and MQTT (found or started)
 	$(BIN)/pytest
@@ -84,6 +87,9 @@ bench-quick: $(STAMP) ## The benchmarks at a tenth of their size (a smoke run)
 
 loadtest: $(STAMP) ## A bounded load test: 1,000 gateways x 1,000 devices against iiot run, checked (see loadtests/README.md)
 	$(BIN)/python -m loadtests.run $(LOADTEST_ARGS)
+
+capacity: $(STAMP) ## A cell's capacity: fleets stepped up at one reading a minute until one fails (see loadtests/README.md)
+	$(BIN)/python -m loadtests.capacity $(CAPACITY_ARGS)
 
 proto: ## Regenerate ingest/sparkplug_b_pb2.py(i) from ingest/sparkplug_b.proto (needs network for grpcio-tools)
 	test -x .proto-venv/bin/python || $(PYTHON) -m venv .proto-venv

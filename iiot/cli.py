@@ -20,7 +20,7 @@ from iiot.national_cli import national_app
 from iiot.server import ApiServer
 from iiot.services import Service, ingest_services, run_until
 from iiot.simulator import Simulator
-from iiot.stack import RunSettings, run_stack
+from iiot.stack import RunSettings, cell_settings, run_cells, run_stack
 from ingest.replay import list_dead_letters, replay
 from ingest.settings import IngestSettings
 from registry.access import Role, create_key, import_key, revoke_key
@@ -178,14 +178,30 @@ def api_command() -> None:
 
 
 @app.command("run")
-def run_command() -> None:
+def run_command(
+    cells: Annotated[
+        int | None,
+        typer.Option(
+            help="Run this many cells side by side (cell-1..N), each with its own database, "
+            "broker, ingest, API and simulated platforms (docs/scaling.md).",
+        ),
+    ] = None,
+) -> None:
     """The whole stack in one process; embedded PostgreSQL and MQTT when none is configured."""
     # Readable lines in a terminal unless IIOT_LOG_FORMAT says otherwise.
     settings = logs.LogSettings()
     if "IIOT_LOG_FORMAT" not in os.environ:
         settings.log_format = "console"
     logs.configure(settings)
-    serve(run_stack(RunSettings()))
+    run_settings = RunSettings()
+    if cells is None:
+        serve(run_stack(run_settings))
+        return
+    try:  # what cells cannot share is refused before anything starts
+        cell_settings(run_settings, cells, server_url=str(run_settings.database_url or ""))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--cells") from None
+    serve(run_cells(run_settings, cells))
 
 
 @app.command("simulate")

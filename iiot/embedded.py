@@ -45,10 +45,18 @@ class EmbeddedPostgres:
     directory the system user owns, the data directory is created there too, and `data_dir`
     becomes a link to it. Data directories whose link is gone are removed at the next start."""
 
-    def __init__(self, data_dir: Path, *, port: int | None = None, database: str = "iiot") -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        port: int | None = None,
+        database: str = "iiot",
+        max_connections: int | None = None,
+    ) -> None:
         self.data_dir = data_dir.absolute()
         self.port = port
         self.database = database
+        self.max_connections = max_connections  # None: PostgreSQL's default (100)
         self._user: str | None = None
         self._server_dir = self.data_dir  # where the server itself finds its data
         self._lock: int | None = None  # the descriptor holding the data directory's lock
@@ -84,6 +92,8 @@ class EmbeddedPostgres:
         self._stop_leftover()
         self.port = self.port or free_port()
         options = f"-h 127.0.0.1 -p {self.port} -k {self._server_dir}"
+        if self.max_connections is not None:
+            options += f" -c max_connections={self.max_connections}"
         self._run(
             "pg_ctl",
             "-D",
@@ -97,18 +107,7 @@ class EmbeddedPostgres:
             str(self._server_dir / "server.log"),
             "start",
         )
-        with psycopg.connect(
-            f"postgresql://postgres@127.0.0.1:{self.port}/postgres", autocommit=True
-        ) as conn:
-            exists = conn.execute(
-                "SELECT 1 FROM pg_database WHERE datname = %s", (self.database,)
-            ).fetchone()
-            if not exists:
-                conn.execute(
-                    psycopg.sql.SQL("CREATE DATABASE {}").format(
-                        psycopg.sql.Identifier(self.database)
-                    )
-                )
+        create_database(f"postgresql://postgres@127.0.0.1:{self.port}/postgres", self.database)
         log.info("embedded PostgreSQL at %s (data in %s)", self.url, self.data_dir)
         return self.url
 
@@ -198,6 +197,24 @@ class EmbeddedPostgres:
         )
         if check and result.returncode != 0:
             raise RuntimeError(f"{program} failed ({result.returncode}): {result.stderr.strip()}")
+
+
+def create_database(server_url: str, name: str) -> None:
+    """Creates database `name` on the server of `server_url` (connecting to that URL's own
+    database) unless it exists; says what to do when the user may not create databases."""
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+        if exists:
+            return
+        try:
+            conn.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(psycopg.sql.Identifier(name)))
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise RuntimeError(
+                f"cannot create database {name!r} ({exc}): create it beforehand, or grant "
+                "CREATEDB to the user of IIOT_DATABASE_URL"
+            ) from exc
+        except psycopg.errors.DuplicateDatabase:
+            pass  # created meanwhile by another start
 
 
 def _private_copy(install_bin: Path, root: Path) -> Path:

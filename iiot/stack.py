@@ -3,6 +3,9 @@
 Starts PostgreSQL and an MQTT broker when `IIOT_DATABASE_URL` / `IIOT_MQTT_URL` are unset,
 applies migrations, makes sure the demo platform exists, then runs MQTT ingest, the API and a
 small simulator until SIGINT/SIGTERM, and shuts all of it down in reverse order.
+
+`iiot run --cells N` runs N such stacks side by side (docs/scaling.md): each a `Cell` with its
+own database, broker, ingest, API and simulated platforms, as separate deployments would be.
 """
 
 import asyncio
@@ -10,18 +13,21 @@ import contextlib
 import logging
 import signal
 import sys
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pydantic import Field
+from structlog.contextvars import bound_contextvars
 
 from api.app import create_app
 from api.settings import ApiSettings
 from iiot.demo_enterprises import seed_demo
-from iiot.embedded import EmbeddedPostgres, embedded_broker
+from iiot.embedded import EmbeddedPostgres, create_database, embedded_broker
 from iiot.net import free_port, port_is_free
 from iiot.server import ApiServer
-from iiot.services import ingest_services, run_until
+from iiot.services import Service, ingest_services, run_until
 from iiot.simulator import Simulator
 from ingest.kafka import KafkaIngest
 from ingest.mqtt import MqttIngest
@@ -35,6 +41,8 @@ from registry.store import connect, create_pool
 
 log = logging.getLogger(__name__)
 
+MAX_CELLS = 20
+
 
 class RunSettings(IngestSettings, ApiSettings):
     state_dir: Path = Field(default=Path(".iiot"), description="Embedded services keep data here.")
@@ -43,48 +51,79 @@ class RunSettings(IngestSettings, ApiSettings):
     simulate_interval_seconds: float = Field(default=2.0, gt=0)
 
 
-async def run_stack(settings: RunSettings) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+class Cell:
+    """One cell's stack: its store, broker, ingest, API and the simulators of its platforms.
 
-    async with contextlib.AsyncExitStack() as resources:
+    `start()` starts the embedded services it is not given, applies migrations, creates its
+    platforms (with simulated enterprises) and replaces its admin key; `run()` runs ingest, the
+    API and the simulators until `stop()`; `close()` releases what `start()` opened, in reverse
+    order. The owner calls `close()` whether or not `start()` succeeded."""
+
+    def __init__(
+        self, settings: RunSettings, *, platforms: Sequence[str], name_in_logs: bool = False
+    ) -> None:
+        self.settings = settings
+        self.platforms = list(platforms)
+        # Beside other cells, each log line names its cell (tasks inherit the bound context).
+        self._log_context = {"cell": settings.cell} if name_in_logs else {}
+        self.admin_key = ""
+        self._resources = contextlib.AsyncExitStack()
+        self._services: list[Service] = []
+        self._stop = asyncio.Event()
+
+    @property
+    def name(self) -> str:
+        return self.settings.cell
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.settings.api_host}:{self.settings.api_port}"
+
+    async def start(self) -> None:
+        with bound_contextvars(**self._log_context):
+            await self._start()
+
+    async def _start(self) -> None:
+        settings = self.settings
         updates: dict[str, object] = {}
         if settings.database_url is None:
             postgres = EmbeddedPostgres(settings.state_dir / "postgres")
             updates["database_url"] = await asyncio.to_thread(postgres.start)
-            resources.callback(postgres.stop)
+            self._resources.callback(postgres.stop)
         if settings.mqtt_url is None:
             broker = embedded_broker(settings.state_dir / "mosquitto")
             updates["mqtt_url"] = await broker.start()
-            resources.push_async_callback(broker.stop)
+            self._resources.push_async_callback(broker.stop)
             updates["mqtt_protocol"] = broker.protocol
         if not port_is_free(settings.api_port, settings.api_host):
             updates["api_port"] = free_port(settings.api_host)
             log.warning("port %d is taken; the API uses %d", settings.api_port, updates["api_port"])
-        settings = settings.model_copy(update=updates)
+        self.settings = settings = settings.model_copy(update=updates)
 
         applied = await migrate(settings)
         log.info("migrations applied: %s", [m.name for m in applied] or "none pending")
-        simulator = Simulator(
-            str(settings.mqtt_url),
-            platform=settings.demo_platform,
-            devices=settings.simulate_devices,
-            interval=settings.simulate_interval_seconds,
-            topic_root=settings.mqtt_topic_root,
-        )
+        simulators = [
+            Simulator(
+                str(settings.mqtt_url),
+                platform=platform,
+                devices=settings.simulate_devices,
+                interval=settings.simulate_interval_seconds,
+                topic_root=settings.mqtt_topic_root,
+            )
+            for platform in self.platforms
+        ]
         async with await connect(settings) as conn:
-            await upsert_platform(conn, settings.demo_platform, name="Demo platform")
-            if settings.simulate_devices:
-                # Enterprises for the simulated devices, so the penetration view shows figures.
-                year = datetime.now(UTC).year - 1
-                await seed_demo(conn, settings.demo_platform, simulator.devices, year=year)
-            admin_key = await replace_admin_key(conn, "iiot run")
+            for simulator, platform in zip(simulators, self.platforms, strict=True):
+                await upsert_platform(conn, platform, name=f"Demo platform {platform}")
+                if settings.simulate_devices:
+                    # Enterprises for the simulated devices, so the penetration view shows figures.
+                    year = datetime.now(UTC).year - 1
+                    await seed_demo(conn, platform, simulator.devices, year=year)
+            self.admin_key = await replace_admin_key(conn, "iiot run")
             await conn.commit()
 
         pool = create_pool(settings, name="ingest")
-        await resources.enter_async_context(pool)
+        await self._resources.enter_async_context(pool)
         consumers = ingest_services(settings, pool)
         ingest = consumers[0]
         assert isinstance(ingest, MqttIngest)  # the first service is the consumer
@@ -102,21 +141,149 @@ async def run_stack(settings: RunSettings) -> None:
             ready.append(("kafka ingest", kafka.assigned.is_set))
         app = create_app(settings, consumers=ready)
         api = ApiServer(app, host=settings.api_host, port=settings.api_port)
-        services = [*consumers, api]
+        self._services = [*consumers, api]
         if settings.simulate_devices:
-            services.append(simulator)
+            self._services += simulators
         # With IIOT_NATIONAL_URL this cell reports to the national aggregator.
-        cell = CellSettings(
-            database_url=settings.database_url, database_schema=settings.database_schema
+        national = CellSettings(
+            database_url=settings.database_url,
+            database_schema=settings.database_schema,
+            cell=settings.cell,
         )
-        if cell.national_url is not None:
-            services.append(Pusher(cell))
-        _announce(settings, f"http://{settings.api_host}:{settings.api_port}", admin_key)
+        if national.national_url is not None:
+            self._services.append(Pusher(national))
+
+    async def run(self) -> None:
+        with bound_contextvars(**self._log_context):
+            await run_until(self._stop, self._services)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def close(self) -> None:
+        await self._resources.aclose()
+
+
+def _stop_on_signals() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def run_stack(settings: RunSettings) -> None:
+    stop = _stop_on_signals()
+    cell = Cell(settings, platforms=[settings.demo_platform])
+    try:
+        await cell.start()
+        _announce(cell)
+        await run_until(stop, [cell])
+    finally:
+        await cell.close()
+    log.info("stopped")
+
+
+BesideCells = Callable[[Sequence[Cell]], list[Service]]
+"""Services started beside running cells, given the cells (their names, URLs, settings): they
+stop before the cells do. The national aggregator (docs/scaling.md) is meant to go here."""
+
+
+async def run_cells(
+    settings: RunSettings, count: int, *, beside: BesideCells | None = None
+) -> None:
+    """`count` cells on this machine until SIGINT/SIGTERM (`cell_settings` says how they differ).
+
+    With no `IIOT_DATABASE_URL`, one embedded PostgreSQL server holds every cell's database:
+    one server's memory and start-up instead of N, at the price that the cells share its
+    CPU, its configuration and its fate (a production cell has a server of its own)."""
+    stop = _stop_on_signals()
+    async with contextlib.AsyncExitStack() as resources:
+        server_url = None if settings.database_url is None else str(settings.database_url)
+        if server_url is None:
+            postgres = EmbeddedPostgres(
+                settings.state_dir / "cells" / "postgres",
+                max_connections=max(100, 10 + _connections_per_cell(settings) * count),
+            )
+            server_url = await asyncio.to_thread(postgres.start)
+            resources.callback(postgres.stop)
+        cells = []
+        for cell_settings_ in cell_settings(settings, count, server_url=server_url):
+            await asyncio.to_thread(create_database, server_url, _database_of(cell_settings_))
+            platforms = demo_platforms(cell_settings_.cell)
+            cell = Cell(cell_settings_, platforms=platforms, name_in_logs=True)
+            resources.push_async_callback(cell.close)  # closed in reverse order of start
+            cells.append(cell)
+        # One after the other: the log reads in order, and a failure names its cell.
+        for cell in cells:
+            try:
+                await cell.start()
+            except Exception as exc:
+                raise RuntimeError(f"{cell.name} did not start: {exc}") from exc
+        services: list[Service] = [*cells, *(beside(cells) if beside else [])]
+        _announce_cells(cells)
         await run_until(stop, services)
-        log.info("stopped")
+    log.info("stopped")
 
 
-def _announce(settings: RunSettings, base: str, admin_key: str) -> None:
+def _connections_per_cell(settings: RunSettings) -> int:
+    """The most connections a cell holds: its ingest and API pools, the two registry watchers,
+    maintenance and reconciliation, and some to spare. PostgreSQL's default of 100 would
+    refuse the sixth cell's under load."""
+    return 2 * settings.database_pool_max + 8
+
+
+def demo_platforms(cell: str) -> list[str]:
+    """A cell's simulated platforms, distinct across cells: cell-1 serves demo-1a and demo-1b."""
+    number = cell.rsplit("-", 1)[-1]
+    return [f"demo-{number}a", f"demo-{number}b"]
+
+
+def cell_settings(settings: RunSettings, count: int, *, server_url: str) -> list[RunSettings]:
+    """The settings of cells cell-1 .. cell-`count`: each its own database on `server_url`
+    (`<database>_cell_<n>`), its own embedded broker and state directory, API port
+    `IIOT_API_PORT + n - 1` (a free one if taken), metrics port likewise when set, and with a
+    Kafka cluster its own topics (`iiot.telemetry` becomes `iiot.cell-<n>.telemetry`) and
+    consumer group. Raises ValueError for what cells cannot share."""
+    if not 1 <= count <= MAX_CELLS:
+        raise ValueError(f"--cells {count}: between 1 and {MAX_CELLS} cells run on one machine")
+    if settings.mqtt_url is not None:
+        raise ValueError(
+            "each cell runs its own embedded broker: unset IIOT_MQTT_URL for --cells "
+            "(cells on separate brokers are separate `iiot` deployments, docs/scaling.md)"
+        )
+    base = urlsplit(server_url)
+    database = base.path.lstrip("/") or "iiot"
+    found = []
+    for n in range(1, count + 1):
+        name = f"cell-{n}"
+        url = base._replace(path=f"/{database}_cell_{n}").geturl()
+        updates: dict[str, object] = {
+            "cell": name,
+            "database_url": url,
+            "state_dir": settings.state_dir / "cells" / name,
+            "api_port": settings.api_port + n - 1,
+        }
+        if settings.metrics_port is not None:
+            updates["metrics_port"] = settings.metrics_port + n - 1
+        if settings.kafka_bootstrap:
+            updates["kafka_topics"] = [_cell_topic(t, name) for t in settings.kafka_topics]
+            updates["kafka_group_id"] = f"{settings.kafka_group_id}-{name}"
+        found.append(settings.model_copy(update=updates))
+    return found
+
+
+def _cell_topic(topic: str, cell: str) -> str:
+    head, dot, rest = topic.partition(".")
+    return f"{head}.{cell}.{rest}" if dot else f"{topic}.{cell}"
+
+
+def _database_of(settings: RunSettings) -> str:
+    return urlsplit(str(settings.database_url)).path.lstrip("/")
+
+
+def _announce(cell: Cell) -> None:
+    settings, base, admin_key = cell.settings, cell.api_url, cell.admin_key
     lines = [
         "",
         f"  iiot is running. API:   {base}  (OpenAPI docs: {base}/docs)",
@@ -132,4 +299,30 @@ def _announce(settings: RunSettings, base: str, admin_key: str) -> None:
         "  Stop with Ctrl-C.",
         "",
     ]
+    print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+def _announce_cells(cells: Sequence[Cell]) -> None:
+    lines = [
+        "",
+        f"  iiot is running {len(cells)} cells (admin keys are new each run; keep them secret).",
+    ]
+    for cell in cells:
+        settings, base = cell.settings, cell.api_url
+        simulated = (
+            f"{settings.simulate_devices} simulated devices each"
+            if settings.simulate_devices
+            else "no simulator"
+        )
+        lines += [
+            "",
+            f"  {cell.name}",
+            f"    API:        {base}  (OpenAPI docs: {base}/docs)",
+            f"    Dashboard:  {base}/dashboard#key={cell.admin_key}",
+            f"    Admin key:  {cell.admin_key}",
+            f"    Broker:     {settings.mqtt_url}  (topics {settings.mqtt_topic_root}/...)",
+            f"    Database:   {settings.database_url}",
+            f"    Platforms:  {', '.join(cell.platforms)} ({simulated})",
+        ]
+    lines += ["", "  Stop them all with Ctrl-C.", ""]
     print("\n".join(lines), file=sys.stderr, flush=True)

@@ -172,17 +172,25 @@ def test_ctrl_c_on_iiot_run_stops_ingest_before_its_embedded_broker(tmp_path: Pa
         os.killpg(process.pid, signal.SIGINT)
         assert process.wait(30) == 0, log.read_text()
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        left = _processes_of(tmp_path)
-        for pid in left:  # the broker, in a session of its own, if iiot did not stop it
-            os.kill(pid, signal.SIGKILL)
+        left = end_session(process, tmp_path)
     output = log.read_text()
     assert "connection lost" not in output, output
     assert "[error" not in output, output
     assert "stopped" in output
     assert left == [], "processes left running"
+
+
+def end_session(process: "subprocess.Popen[bytes]", directory: Path) -> list[int]:
+    """Kills a run in a session of its own if it is still going, and the processes left that
+    name `directory` in their command line (a broker, in a session of its own, if iiot did not
+    stop it); returns those left."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    left = _processes_of(directory)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    return left
 
 
 def _processes_of(directory: Path) -> list[int]:
