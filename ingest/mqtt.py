@@ -151,6 +151,7 @@ class MqttIngest:
             filters_of,
             per_platform=settings.mqtt_scope == "platforms",
             refresh_seconds=settings.mqtt_scope_refresh_seconds,
+            moved_hold_seconds=settings.mqtt_moved_hold_seconds,
         )
 
     def registry_changed(self, platform: str) -> None:

@@ -1,13 +1,14 @@
 """What an MQTT session of a cell subscribes to (`IIOT_MQTT_SCOPE`, docs/operations.md "Cells").
 
 "platforms": the topics of each platform the cell serves (registry/platforms.py,
-`served_platform_ids`: created here and not moved away), so that cells can share a broker
+`subscribed_platform_ids`: created here and not moved away), so that cells can share a broker
 without receiving, and dead-lettering as `unknown_platform`, each other's traffic. The set is
 read when a session starts and again whenever the registry announces a platform change (the
 trigger of migration 0035), and every `IIOT_MQTT_SCOPE_REFRESH_SECONDS` as a backstop; a
-platform created is subscribed, one moved away is unsubscribed, without a restart. A message
-that was already on its way when its platform was unsubscribed is refused by resolution (as
-`platform_moved`) and recorded as a dead letter like any refusal: never dropped unseen.
+platform created is subscribed without a restart. A platform moved away stays subscribed for
+`IIOT_MQTT_MOVED_HOLD_SECONDS`: what its devices still publish here is refused by resolution
+as `platform_moved`, naming the new cell, and recorded as a dead letter, not discarded by a
+broker that no longer has a subscriber for it. After the hold it is unsubscribed.
 
 "all": every platform under the topic root, with a few wildcard subscriptions: for a broker (or
 a topic root) of the cell's own.
@@ -26,7 +27,7 @@ import aiomqtt
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from registry.platforms import moved_platform_ids, served_platform_ids
+from registry.platforms import released_platform_ids, subscribed_platform_ids
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +49,14 @@ class SubscriptionScope:
         *,
         per_platform: bool,
         refresh_seconds: float,
+        moved_hold_seconds: float,
     ) -> None:
         """`per_platform`: subscribe per served platform; else to every platform's topics."""
         self._pool = pool
         self._filters_of = filters_of
         self.per_platform = per_platform
         self._refresh = refresh_seconds
+        self._hold = moved_hold_seconds
         self._changed = asyncio.Event()
         self.platforms: frozenset[str] = frozenset()
         """The platforms subscribed to now (per-platform scope)."""
@@ -73,7 +76,7 @@ class SubscriptionScope:
             await subscribe(client, everything)
             try:
                 async with self._pool.connection() as conn:
-                    served = await served_platform_ids(conn)
+                    served = await subscribed_platform_ids(conn, self._hold)
             except psycopg.Error as exc:
                 log.warning(
                     "served platforms not read (%s): per-platform subscriptions of an "
@@ -85,8 +88,8 @@ class SubscriptionScope:
             return
         try:
             async with self._pool.connection() as conn:
-                served = await served_platform_ids(conn)
-                moved = await moved_platform_ids(conn)
+                served = await subscribed_platform_ids(conn, self._hold)
+                moved = await released_platform_ids(conn, self._hold)
         except psycopg.Error as exc:
             raise aiomqtt.MqttError(f"served platforms not read from the store: {exc}") from exc
         await unsubscribe(client, [*everything, *self._filters(moved)])
@@ -96,7 +99,7 @@ class SubscriptionScope:
 
     async def follow(self, client: aiomqtt.Client) -> None:
         """Until cancelled: subscribes platforms as they are created here, unsubscribes those
-        moved away (or deleted)."""
+        moved away once their hold is over (or deleted)."""
         if not self.per_platform:
             return
         while True:
@@ -106,7 +109,7 @@ class SubscriptionScope:
             self._changed.clear()
             try:
                 async with self._pool.connection() as conn:
-                    served = frozenset(await served_platform_ids(conn))
+                    served = frozenset(await subscribed_platform_ids(conn, self._hold))
             except psycopg.Error as exc:
                 log.warning("served platforms not read (%s); keeping the subscriptions", exc)
                 continue

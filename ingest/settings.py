@@ -93,6 +93,11 @@ class IngestSettings(Limits, TopicSettings, ShardSettings, LifecycleSettings):
     # The backstop of that following: the served platforms are read again this often even if
     # no change was announced (a missed notification costs at most this long).
     mqtt_scope_refresh_seconds: float = Field(default=60.0, gt=0)
+    # A platform moved to another cell stays subscribed this long, its traffic refused and
+    # recorded as `platform_moved` rather than discarded by the broker while its devices find
+    # the new cell. On a broker shared by cells, the new cell receives the same messages once
+    # it imported the platform: there, shorten it to the export-and-import window.
+    mqtt_moved_hold_seconds: float = Field(default=86400.0, ge=0)
 
     # The primary host id announced on spBv1.0/STATE/{id} (retained, with a Will); empty: none.
     sparkplug_host_id: str = Field(default="iiot", pattern=r"^[A-Za-z0-9._:-]{0,64}$")

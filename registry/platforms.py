@@ -108,8 +108,19 @@ ORDER BY id LIMIT %(limit)s
 """
 # The platforms this cell serves: its own, less those moved to another cell (whose traffic is
 # refused as `platform_moved`, docs/operations.md "Cells"); what MQTT ingest subscribes to.
-SERVED_PLATFORM_IDS = "SELECT id FROM platforms WHERE moved_to IS NULL ORDER BY id"
-MOVED_PLATFORM_IDS = "SELECT id FROM platforms WHERE moved_to IS NOT NULL ORDER BY id"
+# What an MQTT session of this cell subscribes to: the platforms it serves, and those moved away
+# less than `hold` seconds ago, whose traffic it still takes in to refuse it, recorded, as
+# `platform_moved` while their devices find the new cell (docs/operations.md, "Cells").
+SUBSCRIBED_PLATFORM_IDS = """
+SELECT id FROM platforms
+WHERE moved_to IS NULL OR moved_at > now() - make_interval(secs => %(hold)s)
+ORDER BY id
+"""
+RELEASED_PLATFORM_IDS = """
+SELECT id FROM platforms
+WHERE moved_to IS NOT NULL AND moved_at <= now() - make_interval(secs => %(hold)s)
+ORDER BY id
+"""
 # Counters start with a row, so a new platform counts zero rather than missing.
 INIT_COUNTERS = (
     "INSERT INTO platform_counters (platform_id, shard) VALUES (%s, 0) ON CONFLICT DO NOTHING"
@@ -210,11 +221,13 @@ async def fetch_platforms(conn: AsyncConnection[Any], ids: list[str]) -> dict[st
         return {p.id: p for p in await cur.fetchall()}
 
 
-async def served_platform_ids(conn: AsyncConnection[Any]) -> list[str]:
-    """The ids of the platforms this cell serves (not moved away), in id order."""
-    return [row[0] for row in await (await conn.execute(SERVED_PLATFORM_IDS)).fetchall()]
+async def subscribed_platform_ids(conn: AsyncConnection[Any], hold_seconds: float) -> list[str]:
+    """The platforms this cell serves, and those moved away less than `hold_seconds` ago."""
+    cur = await conn.execute(SUBSCRIBED_PLATFORM_IDS, {"hold": hold_seconds})
+    return [row[0] for row in await cur.fetchall()]
 
 
-async def moved_platform_ids(conn: AsyncConnection[Any]) -> list[str]:
-    """The ids of the platforms moved from this cell to another, in id order."""
-    return [row[0] for row in await (await conn.execute(MOVED_PLATFORM_IDS)).fetchall()]
+async def released_platform_ids(conn: AsyncConnection[Any], hold_seconds: float) -> list[str]:
+    """The platforms moved away at least `hold_seconds` ago: no longer subscribed to."""
+    cur = await conn.execute(RELEASED_PLATFORM_IDS, {"hold": hold_seconds})
+    return [row[0] for row in await cur.fetchall()]

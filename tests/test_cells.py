@@ -85,7 +85,7 @@ async def cells_on_one_broker(
             stack.push_async_callback(_drop, database_url, store.database_schema)
             settings = ingest_settings_of(
                 store, mqtt_url, unique, client_id=f"iiot-{name}-{unique}"
-            )
+            ).model_copy(update={"mqtt_moved_hold_seconds": 0})  # a move hands over at once
             db = await stack.enter_async_context(await connect(store, autocommit=True))
             for platform in owned:
                 await upsert_platform(db, platform)
