@@ -1,15 +1,17 @@
 """Request and response bodies (the API's contract, visible in its OpenAPI document)."""
 
+from dataclasses import asdict
 from datetime import UTC, date, datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 
 from registry.access import Role
+from registry.classification import industry_name, region_name
 from registry.counts import DEFINITIONS, DEFINITIONS_VERSION, DUPLICATES, Counts
 from registry.ids import DEVICE_ID_PATTERN, PLATFORM_ID_PATTERN
 from registry.json_limits import check_document, storable_text
-from registry.platforms import PlatformType, Tier
+from registry.platforms import Platform, PlatformType, Tier
 from registry.registration import MAX_BULK
 
 T = TypeVar("T")
@@ -91,6 +93,24 @@ class PlatformOut(BaseModel):
         "answer 410 here.",
     )
     moved_at: datetime | None = None
+    region_name: str | None = Field(
+        default=None, description="The GB/T 2260 name of `region` (its prefecture's for a county)."
+    )
+    industry_code: str | None = Field(
+        default=None,
+        description="The GB/T 4754-2017 section or division `industry` maps to (GET "
+        "/industry-mappings); null while the text is not mapped.",
+    )
+    industry_name: str | None = Field(default=None, description="The name of `industry_code`.")
+
+    @classmethod
+    def of(cls, platform: Platform) -> "PlatformOut":
+        code = platform.industry_code
+        return cls(
+            **asdict(platform),
+            region_name=region_name(platform.region),
+            industry_name=industry_name(code) if code else None,
+        )
 
 
 class DeviceIn(Strict):

@@ -43,13 +43,18 @@ class Platform:
     # Set when the platform moved to another cell (registry/moves.py): the cell and when.
     moved_to: str | None = None
     moved_at: datetime | None = None
+    # The GB/T 4754 section or division its industry text maps to (migration 0031); None when
+    # the text is not mapped. Read only, like the move.
+    industry_code: str | None = None
 
 
 COLUMNS = (
     "id, name, tier, type, region, industry, liveness_seconds, auto_provision, metadata, created_at"
 )
 # Reads say whether the platform moved (migration 0032); writes return the fields they set.
-READ_COLUMNS = f"{COLUMNS}, moved_to, moved_at"
+READ_COLUMNS = f"""{COLUMNS}, moved_to, moved_at,
+(SELECT m.industry FROM industry_mappings m WHERE m.text = lower(btrim(platforms.industry)))
+    AS industry_code"""
 # Fields an operator may change; the id never changes.
 MUTABLE = (
     "name",

@@ -368,5 +368,16 @@ async def test_a_platform_s_classification_has_names_beside_codes(
         "section_name": "制造业",
     }
     assert (await api.get("/classification/unmapped-industries")).json() == []
+    # The platform's own record carries the same names beside its codes.
+    record = (await api.get("/platforms/jiangsu-cars")).json()
+    assert (record["region_name"], record["industry_code"], record["industry_name"]) == (
+        "江苏省",
+        "36",
+        "汽车制造业",
+    )
+    listed = {p["id"]: p for p in (await api.get("/platforms")).json()["items"]}
+    assert (listed["odd"]["industry_code"], listed["odd"]["industry_name"]) == ("C", "制造业")
+    created = await api.post("/platforms", json={"id": "new-one", "name": "N", "industry": "x y"})
+    assert (created.json()["industry_code"], created.json()["region_name"]) == (None, "全国")
     divisions = (await api.get("/classification/industries")).json()
     assert len(divisions) == 117

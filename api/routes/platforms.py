@@ -1,4 +1,3 @@
-from dataclasses import asdict
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, status
@@ -28,7 +27,8 @@ async def create_platform(body: PlatformCreate, conn: Connection, caller: Caller
     check_admin(caller)
     created = await platforms.create_platform(conn, body.model_dump())
     await audit(conn, "platform.create", created.id, key_id=caller.key_id, platform=created.id)
-    return PlatformOut(**asdict(created))
+    # Read back: a write returns what it set, the read adds what derives from it.
+    return PlatformOut.of(await platforms.get_platform(conn, created.id))
 
 
 @router.get("", operation_id="list_platforms", response_model=Page[PlatformOut])
@@ -50,7 +50,7 @@ async def list_platforms(
         region=region,
         only=caller.platform,
     )
-    items = [PlatformOut(**asdict(p)) for p in found]
+    items = [PlatformOut.of(p) for p in found]
     return Page(items=items, next_after=items[-1].id if len(items) == limit else None)
 
 
@@ -61,7 +61,7 @@ async def list_platforms(
     dependencies=[PlatformScope],
 )
 async def get_platform(platform: PlatformId, conn: Connection) -> PlatformOut:
-    return PlatformOut(**asdict(await platforms.get_platform(conn, platform)))
+    return PlatformOut.of(await platforms.get_platform(conn, platform))
 
 
 @router.patch(
@@ -83,4 +83,4 @@ async def update_platform(
     await audit(
         conn, "platform.update", platform, key_id=caller.key_id, platform=platform, detail=changes
     )
-    return PlatformOut(**asdict(updated))
+    return PlatformOut.of(await platforms.get_platform(conn, updated.id))
