@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -26,6 +27,13 @@ CELL_BLOCK = re.compile(
     r"    Broker: +mqtt://127\.0\.0\.1:(\d+).*\n"
     r"    Database: +postgresql://\S+@127\.0\.0\.1:(\d+)/(\S+)\n"
     r"    Platforms: +(.*?) \(",
+    re.MULTILINE,
+)
+NATIONAL_BLOCK = re.compile(
+    r"^  national aggregator .*\n"
+    r"    API: +(http://\S+).*\n"
+    r"    Dashboard: +\S+/dashboard#key=(iiotn_\S+)\n"
+    r"    Viewer key: +(iiotn_\S+)\n",
     re.MULTILINE,
 )
 
@@ -54,12 +62,15 @@ def test_each_cell_gets_its_own_database_ports_topics_and_platforms() -> None:
 
 @pytest.mark.slow
 def test_run_cells_serves_each_cell_apart_and_one_ctrl_c_stops_them_all(tmp_path: Path) -> None:
+    """Also the national aggregator beside them: its totals are the sum of the cells' own."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("IIOT_")}
     env |= {
         "IIOT_STATE_DIR": str(tmp_path / "state"),
         "IIOT_API_PORT": str(free_port()),
         "IIOT_SIMULATE_DEVICES": "3",
         "IIOT_SIMULATE_INTERVAL_SECONDS": "0.5",
+        "IIOT_CELLS_SNAPSHOT_INTERVAL_SECONDS": "1",
+        "IIOT_NATIONAL_PORT": str(free_port()),
     }
     log = tmp_path / "run.log"
     with log.open("w") as out:
@@ -109,6 +120,36 @@ def test_run_cells_serves_each_cell_apart_and_one_ctrl_c_stops_them_all(tmp_path
         )
         assert other.status_code == 401
 
+        # The aggregator beside them: both cells report, and its totals are the sum of theirs.
+        found = NATIONAL_BLOCK.search(log.read_text())
+        assert found is not None, log.read_text()
+        national, dashboard_key, viewer_key = found.groups()
+        assert dashboard_key == viewer_key
+        own = {f: 0 for f in ("platforms", "registered", "connected")}
+        for _, api, key, *_ in cells:
+            items = httpx.get(
+                f"{api}/counts/platforms", headers={"Authorization": f"Bearer {key}"}
+            ).json()["items"]
+            own["platforms"] += len(items)
+            own["registered"] += sum(i["registered"] for i in items)
+            own["connected"] += sum(i["connected"] for i in items)
+        assert own == {"platforms": 4, "registered": 12, "connected": 12}
+        answer: dict[str, Any] = {}
+
+        async def reported() -> bool:
+            async with httpx.AsyncClient(timeout=5) as http:
+                response = await http.get(
+                    f"{national}/national/totals",
+                    headers={"Authorization": f"Bearer {viewer_key}"},
+                )
+            assert response.status_code == 200, response.text
+            answer.update(response.json())
+            totals = {f: answer["totals"][f] for f in own}
+            return answer["coverage"]["cells"] == ["cell-1", "cell-2"] and totals == own
+
+        asyncio.run(eventually(reported, timeout=30, interval=0.5))
+        assert answer["stale"] == [], "no cell is stale"
+
         os.killpg(process.pid, signal.SIGINT)
         assert process.wait(60) == 0, log.read_text()
     finally:
@@ -118,6 +159,8 @@ def test_run_cells_serves_each_cell_apart_and_one_ctrl_c_stops_them_all(tmp_path
     output = log.read_text()
     assert "[error" not in output, output
     assert left == [], "processes left running"
+    national_port = int(national.rsplit(":", 1)[1])
+    assert not accepts_connections("127.0.0.1", national_port), "the aggregator still answers"
     for _, api, _, broker, database, *_ in cells:
         port = int(api.rsplit(":", 1)[1])
         assert not accepts_connections("127.0.0.1", port), f"API {api} still answers"
