@@ -11,11 +11,19 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
+from cryptography.hazmat.primitives import serialization
+from psycopg import sql
 
+from iiot.aggregator import Aggregator
 from iiot.embedded import EmbeddedPostgres
 from iiot.net import accepts_connections, free_port
 from iiot.stack import RunSettings, cell_settings, demo_platforms
+from national.cell.keys import load_signing_key, public_key_pem
+from national.keys import cell_key, verify_viewer_key
+from national.migrate import connection_options
+from national.settings import NationalSettings
 from tests.conftest import eventually
 from tests.test_embedded import end_session
 
@@ -167,3 +175,45 @@ def test_run_cells_serves_each_cell_apart_and_one_ctrl_c_stops_them_all(tmp_path
         assert not accepts_connections("127.0.0.1", int(broker)), "a broker still listens"
         assert not accepts_connections("127.0.0.1", int(database)), "PostgreSQL still listens"
     assert not (tmp_path / "state" / "cells" / "postgres" / "postmaster.pid").exists()
+
+
+async def test_the_aggregator_beside_cells_knows_each_cell_s_own_key_across_runs(
+    database_url: str, unique: str, tmp_path: Path
+) -> None:
+    schema = f"n_{unique}"
+    settings = NationalSettings(database_url=database_url, database_schema=schema)
+    cells = [("cell-1", tmp_path / "cell-1"), ("cell-2", tmp_path / "cell-2")]
+    try:
+        first = Aggregator(settings, state_dir=tmp_path, interval=3)
+        reporting = await first.prepare(cells)
+        keys = [c.cell_signing_key.read_bytes() for c in reporting.values() if c.cell_signing_key]
+        again = Aggregator(settings, state_dir=tmp_path, interval=3)
+        assert await again.prepare(cells) == reporting
+        assert [
+            c.cell_signing_key.read_bytes() for c in reporting.values() if c.cell_signing_key
+        ] == keys, "a cell keeps its key across runs"
+        one, two = reporting["cell-1"], reporting["cell-2"]
+        assert str(one.national_url).rstrip("/") == again.url
+        assert one.snapshot_interval_seconds == 3
+        assert one.cell_signing_key != two.cell_signing_key
+        assert one.enterprise_hash_key == two.enterprise_hash_key  # the cells share it
+        async with await psycopg.AsyncConnection.connect(
+            database_url, options=connection_options(schema)
+        ) as conn:
+            for name, cell in reporting.items():
+                assert cell.cell_signing_key is not None
+                signing = load_signing_key(cell.cell_signing_key)
+                registered = await cell_key(conn, name)
+                assert registered is not None
+                assert (
+                    public_key_pem(signing)
+                    == registered.public_bytes(
+                        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+                    ).decode()
+                )
+            # A new viewer key each run, the previous one revoked.
+            assert await verify_viewer_key(conn, again.viewer_key) is not None
+            assert await verify_viewer_key(conn, first.viewer_key) is None
+    finally:
+        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+            await conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
