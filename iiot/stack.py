@@ -5,7 +5,8 @@ applies migrations, makes sure the demo platform exists, then runs MQTT ingest, 
 small simulator until SIGINT/SIGTERM, and shuts all of it down in reverse order.
 
 `iiot run --cells N` runs N such stacks side by side (docs/scaling.md): each a `Cell` with its
-own database, broker, ingest, API and simulated platforms, as separate deployments would be.
+own database, broker, ingest, API and simulated platforms, as separate deployments would be,
+and the national aggregator beside them (iiot/aggregator.py), every cell reporting to it.
 """
 
 import asyncio
@@ -216,6 +217,7 @@ async def run_cells(settings: RunSettings, count: int, *, national: bool = True)
         if server_url is None:
             postgres = EmbeddedPostgres(
                 settings.state_dir / "cells" / "postgres",
+                # One share more than the cells': the aggregator's pool and sampler.
                 max_connections=max(100, 10 + _connections_per_cell(settings) * (count + 1)),
             )
             server_url = await asyncio.to_thread(postgres.start)
