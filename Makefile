@@ -34,7 +34,7 @@ lock: $(STAMP) ## Re-resolve requirements/*.lock from pyproject.toml's ranges (n
 run: $(STAMP) ## Run the whole stack (embedded PostgreSQL and MQTT unless IIOT_DATABASE_URL / IIOT_MQTT_URL are set)
 	$(BIN)/iiot run
 
-run-cells: $(STAMP) ## Three cells side by side, each with its own database, broker, ingest, API and simulator (docs/scaling.md)
+run-cells: $(STAMP) ## Three cells side by side (own database, broker, ingest, API, simulator) and the national aggregator (docs/scaling.md)
 	$(BIN)/iiot run --cells 3
 
 test: $(STAMP) browser promtool ## Run the test suite against real PostgreSQL and MQTT (found or started)

@@ -186,6 +186,13 @@ def run_command(
             "broker, ingest, API and simulated platforms (docs/scaling.md).",
         ),
     ] = None,
+    national: Annotated[
+        bool,
+        typer.Option(
+            help="With --cells: the national aggregator beside them, every cell reporting to it "
+            "(docs/national.md).",
+        ),
+    ] = True,
 ) -> None:
     """The whole stack in one process; embedded PostgreSQL and MQTT when none is configured."""
     # Readable lines in a terminal unless IIOT_LOG_FORMAT says otherwise.
@@ -201,7 +208,7 @@ def run_command(
         cell_settings(run_settings, cells, server_url=str(run_settings.database_url or ""))
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--cells") from None
-    serve(run_cells(run_settings, cells))
+    serve(run_cells(run_settings, cells, national=national))
 
 
 @app.command("simulate")

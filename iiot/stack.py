@@ -5,7 +5,8 @@ applies migrations, makes sure the demo platform exists, then runs MQTT ingest, 
 small simulator until SIGINT/SIGTERM, and shuts all of it down in reverse order.
 
 `iiot run --cells N` runs N such stacks side by side (docs/scaling.md): each a `Cell` with its
-own database, broker, ingest, API and simulated platforms, as separate deployments would be.
+own database, broker, ingest, API and simulated platforms, as separate deployments would be,
+and the national aggregator beside them (iiot/aggregator.py), every cell reporting to it.
 """
 
 import asyncio
@@ -13,16 +14,17 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pydantic import Field
+from pydantic import Field, PostgresDsn
 from structlog.contextvars import bound_contextvars
 
 from api.app import create_app
 from api.settings import ApiSettings
+from iiot.aggregator import Aggregator
 from iiot.demo_enterprises import seed_demo
 from iiot.embedded import EmbeddedPostgres, create_database, embedded_broker
 from iiot.net import free_port, port_is_free
@@ -34,6 +36,7 @@ from ingest.mqtt import MqttIngest
 from ingest.settings import IngestSettings
 from national.cell.pusher import Pusher
 from national.cell.settings import CellSettings
+from national.settings import NationalSettings
 from registry.access import replace_admin_key
 from registry.migrate import migrate
 from registry.platforms import upsert_platform
@@ -49,6 +52,12 @@ class RunSettings(IngestSettings, ApiSettings):
     demo_platform: str = "demo"
     simulate_devices: int = Field(default=50, ge=0)
     simulate_interval_seconds: float = Field(default=2.0, gt=0)
+    cells_snapshot_interval_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="With --cells, how often each cell pushes its snapshot to the aggregator "
+        "beside them: a demo's pace (a deployed cell's is IIOT_SNAPSHOT_INTERVAL_SECONDS).",
+    )
 
 
 class Cell:
@@ -60,9 +69,17 @@ class Cell:
     order. The owner calls `close()` whether or not `start()` succeeded."""
 
     def __init__(
-        self, settings: RunSettings, *, platforms: Sequence[str], name_in_logs: bool = False
+        self,
+        settings: RunSettings,
+        *,
+        platforms: Sequence[str],
+        name_in_logs: bool = False,
+        reporting: CellSettings | None = None,
     ) -> None:
         self.settings = settings
+        # How it reports to the national aggregator; by default from IIOT_NATIONAL_URL etc.,
+        # which cells side by side cannot share (each signs with its own key).
+        self._reporting = reporting
         self.platforms = list(platforms)
         # Beside other cells, each log line names its cell (tasks inherit the bound context).
         self._log_context = {"cell": settings.cell} if name_in_logs else {}
@@ -144,11 +161,13 @@ class Cell:
         self._services = [*consumers, api]
         if settings.simulate_devices:
             self._services += simulators
-        # With IIOT_NATIONAL_URL this cell reports to the national aggregator.
-        national = CellSettings(
-            database_url=settings.database_url,
-            database_schema=settings.database_schema,
-            cell=settings.cell,
+        # With a national URL this cell reports to the national aggregator.
+        national = (self._reporting or CellSettings()).model_copy(
+            update={
+                "database_url": settings.database_url,
+                "database_schema": settings.database_schema,
+                "cell": settings.cell,
+            }
         )
         if national.national_url is not None:
             self._services.append(Pusher(national))
@@ -184,15 +203,10 @@ async def run_stack(settings: RunSettings) -> None:
     log.info("stopped")
 
 
-BesideCells = Callable[[Sequence[Cell]], list[Service]]
-"""Services started beside running cells, given the cells (their names, URLs, settings): they
-stop before the cells do. The national aggregator (docs/scaling.md) is meant to go here."""
-
-
-async def run_cells(
-    settings: RunSettings, count: int, *, beside: BesideCells | None = None
-) -> None:
-    """`count` cells on this machine until SIGINT/SIGTERM (`cell_settings` says how they differ).
+async def run_cells(settings: RunSettings, count: int, *, national: bool = True) -> None:
+    """`count` cells on this machine until SIGINT/SIGTERM (`cell_settings` says how they differ),
+    with the national aggregator beside them unless `national` is False (iiot/aggregator.py):
+    its database `<database>_national` on the cells' server, every cell reporting to it.
 
     With no `IIOT_DATABASE_URL`, one embedded PostgreSQL server holds every cell's database:
     one server's memory and start-up instead of N, at the price that the cells share its
@@ -203,15 +217,36 @@ async def run_cells(
         if server_url is None:
             postgres = EmbeddedPostgres(
                 settings.state_dir / "cells" / "postgres",
-                max_connections=max(100, 10 + _connections_per_cell(settings) * count),
+                # One share more than the cells': the aggregator's pool and sampler.
+                max_connections=max(100, 10 + _connections_per_cell(settings) * (count + 1)),
             )
             server_url = await asyncio.to_thread(postgres.start)
             resources.callback(postgres.stop)
+        every = cell_settings(settings, count, server_url=server_url)
+        for cell_settings_ in every:
+            database = _database_name(str(cell_settings_.database_url))
+            await asyncio.to_thread(create_database, server_url, database)
+        aggregator = None
+        reporting: dict[str, CellSettings] = {}
+        if national:
+            database = f"{_database_name(server_url) or 'iiot'}_national"
+            await asyncio.to_thread(create_database, server_url, database)
+            aggregator = Aggregator(
+                NationalSettings(database_url=PostgresDsn(_on_server(server_url, database))),
+                state_dir=settings.state_dir / "cells",
+                interval=settings.cells_snapshot_interval_seconds,
+            )
+            reporting = await aggregator.prepare([(c.cell, c.state_dir) for c in every])
         cells = []
-        for cell_settings_ in cell_settings(settings, count, server_url=server_url):
-            await asyncio.to_thread(create_database, server_url, _database_of(cell_settings_))
-            platforms = demo_platforms(cell_settings_.cell)
-            cell = Cell(cell_settings_, platforms=platforms, name_in_logs=True)
+        for cell_settings_ in every:
+            name = cell_settings_.cell
+            platforms = demo_platforms(name)
+            cell = Cell(
+                cell_settings_,
+                platforms=platforms,
+                name_in_logs=True,
+                reporting=reporting.get(name),
+            )
             resources.push_async_callback(cell.close)  # closed in reverse order of start
             cells.append(cell)
         # One after the other: the log reads in order, and a failure names its cell.
@@ -220,8 +255,9 @@ async def run_cells(
                 await cell.start()
             except Exception as exc:
                 raise RuntimeError(f"{cell.name} did not start: {exc}") from exc
-        services: list[Service] = [*cells, *(beside(cells) if beside else [])]
-        _announce_cells(cells)
+        # Listed last, the aggregator stops first; the cells keep what they could not deliver.
+        services: list[Service] = [*cells, *([aggregator.server()] if aggregator else [])]
+        _announce_cells(cells, aggregator)
         await run_until(stop, services)
     log.info("stopped")
 
@@ -252,12 +288,11 @@ def cell_settings(settings: RunSettings, count: int, *, server_url: str) -> list
             "each cell runs its own embedded broker: unset IIOT_MQTT_URL for --cells "
             "(cells on separate brokers are separate `iiot` deployments, docs/scaling.md)"
         )
-    base = urlsplit(server_url)
-    database = base.path.lstrip("/") or "iiot"
+    database = _database_name(server_url) or "iiot"
     found = []
     for n in range(1, count + 1):
         name = f"cell-{n}"
-        url = base._replace(path=f"/{database}_cell_{n}").geturl()
+        url = _on_server(server_url, f"{database}_cell_{n}")
         updates: dict[str, object] = {
             "cell": name,
             "database_url": url,
@@ -278,8 +313,12 @@ def _cell_topic(topic: str, cell: str) -> str:
     return f"{head}.{cell}.{rest}" if dot else f"{topic}.{cell}"
 
 
-def _database_of(settings: RunSettings) -> str:
-    return urlsplit(str(settings.database_url)).path.lstrip("/")
+def _on_server(server_url: str, database: str) -> str:
+    return urlsplit(server_url)._replace(path=f"/{database}").geturl()
+
+
+def _database_name(url: str) -> str:
+    return urlsplit(url).path.lstrip("/")
 
 
 def _announce(cell: Cell) -> None:
@@ -302,7 +341,7 @@ def _announce(cell: Cell) -> None:
     print("\n".join(lines), file=sys.stderr, flush=True)
 
 
-def _announce_cells(cells: Sequence[Cell]) -> None:
+def _announce_cells(cells: Sequence[Cell], aggregator: Aggregator | None) -> None:
     lines = [
         "",
         f"  iiot is running {len(cells)} cells (admin keys are new each run; keep them secret).",
@@ -323,6 +362,18 @@ def _announce_cells(cells: Sequence[Cell]) -> None:
             f"    Broker:     {settings.mqtt_url}  (topics {settings.mqtt_topic_root}/...)",
             f"    Database:   {settings.database_url}",
             f"    Platforms:  {', '.join(cell.platforms)} ({simulated})",
+        ]
+    if aggregator is not None:
+        base, key = aggregator.url, aggregator.viewer_key
+        lines += [
+            "",
+            "  national aggregator (every cell reports to it "
+            f"every {cells[0].settings.cells_snapshot_interval_seconds:g} s)",
+            f"    API:        {base}  (OpenAPI docs: {base}/docs)",
+            f"    Dashboard:  {base}/dashboard#key={key}",
+            f"    Viewer key: {key}",
+            f"    Totals:     curl -H 'Authorization: Bearer {key}' {base}/national/totals",
+            f"    Database:   {aggregator.settings.database_url}",
         ]
     lines += ["", "  Stop them all with Ctrl-C.", ""]
     print("\n".join(lines), file=sys.stderr, flush=True)

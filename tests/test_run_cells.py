@@ -8,13 +8,22 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
+import psycopg
 import pytest
+from cryptography.hazmat.primitives import serialization
+from psycopg import sql
 
+from iiot.aggregator import Aggregator
 from iiot.embedded import EmbeddedPostgres
 from iiot.net import accepts_connections, free_port
 from iiot.stack import RunSettings, cell_settings, demo_platforms
+from national.cell.keys import load_signing_key, public_key_pem
+from national.keys import cell_key, verify_viewer_key
+from national.migrate import connection_options
+from national.settings import NationalSettings
 from tests.conftest import eventually
 from tests.test_embedded import end_session
 
@@ -26,6 +35,13 @@ CELL_BLOCK = re.compile(
     r"    Broker: +mqtt://127\.0\.0\.1:(\d+).*\n"
     r"    Database: +postgresql://\S+@127\.0\.0\.1:(\d+)/(\S+)\n"
     r"    Platforms: +(.*?) \(",
+    re.MULTILINE,
+)
+NATIONAL_BLOCK = re.compile(
+    r"^  national aggregator .*\n"
+    r"    API: +(http://\S+).*\n"
+    r"    Dashboard: +\S+/dashboard#key=(iiotn_\S+)\n"
+    r"    Viewer key: +(iiotn_\S+)\n",
     re.MULTILINE,
 )
 
@@ -54,12 +70,15 @@ def test_each_cell_gets_its_own_database_ports_topics_and_platforms() -> None:
 
 @pytest.mark.slow
 def test_run_cells_serves_each_cell_apart_and_one_ctrl_c_stops_them_all(tmp_path: Path) -> None:
+    """Also the national aggregator beside them: its totals are the sum of the cells' own."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("IIOT_")}
     env |= {
         "IIOT_STATE_DIR": str(tmp_path / "state"),
         "IIOT_API_PORT": str(free_port()),
         "IIOT_SIMULATE_DEVICES": "3",
         "IIOT_SIMULATE_INTERVAL_SECONDS": "0.5",
+        "IIOT_CELLS_SNAPSHOT_INTERVAL_SECONDS": "1",
+        "IIOT_NATIONAL_PORT": str(free_port()),
     }
     log = tmp_path / "run.log"
     with log.open("w") as out:
@@ -109,6 +128,36 @@ def test_run_cells_serves_each_cell_apart_and_one_ctrl_c_stops_them_all(tmp_path
         )
         assert other.status_code == 401
 
+        # The aggregator beside them: both cells report, and its totals are the sum of theirs.
+        found = NATIONAL_BLOCK.search(log.read_text())
+        assert found is not None, log.read_text()
+        national, dashboard_key, viewer_key = found.groups()
+        assert dashboard_key == viewer_key
+        own = {f: 0 for f in ("platforms", "registered", "connected")}
+        for _, api, key, *_ in cells:
+            items = httpx.get(
+                f"{api}/counts/platforms", headers={"Authorization": f"Bearer {key}"}
+            ).json()["items"]
+            own["platforms"] += len(items)
+            own["registered"] += sum(i["registered"] for i in items)
+            own["connected"] += sum(i["connected"] for i in items)
+        assert own == {"platforms": 4, "registered": 12, "connected": 12}
+        answer: dict[str, Any] = {}
+
+        async def reported() -> bool:
+            async with httpx.AsyncClient(timeout=5) as http:
+                response = await http.get(
+                    f"{national}/national/totals",
+                    headers={"Authorization": f"Bearer {viewer_key}"},
+                )
+            assert response.status_code == 200, response.text
+            answer.update(response.json())
+            totals = {f: answer["totals"][f] for f in own}
+            return answer["coverage"]["cells"] == ["cell-1", "cell-2"] and totals == own
+
+        asyncio.run(eventually(reported, timeout=30, interval=0.5))
+        assert answer["stale"] == [], "no cell is stale"
+
         os.killpg(process.pid, signal.SIGINT)
         assert process.wait(60) == 0, log.read_text()
     finally:
@@ -118,9 +167,53 @@ def test_run_cells_serves_each_cell_apart_and_one_ctrl_c_stops_them_all(tmp_path
     output = log.read_text()
     assert "[error" not in output, output
     assert left == [], "processes left running"
+    national_port = int(national.rsplit(":", 1)[1])
+    assert not accepts_connections("127.0.0.1", national_port), "the aggregator still answers"
     for _, api, _, broker, database, *_ in cells:
         port = int(api.rsplit(":", 1)[1])
         assert not accepts_connections("127.0.0.1", port), f"API {api} still answers"
         assert not accepts_connections("127.0.0.1", int(broker)), "a broker still listens"
         assert not accepts_connections("127.0.0.1", int(database)), "PostgreSQL still listens"
     assert not (tmp_path / "state" / "cells" / "postgres" / "postmaster.pid").exists()
+
+
+async def test_the_aggregator_beside_cells_knows_each_cell_s_own_key_across_runs(
+    database_url: str, unique: str, tmp_path: Path
+) -> None:
+    schema = f"n_{unique}"
+    settings = NationalSettings(database_url=database_url, database_schema=schema)
+    cells = [("cell-1", tmp_path / "cell-1"), ("cell-2", tmp_path / "cell-2")]
+    try:
+        first = Aggregator(settings, state_dir=tmp_path, interval=3)
+        reporting = await first.prepare(cells)
+        keys = [c.cell_signing_key.read_bytes() for c in reporting.values() if c.cell_signing_key]
+        again = Aggregator(settings, state_dir=tmp_path, interval=3)
+        assert await again.prepare(cells) == reporting
+        assert [
+            c.cell_signing_key.read_bytes() for c in reporting.values() if c.cell_signing_key
+        ] == keys, "a cell keeps its key across runs"
+        one, two = reporting["cell-1"], reporting["cell-2"]
+        assert str(one.national_url).rstrip("/") == again.url
+        assert one.snapshot_interval_seconds == 3
+        assert one.cell_signing_key != two.cell_signing_key
+        assert one.enterprise_hash_key == two.enterprise_hash_key  # the cells share it
+        async with await psycopg.AsyncConnection.connect(
+            database_url, options=connection_options(schema)
+        ) as conn:
+            for name, cell in reporting.items():
+                assert cell.cell_signing_key is not None
+                signing = load_signing_key(cell.cell_signing_key)
+                registered = await cell_key(conn, name)
+                assert registered is not None
+                assert (
+                    public_key_pem(signing)
+                    == registered.public_bytes(
+                        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+                    ).decode()
+                )
+            # A new viewer key each run, the previous one revoked.
+            assert await verify_viewer_key(conn, again.viewer_key) is not None
+            assert await verify_viewer_key(conn, first.viewer_key) is None
+    finally:
+        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+            await conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
