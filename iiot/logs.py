@@ -52,3 +52,6 @@ def configure(
     root.setLevel(logging.DEBUG if verbose else settings.log_level)
     # Per-request lines belong to the access log of a proxy; uvicorn's errors stay.
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    # httpx logs every request at info: a cell's pusher would log each snapshot it sends (its
+    # own outcome lines and metrics say what matters).
+    logging.getLogger("httpx").setLevel(logging.WARNING)
